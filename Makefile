@@ -1,0 +1,33 @@
+# tillsync — the two commands of the README:
+#   make demo   set up everything and replay a real bakery's sales through two tills
+#   make test   set up everything and run the tests (unit, integration, e2e)
+
+VENV   ?= .venv
+PYTHON ?= python3
+INPUT  ?= ../shared/data/bakery_sales_2021-01.csv
+BIN     = $(VENV)/bin
+
+.PHONY: demo test install infra setup lint-topology clean
+
+$(BIN)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[test]'
+	touch $@
+
+install: $(BIN)/.installed
+
+infra:
+	scripts/infra.sh
+
+setup: install infra
+	$(BIN)/tillsync setup
+
+demo: install infra
+	$(BIN)/tillsync demo --input $(INPUT)
+
+test: install infra
+	$(BIN)/pytest
+
+clean:
+	rm -rf var/demo

@@ -1,0 +1,1 @@
+"""The tillsync services; each sub-package is one service."""

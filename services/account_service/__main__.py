@@ -1,0 +1,3 @@
+from services.account_service.main import run
+
+run()

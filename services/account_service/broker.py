@@ -1,0 +1,47 @@
+"""The account service's hold on RabbitMQ for one till: its user, permissions and queue."""
+
+from __future__ import annotations
+
+from uuid import UUID
+
+from aio_pika.abc import AbstractChannel
+
+from shared.broker_admin import BrokerAdmin
+from shared.topology import (
+    DOWNLOAD_EXCHANGE,
+    all_download_binding_keys,
+    declare_queue,
+    till_broker_user,
+    till_permissions,
+    till_queue_spec,
+)
+
+
+class RabbitTillBroker:
+    """Creates and deletes till broker users (management API) and binds till queues (AMQP)."""
+
+    def __init__(self, admin: BrokerAdmin, channel: AbstractChannel, vhost: str) -> None:
+        self._admin = admin
+        self._channel = channel
+        self._vhost = vhost
+
+    async def create_till_user(self, account_id: UUID, till_id: UUID, secret: str) -> None:
+        """Create (or reset) the till's user with ``secret``; only its own keys and queue."""
+        user = till_broker_user(till_id)
+        await self._admin.put_user(user, secret)
+        await self._admin.grant_till(self._vhost, user, till_permissions(account_id, till_id))
+
+    async def delete_till_user(self, till_id: UUID) -> int:
+        """Delete the till's user and close its connections; return how many were closed."""
+        user = till_broker_user(till_id)
+        await self._admin.delete_user(user)
+        return await self._admin.close_connections_of(user, reason="till signed out")
+
+    async def bind_till_queue(self, account_id: UUID, till_id: UUID, keys: tuple[str, ...]) -> None:
+        """Declare the till's queue and make its bindings on ``till.download`` exactly ``keys``."""
+        queue = await declare_queue(self._channel, till_queue_spec(till_id))
+        for key in all_download_binding_keys(account_id, till_id):
+            if key in keys:
+                await queue.bind(DOWNLOAD_EXCHANGE, routing_key=key)
+            else:
+                await queue.unbind(DOWNLOAD_EXCHANGE, routing_key=key)

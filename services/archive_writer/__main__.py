@@ -1,0 +1,3 @@
+from services.archive_writer.main import run
+
+run()

@@ -1,0 +1,1 @@
+"""Code shared by the tillsync services and the till agent."""

@@ -1,0 +1,582 @@
+"""Wire models: one pydantic v2 model per message kind, the single source of truth.
+
+Every model forbids unknown fields and is immutable. Messages that travel on their
+own carry ``schema_version``. Money is integer cents, quantities are ``Decimal`` with
+3 places, times are timezone-aware (serialised as ISO 8601 with offset). Fiscal field
+names follow DSFinV-K 2.4; the DSFinV-K column is named in each field's description.
+
+Message kinds:
+- account requests and replies (request/reply over RabbitMQ, ``AccountRequest`` /
+  ``AccountReply``),
+- uploads from a till (``Upload``) whose ``record`` is a master-data change
+  (``MasterDataRecord``), a receipt state (``Receipt``) or a Z-report (``ZReport``).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from decimal import Decimal
+from enum import StrEnum
+from typing import Annotated, Any, Literal, Union
+from uuid import UUID
+
+from pydantic import (
+    AfterValidator,
+    AwareDatetime,
+    BaseModel,
+    ConfigDict,
+    Field,
+    NonNegativeInt,
+    PositiveInt,
+    SecretStr,
+    StrictInt,
+    TypeAdapter,
+    field_serializer,
+    model_validator,
+)
+
+from shared.fiscal import QUANTITY_STEP, BusinessCase, PaymentType, VatKey, line_amount
+
+SCHEMA_VERSION = 1
+
+
+class WireModel(BaseModel):
+    """Base of every wire model: unknown fields are an error; instances are frozen."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+Cents = Annotated[StrictInt, Field(description="amount in integer cents")]
+Quantity = Annotated[
+    Decimal,
+    Field(max_digits=15, decimal_places=3, description="quantity, 3 decimal places"),
+    AfterValidator(lambda q: q.quantize(QUANTITY_STEP)),
+]
+Name = Annotated[str, Field(min_length=1, max_length=200)]
+Key = Annotated[str, Field(min_length=1, max_length=100, pattern=r"^\S(.*\S)?$")]
+
+
+def _reveal(self: Any, secret: SecretStr) -> str:
+    """Serialise a secret in clear text, only when dumping JSON for the wire."""
+    return secret.get_secret_value()
+
+
+# ---------------------------------------------------------------------------
+# Sync modes (DESIGN.md §1.3)
+
+
+class SyncMode(StrEnum):
+    """A till's sync mode; ``custom`` carries explicit per-category flags."""
+
+    ARCHIVE = "archive"  # Kassenarchiv
+    ARCHIVE_MASTERDATA = "archive_masterdata"  # Kassenarchiv mit Stammdatenabgleich
+    ARCHIVE_MASTERDATA_RECEIPTS = "archive_masterdata_receipts"  # ... und Belegübergabe
+    CUSTOM = "custom"  # Individuell
+
+
+class CustomSyncFlags(WireModel):
+    """Per-category switches of the ``custom`` mode (*Individuell*)."""
+
+    upload_masterdata: bool = True
+    upload_receipts: bool = True
+    upload_zreports: bool = True
+    download_articles: bool = False
+    download_customers: bool = False
+    download_cashiers: bool = False
+    download_other_masterdata: bool = False
+    download_receipts: bool = False
+    download_zreports: bool = False
+
+
+# ---------------------------------------------------------------------------
+# Master data (Stammdaten)
+
+
+class Article(WireModel):
+    """An article (DSFinV-K ``ARTIKELNUMMER``, ``ARTIKELTEXT``); price is gross cents."""
+
+    entity: Literal["article"] = "article"
+    article_nr: Key
+    text: Name
+    unit_price: Cents = Field(description="gross unit price in cents (STK_BR)")
+    vat_key: VatKey
+    article_group_nr: Key | None = None
+
+    @property
+    def key(self) -> str:
+        return self.article_nr
+
+
+class ArticleGroup(WireModel):
+    """A group of articles (*Warengruppe*, DSFinV-K ``WARENGR_ID``)."""
+
+    entity: Literal["article_group"] = "article_group"
+    group_nr: Key
+    name: Name
+
+    @property
+    def key(self) -> str:
+        return self.group_nr
+
+
+class Customer(WireModel):
+    """A customer; restaurant tables are customers with ``is_table``."""
+
+    entity: Literal["customer"] = "customer"
+    customer_nr: Key
+    name: Name
+    is_table: bool = False
+
+    @property
+    def key(self) -> str:
+        return self.customer_nr
+
+
+class CashierUser(WireModel):
+    """A cashier (*Bediener*, DSFinV-K ``BEDIENER_ID`` / ``BEDIENER_NAME``)."""
+
+    entity: Literal["cashier"] = "cashier"
+    cashier_id: Key
+    name: Name
+
+    @property
+    def key(self) -> str:
+        return self.cashier_id
+
+
+class Discount(WireModel):
+    """A discount: either ``percent`` or a fixed ``amount`` in cents, not both."""
+
+    entity: Literal["discount"] = "discount"
+    discount_nr: Key
+    name: Name
+    percent: Annotated[Decimal, Field(gt=0, le=100, decimal_places=2)] | None = None
+    amount: Cents | None = None
+
+    @model_validator(mode="after")
+    def _one_of_percent_or_amount(self) -> Discount:
+        if (self.percent is None) == (self.amount is None):
+            raise ValueError("a discount has exactly one of percent or amount")
+        return self
+
+    @property
+    def key(self) -> str:
+        return self.discount_nr
+
+
+class PaymentTypeEntity(WireModel):
+    """A payment type of the till (DSFinV-K ``ZAHLART_TYP`` and ``ZAHLART_NAME``)."""
+
+    entity: Literal["payment_type"] = "payment_type"
+    payment_type_nr: Key
+    name: Name
+    payment_type: PaymentType
+
+    @property
+    def key(self) -> str:
+        return self.payment_type_nr
+
+
+class VatRate(WireModel):
+    """A VAT rate for a DSFinV-K ``UST_SCHLUESSEL`` (``UST_SATZ`` in percent)."""
+
+    entity: Literal["vat_rate"] = "vat_rate"
+    vat_key: VatKey
+    percent: Annotated[Decimal, Field(ge=0, le=100, decimal_places=2)]
+    description: Name
+
+    @property
+    def key(self) -> str:
+        return str(int(self.vat_key))
+
+
+class SharedSetting(WireModel):
+    """A setting shared by all tills of an account (e.g. receipt footer text)."""
+
+    entity: Literal["shared_setting"] = "shared_setting"
+    setting_key: Key
+    value: Annotated[str, Field(max_length=10_000)]
+
+    @property
+    def key(self) -> str:
+        return self.setting_key
+
+
+MasterDataEntity = Annotated[
+    Union[Article, ArticleGroup, Customer, CashierUser, Discount, PaymentTypeEntity, VatRate, SharedSetting],
+    Field(discriminator="entity"),
+]
+EntityKind = Literal[
+    "article", "article_group", "customer", "cashier", "discount", "payment_type", "vat_rate", "shared_setting"
+]
+
+
+class MasterDataRecord(WireModel):
+    """One master-data version: an upsert of ``data`` or a deletion (tombstone).
+
+    ``base_version`` is the cloud version the change was based on (``None`` for a
+    new entity); the cloud accepts it only if it is still current (DESIGN.md §3).
+    """
+
+    kind: Literal["masterdata"] = "masterdata"
+    entity_kind: EntityKind
+    entity_key: Key
+    base_version: NonNegativeInt | None = None
+    deleted: bool = False
+    data: MasterDataEntity | None = None
+
+    @model_validator(mode="after")
+    def _data_matches(self) -> MasterDataRecord:
+        if self.deleted:
+            if self.data is not None:
+                raise ValueError("a deletion carries no data")
+            return self
+        if self.data is None:
+            raise ValueError("data is required unless deleted")
+        if self.data.entity != self.entity_kind:
+            raise ValueError(f"data is a {self.data.entity}, entity_kind says {self.entity_kind}")
+        if self.data.key != self.entity_key:
+            raise ValueError(f"entity_key {self.entity_key!r} differs from the data's key {self.data.key!r}")
+        return self
+
+
+# ---------------------------------------------------------------------------
+# Receipts (Belege) and Z-reports (Kassenabschlüsse)
+
+
+class ReceiptLine(WireModel):
+    """One receipt line (DSFinV-K lines.csv). ``amount`` = quantity × unit_price, half up."""
+
+    line_no: PositiveInt = Field(description="POS_ZEILE")
+    article_nr: Key = Field(description="ARTIKELNUMMER")
+    text: Name = Field(description="ARTIKELTEXT")
+    quantity: Quantity = Field(description="MENGE; negative for a return")
+    unit_price: Cents = Field(description="STK_BR, gross unit price in cents")
+    amount: Cents = Field(description="gross line amount in cents")
+    vat_key: VatKey = Field(description="UST_SCHLUESSEL")
+
+    @model_validator(mode="after")
+    def _amount_matches(self) -> ReceiptLine:
+        expected = line_amount(self.quantity, self.unit_price)
+        if self.amount != expected:
+            raise ValueError(
+                f"line {self.line_no}: amount {self.amount} != quantity {self.quantity} × unit_price "
+                f"{self.unit_price} = {expected}"
+            )
+        return self
+
+
+class VatAmount(WireModel):
+    """Gross, net and VAT in cents for one VAT key (DSFinV-K ``BRUTTO``/``NETTO``/``UST``)."""
+
+    vat_key: VatKey
+    gross: Cents
+    net: Cents
+    vat: Cents
+
+    @model_validator(mode="after")
+    def _net_plus_vat(self) -> VatAmount:
+        if self.net + self.vat != self.gross:
+            raise ValueError(f"VAT key {int(self.vat_key)}: net {self.net} + vat {self.vat} != gross {self.gross}")
+        return self
+
+
+class Payment(WireModel):
+    """One payment (DSFinV-K ``ZAHLART_TYP``, ``ZAHLART_NAME``, ``ZAHLART_BETRAG`` in cents)."""
+
+    payment_type: PaymentType
+    payment_name: Name
+    amount: Cents
+
+
+class Cashier(WireModel):
+    """The cashier who booked a receipt (``BEDIENER_ID``, ``BEDIENER_NAME``)."""
+
+    cashier_id: Key
+    name: Name
+
+
+class TseData(WireModel):
+    """Optional data of the technical security system (DSFinV-K transactions_tse.csv)."""
+
+    tse_serial: Name = Field(description="TSE_ID / serial")
+    transaction_number: NonNegativeInt = Field(description="TSE_TANR")
+    signature_counter: NonNegativeInt = Field(description="TSE_TA_SIGZ")
+    start: AwareDatetime = Field(description="TSE_TA_START")
+    end: AwareDatetime = Field(description="TSE_TA_ENDE")
+    signature: Annotated[str, Field(min_length=1, max_length=1000)] = Field(description="TSE_TA_SIG")
+
+
+def _check_vat_breakdown(lines_by_key: dict[VatKey, int], vat: tuple[VatAmount, ...], what: str) -> None:
+    given = {v.vat_key: v.gross for v in vat}
+    if len(given) != len(vat):
+        raise ValueError(f"{what}: a VAT key appears twice in the VAT breakdown")
+    expected = {k: g for k, g in lines_by_key.items()}
+    if given != expected:
+        raise ValueError(f"{what}: VAT breakdown {given} does not match the lines {expected}")
+
+
+class Receipt(WireModel):
+    """One state of a receipt (*Beleg*): ``open`` while booked, ``closed`` when paid.
+
+    Rules checked here: line numbers are unique; the VAT breakdown equals the sums of
+    the lines per VAT key; ``total`` equals the sum of the lines; a closed receipt
+    has a receipt number, a close time and payments that add up to ``total``.
+    """
+
+    kind: Literal["receipt"] = "receipt"
+    receipt_id: UUID = Field(description="the receipt across its states")
+    receipt_number: PositiveInt | None = Field(default=None, description="BON_NR, per till")
+    receipt_type: Literal["Beleg", "AVBelegabbruch", "AVSonstige"] = Field(default="Beleg", description="BON_TYP")
+    business_case: BusinessCase = Field(default=BusinessCase.SALE, description="GV_TYP")
+    status: Literal["open", "closed"]
+    business_day: dt.date
+    opened_at: AwareDatetime = Field(description="BON_START")
+    closed_at: AwareDatetime | None = Field(default=None, description="BON_ENDE")
+    cashier: Cashier
+    lines: tuple[ReceiptLine, ...]
+    vat: tuple[VatAmount, ...]
+    total: Cents = Field(description="gross total in cents")
+    payments: tuple[Payment, ...] = ()
+    tse: TseData | None = None
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Receipt:
+        numbers = [line.line_no for line in self.lines]
+        if len(set(numbers)) != len(numbers):
+            raise ValueError("line numbers repeat")
+        by_key: dict[VatKey, int] = {}
+        for line in self.lines:
+            by_key[line.vat_key] = by_key.get(line.vat_key, 0) + line.amount
+        _check_vat_breakdown(by_key, self.vat, "receipt")
+        lines_total = sum(line.amount for line in self.lines)
+        if self.total != lines_total:
+            raise ValueError(f"total {self.total} != sum of the lines {lines_total}")
+        if self.status == "closed":
+            if self.receipt_number is None or self.closed_at is None:
+                raise ValueError("a closed receipt needs receipt_number and closed_at")
+            paid = sum(p.amount for p in self.payments)
+            if paid != self.total:
+                raise ValueError(f"payments {paid} != total {self.total}")
+        return self
+
+
+class PaymentTotal(WireModel):
+    """Z-report total of one payment type in cents."""
+
+    payment_type: PaymentType
+    payment_name: Name
+    amount: Cents
+
+
+class BusinessCaseTotal(WireModel):
+    """Z-report total of one business case and VAT key (DSFinV-K Z_GV_TYP)."""
+
+    business_case: BusinessCase
+    vat_key: VatKey
+    gross: Cents
+
+
+class ZReport(WireModel):
+    """End-of-day closing of one till (*Kassenabschluss*, DSFinV-K ``Z_NR``, ``Z_BUCHUNGSTAG``).
+
+    Rules checked here: the VAT totals, payment totals and business-case totals each
+    add up to ``total``; receipt numbers are given iff ``receipt_count`` > 0.
+    """
+
+    kind: Literal["zreport"] = "zreport"
+    z_nr: PositiveInt = Field(description="Z_NR")
+    business_day: dt.date = Field(description="Z_BUCHUNGSTAG")
+    created_at: AwareDatetime = Field(description="Z_ERSTELLUNG")
+    receipt_count: NonNegativeInt
+    first_receipt_number: PositiveInt | None = None
+    last_receipt_number: PositiveInt | None = None
+    totals_by_vat: tuple[VatAmount, ...]
+    totals_by_payment_type: tuple[PaymentTotal, ...]
+    totals_by_business_case: tuple[BusinessCaseTotal, ...]
+    total: Cents
+
+    @model_validator(mode="after")
+    def _consistent(self) -> ZReport:
+        for name, parts in (
+            ("totals_by_vat", [v.gross for v in self.totals_by_vat]),
+            ("totals_by_payment_type", [p.amount for p in self.totals_by_payment_type]),
+            ("totals_by_business_case", [b.gross for b in self.totals_by_business_case]),
+        ):
+            if sum(parts) != self.total:
+                raise ValueError(f"{name} add up to {sum(parts)}, total is {self.total}")
+        has_numbers = self.first_receipt_number is not None and self.last_receipt_number is not None
+        if (self.receipt_count > 0) != has_numbers:
+            raise ValueError("first/last receipt number are given exactly when receipt_count > 0")
+        if has_numbers and self.first_receipt_number > self.last_receipt_number:  # type: ignore[operator]
+            raise ValueError("first_receipt_number > last_receipt_number")
+        return self
+
+
+RecordBody = Annotated[Union[MasterDataRecord, Receipt, ZReport], Field(discriminator="kind")]
+RecordKind = Literal["masterdata", "receipt", "zreport"]
+RECORD_KINDS: tuple[RecordKind, ...] = ("masterdata", "receipt", "zreport")
+
+
+class Upload(WireModel):
+    """A record uploaded by a till to the ``till.upload`` exchange.
+
+    ``record_id`` (made by the till) is the idempotency key; ``till_seq`` is gapless
+    per till from 1. The routing key is ``<account_id>.<till_id>.<record.kind>``
+    and the AMQP ``user_id`` is the till's broker user.
+    """
+
+    schema_version: Literal[1] = SCHEMA_VERSION
+    record_id: UUID
+    account_id: UUID
+    till_id: UUID
+    till_seq: PositiveInt
+    recorded_at: AwareDatetime
+    record: RecordBody
+
+
+UPLOAD_ADAPTER: TypeAdapter[Upload] = TypeAdapter(Upload)
+
+
+# ---------------------------------------------------------------------------
+# Account service requests and replies
+
+
+class CreateAccount(WireModel):
+    """Create a server account. ``password`` must follow the password rules."""
+
+    command: Literal["create_account"] = "create_account"
+    account_name: Annotated[str, Field(min_length=1, max_length=320)]
+    password: SecretStr
+
+    reveal_password = field_serializer("password", when_used="json")(_reveal)
+
+
+class SignIn(WireModel):
+    """Sign a till in to an account; ``serial_number`` is the till's own, stable one."""
+
+    command: Literal["sign_in"] = "sign_in"
+    account_name: Annotated[str, Field(min_length=1, max_length=320)]
+    password: SecretStr
+    serial_number: Key
+    till_name: Name
+
+    reveal_password = field_serializer("password", when_used="json")(_reveal)
+
+
+class TillAuth(WireModel):
+    """Proof that a request comes from a signed-in till: its id and broker secret."""
+
+    till_id: UUID
+    till_secret: SecretStr
+
+    reveal_secret = field_serializer("till_secret", when_used="json")(_reveal)
+
+
+class SignOut(TillAuth):
+    """Sign a till out: its broker user is deleted and its connections closed."""
+
+    command: Literal["sign_out"] = "sign_out"
+
+
+class SetSyncMode(TillAuth):
+    """Store a till's sync switch and sync mode; ``custom`` is required for ``custom`` mode."""
+
+    command: Literal["set_sync_mode"] = "set_sync_mode"
+    sync_enabled: bool
+    sync_mode: SyncMode
+    custom: CustomSyncFlags | None = None
+
+    @model_validator(mode="after")
+    def _custom_only_for_custom(self) -> SetSyncMode:
+        if (self.sync_mode == SyncMode.CUSTOM) != (self.custom is not None):
+            raise ValueError("custom flags are given exactly when sync_mode is custom")
+        return self
+
+
+class AccountRequest(WireModel):
+    """Envelope of every account-service request."""
+
+    schema_version: Literal[1] = SCHEMA_VERSION
+    request: Annotated[Union[CreateAccount, SignIn, SignOut, SetSyncMode], Field(discriminator="command")]
+
+
+class AccountCreated(WireModel):
+    reply: Literal["account_created"] = "account_created"
+    account_id: UUID
+    account_name: str
+
+
+class SignedIn(WireModel):
+    """Credentials and facts a till needs after sign-in (broker user, queue, last till_seq)."""
+
+    reply: Literal["signed_in"] = "signed_in"
+    account_id: UUID
+    account_name: str
+    till_id: UUID
+    broker_username: str
+    broker_password: SecretStr
+    vhost: str
+    upload_exchange: str
+    queue: str
+    last_till_seq: NonNegativeInt = Field(description="highest till_seq the archive holds for this till")
+    sync_enabled: bool
+    sync_mode: SyncMode
+    custom: CustomSyncFlags | None = None
+
+    reveal_password = field_serializer("broker_password", when_used="json")(_reveal)
+
+
+class SignedOut(WireModel):
+    reply: Literal["signed_out"] = "signed_out"
+    till_id: UUID
+    connections_closed: NonNegativeInt
+
+
+class SyncModeSet(WireModel):
+    reply: Literal["sync_mode_set"] = "sync_mode_set"
+    till_id: UUID
+    sync_enabled: bool
+    sync_mode: SyncMode
+    custom: CustomSyncFlags | None = None
+    routing_keys: tuple[str, ...] = Field(description="binding keys of the till's queue on till.download")
+
+
+class ErrorCode(StrEnum):
+    INVALID_REQUEST = "invalid_request"
+    INVALID_ACCOUNT_NAME = "invalid_account_name"
+    WEAK_PASSWORD = "weak_password"
+    ACCOUNT_EXISTS = "account_exists"
+    WRONG_CREDENTIALS = "wrong_credentials"
+    TOO_MANY_ATTEMPTS = "too_many_attempts"
+    UNKNOWN_TILL = "unknown_till"
+    INTERNAL = "internal"
+
+
+class ErrorReply(WireModel):
+    """A refused request: ``message`` for people, ``details`` one item per problem."""
+
+    reply: Literal["error"] = "error"
+    code: ErrorCode
+    message: str
+    details: tuple[str, ...] = ()
+    retry_after_seconds: float | None = None
+
+
+class AccountReply(WireModel):
+    """Envelope of every account-service reply."""
+
+    schema_version: Literal[1] = SCHEMA_VERSION
+    reply: Annotated[
+        Union[AccountCreated, SignedIn, SignedOut, SyncModeSet, ErrorReply], Field(discriminator="reply")
+    ]
+
+
+def to_wire(model: BaseModel) -> bytes:
+    """Serialise a wire model to JSON bytes (secrets revealed: only for the wire)."""
+    return model.model_dump_json().encode()
+
+
+def json_dict(model: BaseModel) -> dict[str, Any]:
+    """The JSON-compatible dict of a model (what goes on the wire)."""
+    return model.model_dump(mode="json")

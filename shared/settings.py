@@ -1,0 +1,80 @@
+"""Settings shared by every tillsync process (pydantic-settings).
+
+Every setting is read from an environment variable named ``TILLSYNC_<FIELD>``
+(upper case), e.g. ``TILLSYNC_AMQP_URL``. Each service defines one subclass with
+its own extra fields; ``main()`` builds it and passes it down. Nothing reads
+``os.environ`` elsewhere.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+from urllib.parse import quote, urlsplit, unquote
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+DEFAULT_AMQP_URL = "amqp://guest:guest@127.0.0.1:5672/tillsync"
+DEFAULT_DATABASE_URL = "postgresql://postgres@127.0.0.1:5432/tillsync"
+DEFAULT_MANAGEMENT_URL = "http://127.0.0.1:15672"
+
+
+class BaseTillsyncSettings(BaseSettings):
+    """Fields every process has: logging."""
+
+    model_config = SettingsConfigDict(env_prefix="TILLSYNC_", extra="ignore")
+
+    log_level: str = "INFO"
+    log_format: Literal["auto", "json", "console"] = "auto"
+
+
+class BrokerSettings(BaseTillsyncSettings):
+    """Connection to RabbitMQ as a service (AMQP and the management HTTP API).
+
+    ``amqp_url`` carries user, password and vhost (``amqp://user:pw@host:5672/vhost``).
+    The management API uses ``management_user``/``management_password`` when set,
+    else the user and password of ``amqp_url``.
+    """
+
+    amqp_url: str = DEFAULT_AMQP_URL
+    management_url: str = DEFAULT_MANAGEMENT_URL
+    management_user: str | None = None
+    management_password: str | None = None
+
+    @property
+    def vhost(self) -> str:
+        """The vhost named by ``amqp_url`` (``/`` when the path is empty)."""
+        return vhost_of(self.amqp_url)
+
+    @property
+    def management_credentials(self) -> tuple[str, str]:
+        """``(user, password)`` for the management HTTP API."""
+        parts = urlsplit(self.amqp_url)
+        user = self.management_user or unquote(parts.username or "guest")
+        password = self.management_password or unquote(parts.password or "guest")
+        return user, password
+
+
+class ServiceSettings(BrokerSettings):
+    """A service that uses both RabbitMQ and PostgreSQL."""
+
+    database_url: str = DEFAULT_DATABASE_URL
+    database_pool_size: int = Field(default=5, ge=1)
+
+
+def vhost_of(amqp_url: str) -> str:
+    """Return the vhost of an AMQP URL; ``amqp://h/`` and ``amqp://h`` mean ``/``."""
+    path = urlsplit(amqp_url).path
+    return unquote(path[1:]) if len(path) > 1 else "/"
+
+
+def amqp_url_with_credentials(amqp_url: str, user: str, password: str) -> str:
+    """Return ``amqp_url`` with its user and password replaced (both URL-quoted)."""
+    parts = urlsplit(amqp_url)
+    host = parts.hostname or "127.0.0.1"
+    if ":" in host:
+        host = f"[{host}]"
+    port = f":{parts.port}" if parts.port else ""
+    netloc = f"{quote(user, safe='')}:{quote(password, safe='')}@{host}{port}"
+    query = f"?{parts.query}" if parts.query else ""
+    return f"{parts.scheme}://{netloc}{parts.path}{query}"

@@ -1,0 +1,357 @@
+"""The RabbitMQ topology, declared once as data.
+
+Everything the services and tills rely on is a value here: exchanges, queues with
+their arguments, bindings, routing-key shapes and the per-till queue and
+permissions. ``definitions()`` renders the static part in RabbitMQ's definitions
+format (exported to ``deploy/rabbitmq/definitions.json``; a test keeps them equal),
+``declare()`` applies it over AMQP, and ``download_binding_keys()`` is the one pure
+function from a till's sync mode to the bindings of its queue.
+
+Routing keys:
+- upload: ``<account_id>.<till_id>.<kind>`` with kind ``masterdata|receipt|zreport``;
+  a till's topic permission allows only its own ``<account_id>.<till_id>.`` prefix.
+- download: ``<account_id>.<category>`` for changes a whole account receives, and
+  ``<account_id>.till.<till_id>`` for messages addressed to one till.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any, Iterable, Literal
+from uuid import UUID
+
+import aio_pika
+from aio_pika.abc import AbstractChannel
+from pydantic import BaseModel, ConfigDict
+
+from shared.models import CustomSyncFlags, RecordKind, SyncMode
+
+UPLOAD_EXCHANGE = "till.upload"
+DOWNLOAD_EXCHANGE = "till.download"
+ACCOUNT_EXCHANGE = "account.requests"
+DEAD_LETTER_EXCHANGE = "tillsync.dead-letter"
+
+ARCHIVE_WRITER_QUEUE = "archive-writer"
+ACCOUNT_SERVICE_QUEUE = "account-service"
+ACCOUNT_SERVICE_ROUTING_KEY = ACCOUNT_SERVICE_QUEUE
+
+DEFAULT_VHOST = "tillsync"
+SIGNUP_USER = "tillsync-signup"
+TILL_USER_PREFIX = "till-"
+TILL_QUEUE_PREFIX = "till."
+
+DELIVERY_LIMIT = 10  # redeliveries of one message before a service queue dead-letters it
+ACCOUNT_REQUEST_TTL_MS = 30_000  # an account request older than this is void (the caller gave up)
+TILL_QUEUE_MAX_LENGTH = 100_000  # the per-till queue is a fast path; the feed is the full copy
+
+DownloadCategory = Literal["articles", "customers", "cashiers", "masterdata_other", "receipts", "zreports"]
+DOWNLOAD_CATEGORIES: tuple[DownloadCategory, ...] = (
+    "articles",
+    "customers",
+    "cashiers",
+    "masterdata_other",
+    "receipts",
+    "zreports",
+)
+MASTERDATA_CATEGORIES: tuple[DownloadCategory, ...] = ("articles", "customers", "cashiers", "masterdata_other")
+
+
+class ExchangeSpec(BaseModel):
+    """An exchange: name, type (``topic``, ``direct``, ...) and arguments."""
+
+    model_config = ConfigDict(frozen=True)
+    name: str
+    type: Literal["topic", "direct", "fanout", "headers"]
+    durable: bool = True
+    arguments: dict[str, Any] = {}
+
+
+class QueueSpec(BaseModel):
+    """A queue with its ``x-`` arguments (queue type, delivery limit, dead-letter exchange)."""
+
+    model_config = ConfigDict(frozen=True)
+    name: str
+    durable: bool = True
+    arguments: dict[str, Any] = {}
+
+
+class BindingSpec(BaseModel):
+    """A binding of queue ``destination`` to exchange ``source`` with a binding key."""
+
+    model_config = ConfigDict(frozen=True)
+    source: str
+    destination: str
+    routing_key: str
+
+
+class Topology(BaseModel):
+    """A set of exchanges, queues and bindings, declared together."""
+
+    model_config = ConfigDict(frozen=True)
+    exchanges: tuple[ExchangeSpec, ...]
+    queues: tuple[QueueSpec, ...]
+    bindings: tuple[BindingSpec, ...]
+
+
+def dead_letter_queue_name(queue: str) -> str:
+    """Name of the queue that holds the dead letters of service queue ``queue``."""
+    return f"{queue}.dead-letter"
+
+
+def service_queue(name: str, sources: Iterable[tuple[str, str]]) -> Topology:
+    """A service's quorum queue, its dead-letter queue, and the bindings to it.
+
+    ``sources``: ``(exchange, binding key)`` pairs the queue is bound with. The queue
+    dead-letters (at least once) to ``DEAD_LETTER_EXCHANGE`` with routing key
+    ``name`` after ``DELIVERY_LIMIT`` redeliveries or a reject; the dead-letter queue
+    is bound there with the same key.
+    """
+    dlq = dead_letter_queue_name(name)
+    return Topology(
+        exchanges=(),
+        queues=(
+            QueueSpec(
+                name=name,
+                arguments={
+                    "x-queue-type": "quorum",
+                    "x-delivery-limit": DELIVERY_LIMIT,
+                    "x-dead-letter-exchange": DEAD_LETTER_EXCHANGE,
+                    "x-dead-letter-routing-key": name,
+                    "x-dead-letter-strategy": "at-least-once",
+                    "x-overflow": "reject-publish",
+                },
+            ),
+            QueueSpec(name=dlq, arguments={"x-queue-type": "quorum"}),
+        ),
+        bindings=(
+            *(BindingSpec(source=ex, destination=name, routing_key=key) for ex, key in sources),
+            BindingSpec(source=DEAD_LETTER_EXCHANGE, destination=dlq, routing_key=name),
+        ),
+    )
+
+
+def _merge(*parts: Topology) -> Topology:
+    return Topology(
+        exchanges=tuple(e for p in parts for e in p.exchanges),
+        queues=tuple(q for p in parts for q in p.queues),
+        bindings=tuple(b for p in parts for b in p.bindings),
+    )
+
+
+# The account service's request queue is the one exception to "service queues are
+# quorum queues": requests carry clear passwords, so they are transient (classic,
+# non-durable queue, non-persistent messages) and expire after ACCOUNT_REQUEST_TTL_MS,
+# when the caller has already been told that the request timed out.
+ACCOUNT_SERVICE_QUEUE_SPEC = QueueSpec(
+    name=ACCOUNT_SERVICE_QUEUE,
+    durable=False,
+    arguments={"x-queue-type": "classic", "x-message-ttl": ACCOUNT_REQUEST_TTL_MS},
+)
+
+TOPOLOGY = _merge(
+    Topology(
+        exchanges=(
+            ExchangeSpec(name=UPLOAD_EXCHANGE, type="topic"),
+            ExchangeSpec(name=DOWNLOAD_EXCHANGE, type="topic"),
+            ExchangeSpec(name=ACCOUNT_EXCHANGE, type="direct"),
+            ExchangeSpec(name=DEAD_LETTER_EXCHANGE, type="direct"),
+        ),
+        queues=(ACCOUNT_SERVICE_QUEUE_SPEC, QueueSpec(name=dead_letter_queue_name(ACCOUNT_SERVICE_QUEUE), arguments={"x-queue-type": "quorum"})),
+        bindings=(
+            BindingSpec(source=ACCOUNT_EXCHANGE, destination=ACCOUNT_SERVICE_QUEUE, routing_key=ACCOUNT_SERVICE_ROUTING_KEY),
+            BindingSpec(
+                source=DEAD_LETTER_EXCHANGE,
+                destination=dead_letter_queue_name(ACCOUNT_SERVICE_QUEUE),
+                routing_key=ACCOUNT_SERVICE_QUEUE,
+            ),
+        ),
+    ),
+    service_queue(ARCHIVE_WRITER_QUEUE, [(UPLOAD_EXCHANGE, "#")]),
+)
+
+
+# ---------------------------------------------------------------------------
+# Routing keys and per-till resources
+
+
+def upload_routing_key(account_id: UUID, till_id: UUID, kind: RecordKind) -> str:
+    """``<account_id>.<till_id>.<kind>``: the only routing keys a till may publish with."""
+    return f"{account_id}.{till_id}.{kind}"
+
+
+def parse_upload_routing_key(routing_key: str) -> tuple[str, str, str] | None:
+    """Split an upload routing key into ``(account_id, till_id, kind)``; None if malformed."""
+    parts = routing_key.split(".")
+    return (parts[0], parts[1], parts[2]) if len(parts) == 3 else None
+
+
+def till_broker_user(till_id: UUID) -> str:
+    """The RabbitMQ user name of a till: ``till-<till_id>``."""
+    return f"{TILL_USER_PREFIX}{till_id}"
+
+
+def till_queue_name(till_id: UUID) -> str:
+    """The till's own download queue: ``till.<till_id>``."""
+    return f"{TILL_QUEUE_PREFIX}{till_id}"
+
+
+def till_queue_spec(till_id: UUID) -> QueueSpec:
+    """The per-till download queue: quorum, bounded, oldest dropped first (catch-up repairs)."""
+    return QueueSpec(
+        name=till_queue_name(till_id),
+        arguments={
+            "x-queue-type": "quorum",
+            "x-max-length": TILL_QUEUE_MAX_LENGTH,
+            "x-overflow": "drop-head",
+        },
+    )
+
+
+class TillPermissions(BaseModel):
+    """A till's vhost permissions and its topic permissions on the upload exchange."""
+
+    model_config = ConfigDict(frozen=True)
+    configure: str
+    write: str
+    read: str
+    topic_exchange: str
+    topic_write: str
+    topic_read: str
+
+
+def till_permissions(account_id: UUID, till_id: UUID) -> TillPermissions:
+    """Permissions of a till's broker user (regular expressions, RabbitMQ access control).
+
+    The till may publish only to ``till.upload`` and only with routing keys that begin
+    with its own ``<account_id>.<till_id>.``; it may read only its own queue; it may
+    not declare, delete or bind anything.
+    """
+    return TillPermissions(
+        configure="^$",
+        write=f"^{re.escape(UPLOAD_EXCHANGE)}$",
+        read=f"^{re.escape(till_queue_name(till_id))}$",
+        topic_exchange=UPLOAD_EXCHANGE,
+        topic_write=f"^{re.escape(str(account_id))}\\.{re.escape(str(till_id))}\\.[a-z_]+$",
+        topic_read="^$",
+    )
+
+
+SIGNUP_PERMISSIONS = {"configure": "^$", "write": f"^{re.escape(ACCOUNT_EXCHANGE)}$", "read": "^$"}
+"""The shared sign-up user may only publish account requests (replies use direct reply-to)."""
+
+
+def download_categories(mode: SyncMode, custom: CustomSyncFlags | None) -> tuple[DownloadCategory, ...]:
+    """Which kinds of other tills' changes a till in ``mode`` receives (DESIGN.md §1.3)."""
+    if mode == SyncMode.ARCHIVE:
+        return ()
+    if mode == SyncMode.ARCHIVE_MASTERDATA:
+        return MASTERDATA_CATEGORIES
+    if mode == SyncMode.ARCHIVE_MASTERDATA_RECEIPTS:
+        return DOWNLOAD_CATEGORIES
+    flags = custom or CustomSyncFlags()
+    wanted = {
+        "articles": flags.download_articles,
+        "customers": flags.download_customers,
+        "cashiers": flags.download_cashiers,
+        "masterdata_other": flags.download_other_masterdata,
+        "receipts": flags.download_receipts,
+        "zreports": flags.download_zreports,
+    }
+    return tuple(c for c in DOWNLOAD_CATEGORIES if wanted[c])
+
+
+def download_routing_key(account_id: UUID, category: DownloadCategory) -> str:
+    """Routing key of a change every till of the account in a matching mode receives."""
+    return f"{account_id}.{category}"
+
+
+def till_direct_routing_key(account_id: UUID, till_id: UUID) -> str:
+    """Routing key of a message addressed to one till (notices, catch-up pages)."""
+    return f"{account_id}.till.{till_id}"
+
+
+def download_binding_keys(
+    account_id: UUID, till_id: UUID, sync_enabled: bool, mode: SyncMode, custom: CustomSyncFlags | None
+) -> tuple[str, ...]:
+    """The binding keys of a till's queue on ``till.download``: a pure function of its mode.
+
+    Sync switched off: no bindings. Otherwise the till's direct key plus one key per
+    download category of its mode.
+    """
+    if not sync_enabled:
+        return ()
+    return (
+        till_direct_routing_key(account_id, till_id),
+        *(download_routing_key(account_id, c) for c in download_categories(mode, custom)),
+    )
+
+
+def all_download_binding_keys(account_id: UUID, till_id: UUID) -> tuple[str, ...]:
+    """Every binding key a till's queue can ever have (used to remove stale bindings)."""
+    return download_binding_keys(account_id, till_id, True, SyncMode.ARCHIVE_MASTERDATA_RECEIPTS, None)
+
+
+# ---------------------------------------------------------------------------
+# Rendering and declaring
+
+
+def definitions(vhost: str = DEFAULT_VHOST, topology: Topology = TOPOLOGY) -> dict[str, Any]:
+    """The topology in RabbitMQ's definitions format (import via management UI or API)."""
+    return {
+        "vhosts": [{"name": vhost}],
+        "exchanges": [
+            {
+                "name": e.name,
+                "vhost": vhost,
+                "type": e.type,
+                "durable": e.durable,
+                "auto_delete": False,
+                "internal": False,
+                "arguments": e.arguments,
+            }
+            for e in topology.exchanges
+        ],
+        "queues": [
+            {"name": q.name, "vhost": vhost, "durable": q.durable, "auto_delete": False, "arguments": q.arguments}
+            for q in topology.queues
+        ],
+        "bindings": [
+            {
+                "source": b.source,
+                "vhost": vhost,
+                "destination": b.destination,
+                "destination_type": "queue",
+                "routing_key": b.routing_key,
+                "arguments": {},
+            }
+            for b in topology.bindings
+        ],
+    }
+
+
+async def declare(channel: AbstractChannel, topology: Topology = TOPOLOGY) -> None:
+    """Declare every exchange, queue and binding of ``topology`` on ``channel`` (idempotent).
+
+    Raises ``aio_pika.exceptions.ChannelPreconditionFailed`` if an existing entity has
+    different arguments.
+    """
+    exchanges = {}
+    for e in topology.exchanges:
+        exchanges[e.name] = await channel.declare_exchange(
+            e.name, aio_pika.ExchangeType(e.type), durable=e.durable, arguments=e.arguments
+        )
+    queues = {}
+    for q in topology.queues:
+        queues[q.name] = await declare_queue(channel, q)
+    for b in topology.bindings:
+        await queues[b.destination].bind(b.source, routing_key=b.routing_key)
+
+
+def bindings_to(queue: str, topology: Topology = TOPOLOGY) -> tuple[BindingSpec, ...]:
+    """The bindings of ``topology`` whose destination is ``queue``."""
+    return tuple(b for b in topology.bindings if b.destination == queue)
+
+
+async def declare_queue(channel: AbstractChannel, spec: QueueSpec) -> aio_pika.abc.AbstractQueue:
+    """Declare one queue from its spec (idempotent)."""
+    return await channel.declare_queue(spec.name, durable=spec.durable, arguments=spec.arguments)

@@ -1,0 +1,1 @@
+"""The till agent: local store with outbox, upload relay and account requests of one till."""

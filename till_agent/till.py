@@ -1,0 +1,262 @@
+"""The till agent: a till's local recording plus its link to the tillsync cloud.
+
+Recording (``sell``, ``close_day``, ``save_entity``, ``delete_entity``) is local and
+works without network; it only writes the store (record + outbox row in one
+transaction). ``start_sync``/``stop_sync`` run the outbox relay in the background.
+Account actions (``create_account``, ``sign_in``, ``sign_out``, ``set_sync_mode``)
+are requests to the account service through the shared sign-up broker user.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+from pathlib import Path
+
+import aio_pika
+from pydantic import Field, TypeAdapter
+
+from shared.amqp import RpcClient, RpcTimeout
+from shared.fiscal import PaymentType
+from shared.models import (
+    AccountCreated,
+    AccountReply,
+    AccountRequest,
+    Cashier,
+    CreateAccount,
+    CustomSyncFlags,
+    ErrorReply,
+    MasterDataEntity,
+    MasterDataRecord,
+    Receipt,
+    SetSyncMode,
+    SignedIn,
+    SignedOut,
+    SignIn,
+    SignOut,
+    SyncMode,
+    SyncModeSet,
+    ZReport,
+)
+from shared.settings import BaseTillsyncSettings
+from shared.topology import ACCOUNT_EXCHANGE, ACCOUNT_SERVICE_ROUTING_KEY, SIGNUP_USER
+from till_agent.booking import SaleLine, closed_receipt, z_report
+from till_agent.relay import OutboxRelay, RelayStatus
+from till_agent.store import TillStore
+
+DEFAULT_SIGNUP_PASSWORD = "tillsync-signup"
+
+
+class TillSettings(BaseTillsyncSettings):
+    """Settings of a till agent (environment ``TILLSYNC_*``).
+
+    ``cloud_amqp_url``: where the till reaches the tillsync broker, with the shared
+    sign-up user (it may only send account requests); after sign-in the till uses
+    its own broker user on the same host and vhost.
+    """
+
+    cloud_amqp_url: str = f"amqp://{SIGNUP_USER}:{DEFAULT_SIGNUP_PASSWORD}@127.0.0.1:5672/tillsync"
+    till_data_dir: Path = Path("till-data")
+    request_timeout_seconds: float = Field(default=30.0, gt=0)
+
+
+class AccountError(RuntimeError):
+    """The account service refused a request; ``code`` and ``details`` say why."""
+
+    def __init__(self, reply: ErrorReply) -> None:
+        super().__init__(reply.message)
+        self.code = reply.code
+        self.details = reply.details
+        self.retry_after_seconds = reply.retry_after_seconds
+
+
+class CloudUnreachable(RuntimeError):
+    """The tillsync cloud could not be reached; local recording goes on."""
+
+
+class Till:
+    """One till: its store, its relay and its requests to the account service."""
+
+    def __init__(self, store: TillStore, settings: TillSettings) -> None:
+        self.store = store
+        self.settings = settings
+        self.relay = OutboxRelay(store, settings.cloud_amqp_url)
+        self._relay_stop: asyncio.Event | None = None
+        self._relay_task: asyncio.Task[None] | None = None
+
+    @classmethod
+    def open(cls, settings: TillSettings, data_dir: Path | None = None) -> Till:
+        return cls(TillStore(data_dir or settings.till_data_dir), settings)
+
+    # -- account requests ------------------------------------------------------
+
+    async def _request(self, request: CreateAccount | SignIn | SignOut | SetSyncMode) -> AccountReply:
+        try:
+            connection = await aio_pika.connect(
+                self.settings.cloud_amqp_url,
+                client_properties={"connection_name": f"till {self.store.identity().serial_number} account"},
+                timeout=10,
+            )
+        except Exception as exc:
+            raise CloudUnreachable(f"cannot reach the tillsync cloud: {type(exc).__name__}: {exc}") from exc
+        try:
+            rpc = RpcClient(connection)
+            await rpc.start()
+            try:
+                reply = await rpc.call(
+                    ACCOUNT_EXCHANGE,
+                    ACCOUNT_SERVICE_ROUTING_KEY,
+                    AccountRequest(request=request),
+                    TypeAdapter(AccountReply),
+                    timeout_seconds=self.settings.request_timeout_seconds,
+                )
+            except RpcTimeout as exc:
+                raise CloudUnreachable(f"the account service did not answer: {exc}") from exc
+            except aio_pika.exceptions.DeliveryError as exc:
+                raise CloudUnreachable("the account service is not set up on this broker (request unroutable)") from exc
+        finally:
+            await connection.close()
+        if isinstance(reply.reply, ErrorReply):
+            raise AccountError(reply.reply)
+        return reply
+
+    async def create_account(self, account_name: str, password: str) -> AccountCreated:
+        """Create a server account. Raises ``AccountError`` (bad name, weak password, taken)."""
+        reply = await self._request(CreateAccount(account_name=account_name, password=password))
+        assert isinstance(reply.reply, AccountCreated)
+        return reply.reply
+
+    async def sign_in(self, account_name: str, password: str) -> SignedIn:
+        """Sign this till in and keep its credentials.
+
+        Raises ``AccountError`` for wrong credentials (or too many attempts), and
+        ``RuntimeError`` if records of another account still wait for upload.
+        """
+        identity = self.store.identity()
+        pending, _ = self.store.outbox_counts()
+        if identity.account_name and pending and identity.account_name != account_name.strip().lower():
+            raise RuntimeError(
+                f"{pending} records of account {identity.account_name} are not uploaded yet; "
+                f"sign in to {identity.account_name} first"
+            )
+        reply = await self._request(
+            SignIn(
+                account_name=account_name,
+                password=password,
+                serial_number=identity.serial_number,
+                till_name=identity.till_name,
+            )
+        )
+        signed_in = reply.reply
+        assert isinstance(signed_in, SignedIn)
+        if identity.account_id and pending and identity.account_id != signed_in.account_id:
+            raise RuntimeError(f"{pending} records of another account are not uploaded yet; sign in to that account")
+        self.store.save_sign_in(signed_in)
+        self.relay.wake()
+        return signed_in
+
+    def _auth(self) -> tuple[object, str]:
+        identity = self.store.identity()
+        if not identity.signed_in or identity.till_id is None or identity.broker_password is None:
+            raise RuntimeError("this till is not signed in")
+        return identity.till_id, identity.broker_password
+
+    async def sign_out(self) -> int:
+        """Sign out; return how many records are kept for upload after the next sign-in."""
+        till_id, secret = self._auth()
+        await self.relay.disconnect()
+        reply = await self._request(SignOut(till_id=till_id, till_secret=secret))  # type: ignore[arg-type]
+        assert isinstance(reply.reply, SignedOut)
+        self.store.save_sign_out()
+        return self.store.outbox_counts()[0]
+
+    async def set_sync_mode(self, sync_enabled: bool, mode: SyncMode, custom: CustomSyncFlags | None = None) -> SyncModeSet:
+        """Store the sync switch and mode in the cloud (rebinding the till's queue) and locally."""
+        till_id, secret = self._auth()
+        reply = await self._request(
+            SetSyncMode(till_id=till_id, till_secret=secret, sync_enabled=sync_enabled, sync_mode=mode, custom=custom)  # type: ignore[arg-type]
+        )
+        assert isinstance(reply.reply, SyncModeSet)
+        self.store.save_sync_mode(sync_enabled, mode.value, custom.model_dump_json() if custom else None)
+        return reply.reply
+
+    # -- local recording --------------------------------------------------------
+
+    def sell(
+        self,
+        lines: list[SaleLine],
+        *,
+        payment_type: PaymentType,
+        payment_name: str,
+        cashier: Cashier,
+        at: dt.datetime,
+        business_day: dt.date | None = None,
+        opened_at: dt.datetime | None = None,
+    ) -> Receipt:
+        """Book and close a receipt now (offline-safe); returns it with its receipt number."""
+        receipt = closed_receipt(
+            receipt_number=self.store.next_receipt_number(),
+            lines=lines,
+            payment_type=payment_type,
+            payment_name=payment_name,
+            cashier=cashier,
+            opened_at=opened_at or at,
+            closed_at=at,
+            business_day=business_day or at.date(),
+        )
+        self.store.record_receipt(receipt, at)
+        self.relay.wake()
+        return receipt
+
+    def close_day(self, business_day: dt.date, at: dt.datetime) -> ZReport:
+        """Record the Z-report of ``business_day`` over the receipts not yet closed out."""
+        report = z_report(self.store.next_z_nr(), business_day, self.store.receipts_for_closing(business_day), at)
+        self.store.record_zreport(report, at)
+        self.relay.wake()
+        return report
+
+    def save_entity(self, entity: MasterDataEntity, at: dt.datetime, base_version: int | None = None) -> MasterDataRecord:
+        """Record a new or changed master-data entity."""
+        record = MasterDataRecord(
+            entity_kind=entity.entity, entity_key=entity.key, base_version=base_version, data=entity
+        )
+        self.store.record_masterdata(record, at)
+        self.relay.wake()
+        return record
+
+    def delete_entity(self, entity_kind: str, entity_key: str, at: dt.datetime, base_version: int | None = None) -> MasterDataRecord:
+        """Record the deletion (tombstone) of a master-data entity."""
+        record = MasterDataRecord(
+            entity_kind=entity_kind, entity_key=entity_key, base_version=base_version, deleted=True  # type: ignore[arg-type]
+        )
+        self.store.record_masterdata(record, at)
+        self.relay.wake()
+        return record
+
+    # -- sync --------------------------------------------------------------------
+
+    def start_sync(self) -> None:
+        """Run the outbox relay in the background (no-op if running)."""
+        if self._relay_task is not None and not self._relay_task.done():
+            return
+        self._relay_stop = asyncio.Event()
+        self._relay_task = asyncio.create_task(self.relay.run(self._relay_stop), name="outbox-relay")
+
+    async def stop_sync(self) -> None:
+        """Stop the relay and drop its connection: the till is offline from now on."""
+        if self._relay_stop is not None:
+            self._relay_stop.set()
+        await self.relay.disconnect()
+        if self._relay_task is not None:
+            await self._relay_task
+        self._relay_task = None
+
+    @property
+    def syncing(self) -> bool:
+        return self._relay_task is not None and not self._relay_task.done()
+
+    def status(self) -> RelayStatus:
+        return self.relay.status()
+
+    def close(self) -> None:
+        self.store.close()

@@ -1,0 +1,1 @@
+"""The ``tillsync`` command line: setup, services, the demo, ops and till commands."""

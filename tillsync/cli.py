@@ -1,0 +1,409 @@
+"""``tillsync``: one command line for setup, services, the demo, ops and the till agent.
+
+Errors are printed as one sentence naming what is wrong, with exit code 1.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import functools
+import json
+import sys
+from decimal import Decimal, InvalidOperation
+from pathlib import Path
+from typing import Any, Callable, Optional, TypeVar
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from shared.amqp import REASON_HEADER, QUEUE_HEADER
+from shared.broker_admin import BrokerAdmin, BrokerAdminError
+from shared.fiscal import PaymentType, VatKey
+from shared.models import Article, Cashier, CustomSyncFlags, SyncMode
+from shared.settings import BrokerSettings
+from shared.topology import TOPOLOGY, dead_letter_queue_name, definitions
+from tillsync.bakery import BakeryFormatError, read_export
+from tillsync.demo import DemoError, DemoSettings, run_demo, summary_table
+from tillsync.processes import ServiceStartError
+from tillsync.setup import SetupError, SetupSettings, setup
+from till_agent.booking import SaleLine
+from till_agent.store import TillStore, TillStoreError
+from till_agent.till import AccountError, CloudUnreachable, Till, TillSettings
+
+app = typer.Typer(help="tillsync: cloud sync and legal archive for tills.", no_args_is_help=True)
+till_app = typer.Typer(help="Commands of the till agent (one till per data directory).", no_args_is_help=True)
+ops_app = typer.Typer(help="Commands for operators and service technicians.", no_args_is_help=True)
+topology_app = typer.Typer(help="The RabbitMQ topology.", no_args_is_help=True)
+app.add_typer(till_app, name="till")
+app.add_typer(ops_app, name="ops")
+app.add_typer(topology_app, name="topology")
+
+DEFINITIONS_PATH = Path(__file__).resolve().parent.parent / "deploy" / "rabbitmq" / "definitions.json"
+err = Console(stderr=True)
+out = Console()
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+_KNOWN_ERRORS = (
+    AccountError,
+    CloudUnreachable,
+    TillStoreError,
+    BakeryFormatError,
+    SetupError,
+    DemoError,
+    ServiceStartError,
+    BrokerAdminError,
+    RuntimeError,
+    ValueError,
+)
+
+
+def _friendly(func: F) -> F:
+    """Turn the known errors into one red line and exit code 1."""
+
+    @functools.wraps(func)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return func(*args, **kwargs)
+        except _KNOWN_ERRORS as exc:
+            err.print(f"[red]error:[/red] {exc}", highlight=False)
+            details = getattr(exc, "details", ())
+            for detail in details:
+                err.print(f"  - {detail}", highlight=False)
+            raise typer.Exit(1) from None
+
+    return wrapper  # type: ignore[return-value]
+
+
+def _read_password(password_stdin: bool, confirm: bool) -> str:
+    if password_stdin:
+        return sys.stdin.readline().rstrip("\n")
+    return typer.prompt("Password", hide_input=True, confirmation_prompt=confirm)
+
+
+# ---------------------------------------------------------------------------
+# setup, services, topology, demo
+
+
+@app.command("setup")
+@_friendly
+def setup_command() -> None:
+    """Create the database and schema, the vhost, the sign-up user and the topology."""
+    for line in asyncio.run(setup(SetupSettings())):
+        out.print(line)
+
+
+@app.command("service")
+def service_command(
+    name: str = typer.Argument(..., help="account-service or archive-writer"),
+) -> None:
+    """Run one service in the foreground until SIGINT/SIGTERM."""
+    if name == "account-service":
+        from services.account_service.main import run
+    elif name == "archive-writer":
+        from services.archive_writer.main import run
+    else:
+        err.print(f"[red]error:[/red] unknown service {name!r}; known: account-service, archive-writer")
+        raise typer.Exit(2)
+    run()
+
+
+@topology_app.command("export")
+def topology_export(
+    path: Path = typer.Option(DEFINITIONS_PATH, help="where to write the definitions file"),
+    vhost: str = typer.Option("tillsync", help="vhost named in the file"),
+    check: bool = typer.Option(False, help="only check that the file is up to date"),
+) -> None:
+    """Write the topology as a RabbitMQ definitions file (import it in the management UI)."""
+    text = json.dumps(definitions(vhost), indent=2, sort_keys=True) + "\n"
+    if check:
+        if not path.exists() or path.read_text() != text:
+            err.print(f"[red]error:[/red] {path} is not up to date; run `tillsync topology export`")
+            raise typer.Exit(1)
+        out.print(f"{path} is up to date")
+        return
+    path.write_text(text)
+    out.print(f"wrote {path}")
+
+
+@app.command("demo")
+@_friendly
+def demo_command(
+    input: Path = typer.Option(..., "--input", help="a bakery till export (CSV) to replay"),
+    as_json: bool = typer.Option(False, "--json", help="print the result as one JSON object on the last line of stdout"),
+    external_services: bool = typer.Option(
+        False, help="the services run already (e.g. docker compose); do not start them"
+    ),
+) -> None:
+    """Replay a bakery's sales through two tills into the archive and compare."""
+    console = err if as_json else out
+    report = asyncio.run(
+        run_demo(DemoSettings(), input, console=console, start_services=not external_services)
+    )
+    console.print(summary_table(report))
+    if as_json:
+        print(report.as_json(), flush=True)
+    if not report.ok:
+        err.print("[red]the archive does not match the input[/red]")
+        raise typer.Exit(1)
+
+
+# ---------------------------------------------------------------------------
+# ops
+
+
+@ops_app.command("dead-letters")
+@_friendly
+def dead_letters(
+    queue: Optional[str] = typer.Argument(None, help="service queue whose dead letters to show (default: all)"),
+    count: int = typer.Option(10, help="messages to show per queue (they stay in the queue)"),
+) -> None:
+    """Show how many messages each dead-letter queue holds and why they were refused."""
+    settings = BrokerSettings()
+
+    async def body() -> None:
+        user, password = settings.management_credentials
+        async with BrokerAdmin(settings.management_url, user, password) as admin:
+            names = [q.name for q in TOPOLOGY.queues if q.name.endswith(".dead-letter")]
+            if queue:
+                names = [dead_letter_queue_name(queue)]
+            for name in names:
+                facts = await admin.queue(settings.vhost, name)
+                if facts is None:
+                    out.print(f"{name}: does not exist")
+                    continue
+                out.print(f"[bold]{name}[/bold]: {facts.get('messages', 0)} message(s)")
+                if count and facts.get("messages", 0):
+                    for message in await admin.get_messages(settings.vhost, name, count):
+                        headers = message.get("properties", {}).get("headers", {})
+                        reason = headers.get(REASON_HEADER) or _x_death_reason(headers)
+                        out.print(f"  - {message.get('properties', {}).get('message_id', '?')}: {reason}", highlight=False)
+
+    asyncio.run(body())
+
+
+def _x_death_reason(headers: dict[str, Any]) -> str:
+    deaths = headers.get("x-death") or []
+    if deaths:
+        return f"{deaths[0].get('reason')} in {deaths[0].get('queue')} (count {deaths[0].get('count')})"
+    return "no reason recorded"
+
+
+# ---------------------------------------------------------------------------
+# till agent
+
+DataDir = typer.Option(None, "--data-dir", help="the till's data directory (default: $TILLSYNC_TILL_DATA_DIR or ./till-data)")
+
+
+def _open_till(data_dir: Path | None) -> Till:
+    settings = TillSettings()
+    return Till(TillStore(data_dir or settings.till_data_dir), settings)
+
+
+@till_app.command("init")
+@_friendly
+def till_init(
+    serial: str = typer.Option(..., help="the till's own serial number"),
+    name: str = typer.Option(..., help="a name for the till, e.g. 'Kasse 1'"),
+    data_dir: Optional[Path] = DataDir,
+) -> None:
+    """Create a new till's local store."""
+    settings = TillSettings()
+    TillStore.create(data_dir or settings.till_data_dir, serial, name).close()
+    out.print(f"till {name!r} ({serial}) created in {data_dir or settings.till_data_dir}")
+
+
+@till_app.command("create-account")
+@_friendly
+def till_create_account(
+    account_name: str = typer.Argument(..., help="email-shaped account name"),
+    password_stdin: bool = typer.Option(False, help="read the password from stdin instead of prompting"),
+    data_dir: Optional[Path] = DataDir,
+) -> None:
+    """Create a server account (the password never leaves this prompt in clear except to the cloud)."""
+    till = _open_till(data_dir)
+    created = asyncio.run(till.create_account(account_name, _read_password(password_stdin, confirm=True)))
+    out.print(f"account {created.account_name} created")
+
+
+@till_app.command("sign-in")
+@_friendly
+def till_sign_in(
+    account_name: str = typer.Argument(...),
+    password_stdin: bool = typer.Option(False, help="read the password from stdin instead of prompting"),
+    data_dir: Optional[Path] = DataDir,
+) -> None:
+    """Sign this till in to an account."""
+    till = _open_till(data_dir)
+    signed_in = asyncio.run(till.sign_in(account_name, _read_password(password_stdin, confirm=False)))
+    pending, _ = till.store.outbox_counts()
+    out.print(
+        f"signed in to {signed_in.account_name} as till {signed_in.till_id} (mode {signed_in.sync_mode.value}); "
+        f"{pending} records waiting for upload"
+    )
+
+
+@till_app.command("sign-out")
+@_friendly
+def till_sign_out(data_dir: Optional[Path] = DataDir) -> None:
+    """Sign this till out; unsent records are kept and uploaded after the next sign-in."""
+    till = _open_till(data_dir)
+    pending = asyncio.run(till.sign_out())
+    out.print(f"signed out; {pending} records not yet uploaded are kept and will be uploaded after the next sign-in")
+
+
+@till_app.command("mode")
+@_friendly
+def till_mode(
+    mode: SyncMode = typer.Argument(..., help="archive, archive_masterdata, archive_masterdata_receipts or custom"),
+    sync: bool = typer.Option(True, "--sync/--no-sync", help="the sync switch"),
+    custom: Optional[str] = typer.Option(
+        None, help='custom flags as JSON, e.g. \'{"download_articles": true}\' (only with mode custom)'
+    ),
+    data_dir: Optional[Path] = DataDir,
+) -> None:
+    """Set the till's sync switch and sync mode."""
+    flags = CustomSyncFlags.model_validate_json(custom) if custom else (CustomSyncFlags() if mode == SyncMode.CUSTOM else None)
+    till = _open_till(data_dir)
+    result = asyncio.run(till.set_sync_mode(sync, mode, flags))
+    out.print(f"sync {'on' if result.sync_enabled else 'off'}, mode {result.sync_mode.value}")
+
+
+@till_app.command("add-article")
+@_friendly
+def till_add_article(
+    article_nr: str = typer.Option(..., "--nr"),
+    text: str = typer.Option(...),
+    price_cents: int = typer.Option(..., help="gross unit price in cents"),
+    vat_key: int = typer.Option(1, help="DSFinV-K UST_SCHLUESSEL (1 = 19 %, 2 = 7 % ...)"),
+    data_dir: Optional[Path] = DataDir,
+) -> None:
+    """Add or change an article in the till's master data."""
+    till = _open_till(data_dir)
+    article = Article(article_nr=article_nr, text=text, unit_price=price_cents, vat_key=VatKey(vat_key))
+    till.save_entity(article, dt.datetime.now(dt.UTC))
+    out.print(f"article {article_nr} saved")
+
+
+@till_app.command("import-articles")
+@_friendly
+def till_import_articles(
+    path: Path = typer.Argument(..., help="a bakery till export (CSV)"),
+    data_dir: Optional[Path] = DataDir,
+) -> None:
+    """Import the articles of a bakery export as master data (rules: README, 'Demo data')."""
+    till = _open_till(data_dir)
+    export = read_export(path)
+    now = dt.datetime.now(dt.UTC)
+    for article in export.articles.values():
+        till.save_entity(article, now)
+    out.print(f"{len(export.articles)} articles imported")
+
+
+@till_app.command("sell")
+@_friendly
+def till_sell(
+    items: list[str] = typer.Argument(..., help="ARTICLE_NR:QUANTITY[:PRICE_CENTS] ... (negative quantity = return)"),
+    card: bool = typer.Option(False, "--card", help="paid by debit card instead of cash"),
+    cashier: str = typer.Option("1", help="cashier id"),
+    data_dir: Optional[Path] = DataDir,
+) -> None:
+    """Book and pay a receipt (works offline)."""
+    till = _open_till(data_dir)
+    articles = {a["article_nr"]: a for a in till.store.masterdata("article")}
+    lines = []
+    for item in items:
+        parts = item.split(":")
+        if len(parts) not in (2, 3) or parts[0] not in articles:
+            raise ValueError(f"{item!r}: expected ARTICLE_NR:QUANTITY[:PRICE_CENTS] with a known article number")
+        article = articles[parts[0]]
+        try:
+            quantity = Decimal(parts[1])
+            price = int(parts[2]) if len(parts) == 3 else article["unit_price"]
+        except (InvalidOperation, ValueError):
+            raise ValueError(f"{item!r}: quantity must be a number and price whole cents") from None
+        lines.append(SaleLine(article["article_nr"], article["text"], quantity, price, VatKey(article["vat_key"])))
+    payment = PaymentType.DEBIT_CARD if card else PaymentType.CASH
+    receipt = till.sell(
+        lines,
+        payment_type=payment,
+        payment_name="EC-Karte" if card else "Bar",
+        cashier=Cashier(cashier_id=cashier, name=f"Bediener {cashier}"),
+        at=dt.datetime.now(dt.UTC),
+    )
+    out.print(f"receipt {receipt.receipt_number}: {receipt.total / 100:.2f} EUR ({payment.value})")
+
+
+@till_app.command("close-day")
+@_friendly
+def till_close_day(
+    day: Optional[str] = typer.Option(None, help="business day YYYY-MM-DD (default: today, UTC)"),
+    data_dir: Optional[Path] = DataDir,
+) -> None:
+    """Record the Z-report of a business day."""
+    till = _open_till(data_dir)
+    business_day = dt.date.fromisoformat(day) if day else dt.datetime.now(dt.UTC).date()
+    report = till.close_day(business_day, dt.datetime.now(dt.UTC))
+    out.print(f"Z-report {report.z_nr} for {business_day}: {report.receipt_count} receipts, {report.total / 100:.2f} EUR")
+
+
+@till_app.command("upload")
+@_friendly
+def till_upload(
+    timeout: float = typer.Option(120.0, help="give up after this many seconds"),
+    data_dir: Optional[Path] = DataDir,
+) -> None:
+    """Upload the outbox now, with a progress bar; exit 1 if records remain."""
+    till = _open_till(data_dir)
+
+    async def body() -> bool:
+        pending, _ = till.store.outbox_counts()
+        till.start_sync()
+        with Progress(
+            TextColumn("Uploading"), BarColumn(), TextColumn("{task.fields[info]}"), TimeElapsedColumn(), console=out
+        ) as progress:
+            task = progress.add_task("upload", total=max(pending, 1), info="")
+
+            def show(status: Any) -> None:
+                progress.update(
+                    task,
+                    completed=pending - status.pending,
+                    info=f"{status.pending} pending, {status.rate_per_second:.0f}/s {status.state} {status.detail}",
+                )
+
+            drained = await till.relay.drain(timeout, on_progress=show)
+        await till.stop_sync()
+        return drained
+
+    if not asyncio.run(body()):
+        status = till.status()
+        raise RuntimeError(f"{status.pending} records still pending ({status.state}: {status.detail})")
+    out.print("all records uploaded")
+
+
+@till_app.command("status")
+@_friendly
+def till_status(data_dir: Optional[Path] = DataDir) -> None:
+    """Show the till's identity, sync settings and outbox."""
+    till = _open_till(data_dir)
+    identity = till.store.identity()
+    enabled, mode, _ = till.store.sync_settings()
+    pending, sent = till.store.outbox_counts()
+    table = Table(show_header=False)
+    for key, value in (
+        ("till", f"{identity.till_name} ({identity.serial_number})"),
+        ("account", identity.account_name or "-"),
+        ("till id", str(identity.till_id or "-")),
+        ("signed in", "yes" if identity.signed_in else "no"),
+        ("sync", f"{'on' if enabled else 'off'}, mode {mode}"),
+        ("outbox", f"{pending} pending, {sent} sent"),
+    ):
+        table.add_row(key, value)
+    out.print(table)
+
+
+if __name__ == "__main__":
+    app()

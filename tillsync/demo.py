@@ -1,0 +1,330 @@
+"""The main job: a bakery's real sales replayed through two tills into the archive.
+
+Steps: prepare database and broker (``tillsync setup``); start the services (unless
+they run already, e.g. under docker compose); create an account; sign in two tills;
+till 1 records the master data derived from the file; both tills replay the tickets
+(rules in ``tillsync.bakery``) and close each business day with a Z-report; till 2 is
+offline for the middle part of the replay and catches up afterwards; wait until
+every outbox is empty and every record is archived; compare archive and input.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import json
+import secrets
+import time
+import uuid
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+from uuid import UUID
+
+import asyncpg
+from pydantic import Field
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from shared.db import create_pool
+from shared.fiscal import line_amount
+from tillsync.bakery import ARTICLE_GROUPS, CASHIERS, PAYMENT_TYPES, VAT_RATES, BakeryExport, Ticket, read_export
+from tillsync.processes import SERVICES, ServiceProcess, service_env
+from tillsync.setup import SetupSettings, setup
+from till_agent.booking import SaleLine
+from till_agent.store import TillStore
+from till_agent.till import Till, TillSettings
+
+OFFLINE_FROM = 0.30  # till 2 goes offline at 30 % of the replay ...
+OFFLINE_UNTIL = 0.60  # ... and comes back at 60 %
+
+
+class DemoSettings(SetupSettings):
+    """Settings of the demo (environment ``TILLSYNC_*``)."""
+
+    demo_dir: Path = Field(default=Path("var/demo"), description="till stores and service logs of each run")
+    drain_timeout_seconds: float = Field(default=600.0, gt=0)
+
+    def cloud_amqp_url_for_tills(self) -> str:
+        """The sign-up URL tills use: the broker of ``amqp_url`` with the sign-up user."""
+        from shared.settings import amqp_url_with_credentials
+        from shared.topology import SIGNUP_USER
+
+        return amqp_url_with_credentials(self.amqp_url, SIGNUP_USER, self.signup_password)
+
+
+@dataclass
+class DemoReport:
+    """The demo's result; ``ok`` when nothing is missing, duplicated or different."""
+
+    account_name: str
+    receipts_in_input: int
+    receipts_archived: int
+    zreports_expected: int
+    zreports_archived: int
+    masterdata_expected: int
+    masterdata_archived: int
+    missing: int
+    duplicates: int
+    unexpected: int
+    content_mismatches: int
+    input_total_cents: int
+    archived_total_cents: int
+    offline_till: str
+    receipts_recorded_offline: int
+    seconds: float
+    run_dir: str
+    ok: bool = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.ok = (
+            self.missing == 0
+            and self.duplicates == 0
+            and self.unexpected == 0
+            and self.content_mismatches == 0
+            and self.receipts_archived == self.receipts_in_input
+            and self.input_total_cents == self.archived_total_cents
+        )
+
+    def as_json(self) -> str:
+        return json.dumps(asdict(self), sort_keys=False)
+
+
+class DemoError(RuntimeError):
+    """The demo could not run; the message says what is missing."""
+
+
+def _progress(console: Console) -> Progress:
+    return Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[info]}"),
+        TimeElapsedColumn(),
+        console=console,
+        transient=False,
+    )
+
+
+async def run_demo(
+    settings: DemoSettings,
+    input_path: Path,
+    *,
+    console: Console,
+    start_services: bool = True,
+    on_services_started: Callable[[dict[str, ServiceProcess]], None] | None = None,
+) -> DemoReport:
+    """Run the main job on ``input_path``; see the module docstring. Raises ``DemoError``."""
+    started = time.monotonic()
+    export = read_export(input_path)
+    console.print(
+        f"Input: {input_path} — {len(export.tickets)} tickets, {len(export.articles)} articles, "
+        f"{len(export.business_days)} business days"
+    )
+    for line in await setup(settings):
+        console.print(f"Setup: {line}")
+    run_id = dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%S") + "-" + secrets.token_hex(2)
+    run_dir = (settings.demo_dir / run_id).resolve()
+    processes: dict[str, ServiceProcess] = {}
+    if start_services:
+        env = service_env(settings.amqp_url, settings.database_url, settings.management_url)
+        for name in SERVICES:
+            processes[name] = ServiceProcess(name, env, run_dir / "logs")
+            processes[name].start()
+        for process in processes.values():
+            await process.wait_ready()
+        console.print(f"Services running: {', '.join(processes)} (logs in {run_dir / 'logs'})")
+        if on_services_started:
+            on_services_started(processes)
+    tills: list[Till] = []
+    try:
+        till_settings = TillSettings(cloud_amqp_url=settings.cloud_amqp_url_for_tills())
+        for i in (1, 2):
+            store = TillStore.create(run_dir / f"till-{i}", f"DEMO-{run_id}-{i}", f"Kasse {i}")
+            tills.append(Till(store, till_settings))
+        account_name = f"bakery-{run_id.lower()}@demo.tillsync.example"
+        password = secrets.token_urlsafe(12) + "Aa1!"
+        await tills[0].create_account(account_name, password)
+        for till in tills:
+            await till.sign_in(account_name, password)
+            till.start_sync()
+        console.print(f"Account {account_name}: 2 tills signed in, mode archive")
+        _import_masterdata(tills[0], export)
+        ticket_receipts, offline_count = await _replay(export, tills, console)
+        await _drain(tills, settings.drain_timeout_seconds, console)
+        expected = {till.store.identity().till_id: till.store.recorded() for till in tills}
+        report = await _verify(
+            settings, export, tills, expected, ticket_receipts, account_name, offline_count, started, run_dir
+        )
+        for till in tills:
+            await till.stop_sync()
+            await till.sign_out()
+        return report
+    finally:
+        for till in tills:
+            await till.stop_sync()
+            till.close()
+        for process in processes.values():
+            process.stop()
+
+
+def _import_masterdata(till: Till, export: BakeryExport) -> None:
+    at = min(t.at for t in export.tickets) - dt.timedelta(hours=1)
+    for entity in (
+        *VAT_RATES,
+        *PAYMENT_TYPES.values(),
+        *CASHIERS.values(),
+        *ARTICLE_GROUPS.values(),
+        *export.articles.values(),
+    ):
+        till.save_entity(entity, at)
+
+
+async def _replay(export: BakeryExport, tills: list[Till], console: Console) -> tuple[dict[int, tuple[int, UUID]], int]:
+    """Sell every ticket on its till; Z-report per till per day. Returns ticket → (till, receipt_id)."""
+    offline_from = int(len(export.tickets) * OFFLINE_FROM)
+    offline_until = int(len(export.tickets) * OFFLINE_UNTIL)
+    offline = tills[1]
+    receipts: dict[int, tuple[int, UUID]] = {}
+    offline_count = 0
+    by_day: dict[dt.date, list[Ticket]] = {}
+    for ticket in export.tickets:
+        by_day.setdefault(ticket.business_day, []).append(ticket)
+    index = 0
+    with _progress(console) as progress:
+        task = progress.add_task("Replaying tickets", total=len(export.tickets), info="")
+        for day, tickets in sorted(by_day.items()):
+            for ticket in tickets:
+                if index == offline_from:
+                    await offline.stop_sync()
+                    progress.console.print(f"Till 2 goes offline at ticket {index + 1} and keeps selling")
+                if index == offline_until:
+                    offline.start_sync()
+                    pending = offline.store.outbox_counts()[0]
+                    progress.console.print(f"Till 2 is back online with {pending} records to upload")
+                till = tills[ticket.till_index]
+                receipt = till.sell(
+                    [_sale_line(export, line) for line in ticket.lines],
+                    payment_type=ticket.payment_type,
+                    payment_name=PAYMENT_TYPES[ticket.payment_type].name,
+                    cashier=ticket.cashier,
+                    at=ticket.at.astimezone(dt.UTC),
+                    business_day=day,
+                )
+                receipts[ticket.ticket_number] = (ticket.till_index, receipt.receipt_id)
+                if till is offline and not offline.syncing:
+                    offline_count += 1
+                index += 1
+                pending = sum(t.store.outbox_counts()[0] for t in tills) if index % 100 == 0 else None
+                progress.update(task, advance=1, info=f"{day}" + (f", {pending} awaiting upload" if pending is not None else ""))
+                await asyncio.sleep(0)
+            closing_at = (max(t.at for t in tickets) + dt.timedelta(minutes=5)).astimezone(dt.UTC)
+            for till in tills:
+                till.close_day(day, closing_at)
+    if not offline.syncing:
+        offline.start_sync()
+    return receipts, offline_count
+
+
+def _sale_line(export: BakeryExport, line: Any) -> SaleLine:
+    article = export.articles[line.article_name]
+    return SaleLine(article.article_nr, article.text, line.quantity, line.unit_price, article.vat_key)
+
+
+async def _drain(tills: list[Till], timeout_seconds: float, console: Console) -> None:
+    total = sum(sum(till.store.outbox_counts()) for till in tills)
+    with _progress(console) as progress:
+        task = progress.add_task("Uploading", total=total, info="")
+        deadline = time.monotonic() + timeout_seconds
+        while True:
+            statuses = [till.status() for till in tills]
+            pending = sum(s.pending for s in statuses)
+            rate = sum(s.rate_per_second for s in statuses)
+            progress.update(task, completed=total - pending, info=f"{pending} pending, {rate:.0f}/s")
+            if pending == 0:
+                return
+            if time.monotonic() > deadline:
+                states = "; ".join(f"till {i + 1}: {s.state} {s.detail}" for i, s in enumerate(statuses))
+                raise DemoError(f"{pending} records still not uploaded after {timeout_seconds:.0f} s ({states})")
+            await asyncio.sleep(0.2)
+
+
+async def _verify(
+    settings: DemoSettings,
+    export: BakeryExport,
+    tills: list[Till],
+    expected: dict[UUID | None, list[tuple[UUID, int, str]]],
+    ticket_receipts: dict[int, tuple[int, UUID]],
+    account_name: str,
+    offline_count: int,
+    started: float,
+    run_dir: Path,
+) -> DemoReport:
+    account_id = tills[0].store.identity().account_id
+    expected_ids = {record_id: kind for records in expected.values() for record_id, _, kind in records}
+    pool = await create_pool(settings.database_url, 1)
+    try:
+        rows = await _wait_for_archive(pool, account_id, len(expected_ids), settings.drain_timeout_seconds)
+    finally:
+        await pool.close()
+    archived_ids = {r["record_id"] for r in rows}
+    receipts = [r for r in rows if r["kind"] == "receipt"]
+    zreports = [r for r in rows if r["kind"] == "zreport"]
+    receipt_keys = {(r["till_id"], r["payload"]["record"]["receipt_id"]) for r in receipts}
+    z_keys = {(r["till_id"], r["payload"]["record"]["z_nr"]) for r in zreports}
+    by_receipt_id = {UUID(r["payload"]["record"]["receipt_id"]): r["payload"]["record"] for r in receipts}
+    mismatches = 0
+    for ticket in export.tickets:
+        _, receipt_id = ticket_receipts[ticket.ticket_number]
+        archived = by_receipt_id.get(receipt_id)
+        if archived is None:
+            continue  # counted as missing
+        got = [(l["text"], l["quantity"], l["unit_price"]) for l in archived["lines"]]
+        want = [(l.article_name, str(l.quantity), l.unit_price) for l in ticket.lines]
+        if got != want or archived["total"] != ticket.total:
+            mismatches += 1
+    return DemoReport(
+        account_name=account_name,
+        receipts_in_input=len(export.tickets),
+        receipts_archived=len(receipt_keys),
+        zreports_expected=sum(1 for k in expected_ids.values() if k == "zreport"),
+        zreports_archived=len(z_keys),
+        masterdata_expected=sum(1 for k in expected_ids.values() if k == "masterdata"),
+        masterdata_archived=sum(1 for r in rows if r["kind"] == "masterdata"),
+        missing=len(set(expected_ids) - archived_ids),
+        duplicates=(len(receipts) - len(receipt_keys)) + (len(zreports) - len(z_keys)),
+        unexpected=len(archived_ids - set(expected_ids)),
+        content_mismatches=mismatches,
+        input_total_cents=sum(t.total for t in export.tickets),
+        archived_total_cents=sum(r["payload"]["record"]["total"] for r in zreports),
+        offline_till="Kasse 2",
+        receipts_recorded_offline=offline_count,
+        seconds=round(time.monotonic() - started, 1),
+        run_dir=str(run_dir),
+    )
+
+
+async def _wait_for_archive(pool: asyncpg.Pool, account_id: UUID | None, expected: int, timeout_seconds: float) -> list[asyncpg.Record]:
+    """Poll the archive until it holds ``expected`` records of the account (or time is up)."""
+    deadline = time.monotonic() + timeout_seconds
+    while True:
+        count = await pool.fetchval("select count(*) from archive_records where account_id = $1", account_id)
+        if count >= expected or time.monotonic() > deadline:
+            break
+        await asyncio.sleep(0.2)
+    return await pool.fetch(
+        "select record_id, till_id, kind, payload from archive_records where account_id = $1", account_id
+    )
+
+
+def summary_table(report: DemoReport) -> Table:
+    """A two-column table of the report for people."""
+    table = Table(title="tillsync demo — archive vs. input", show_header=True)
+    table.add_column("figure")
+    table.add_column("value", justify="right")
+    for key, value in asdict(report).items():
+        if key in ("run_dir",):
+            continue
+        table.add_row(key, str(value))
+    return table
