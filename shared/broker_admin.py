@@ -112,6 +112,10 @@ class BrokerAdmin:
             closed += response.status_code != 404
         return closed
 
+    async def queues(self, vhost: str) -> list[dict[str, Any]]:
+        """Every queue of ``vhost`` with its facts (name, durable, messages, consumers ...)."""
+        return (await self._call("GET", f"/queues/{_q(vhost)}")).json()
+
     async def queue(self, vhost: str, queue: str) -> dict[str, Any] | None:
         """GET the queue's facts (messages, consumers, arguments); None if it does not exist."""
         response = await self._call("GET", f"/queues/{_q(vhost)}/{_q(queue)}", ok=(200, 404))

@@ -36,13 +36,14 @@ class Migration:
         return hashlib.sha256(self.sql.encode()).hexdigest()
 
 
-async def _init_connection(conn: asyncpg.Connection) -> None:
+async def init_connection(conn: asyncpg.Connection) -> None:
+    """Per-connection setup: ``jsonb`` values are encoded from and decoded to Python objects."""
     await conn.set_type_codec("jsonb", encoder=json.dumps, decoder=json.loads, schema="pg_catalog")
 
 
 async def create_pool(dsn: str, max_size: int = 5) -> asyncpg.Pool:
     """Create the process's asyncpg pool; ``jsonb`` values are decoded to Python objects."""
-    return await asyncpg.create_pool(dsn, min_size=1, max_size=max_size, init=_init_connection)
+    return await asyncpg.create_pool(dsn, min_size=1, max_size=max_size, init=init_connection)
 
 
 def load_migrations(directory: Path = MIGRATIONS_DIR) -> list[Migration]:

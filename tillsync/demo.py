@@ -114,8 +114,12 @@ async def run_demo(
     console: Console,
     start_services: bool = True,
     on_services_started: Callable[[dict[str, ServiceProcess]], None] | None = None,
+    account_password: str | None = None,
 ) -> DemoReport:
-    """Run the main job on ``input_path``; see the module docstring. Raises ``DemoError``."""
+    """Run the main job on ``input_path``; see the module docstring. Raises ``DemoError``.
+
+    ``account_password``: the new account's password (default: a random strong one).
+    """
     started = time.monotonic()
     export = read_export(input_path)
     console.print(
@@ -144,7 +148,7 @@ async def run_demo(
             store = TillStore.create(run_dir / f"till-{i}", f"DEMO-{run_id}-{i}", f"Kasse {i}")
             tills.append(Till(store, till_settings))
         account_name = f"bakery-{run_id.lower()}@demo.tillsync.example"
-        password = secrets.token_urlsafe(12) + "Aa1!"
+        password = account_password or secrets.token_urlsafe(12) + "Aa1!"
         await tills[0].create_account(account_name, password)
         for till in tills:
             await till.sign_in(account_name, password)

@@ -32,10 +32,16 @@ class RabbitTillBroker:
         await self._admin.grant_till(self._vhost, user, till_permissions(account_id, till_id))
 
     async def delete_till_user(self, till_id: UUID) -> int:
-        """Delete the till's user and close its connections; return how many were closed."""
+        """Delete the till's user and close its connections; return how many it had open.
+
+        RabbitMQ closes a deleted user's connections itself; any still listed
+        afterwards are closed through the management API.
+        """
         user = till_broker_user(till_id)
+        open_connections = len(await self._admin.connections_of(user))
         await self._admin.delete_user(user)
-        return await self._admin.close_connections_of(user, reason="till signed out")
+        await self._admin.close_connections_of(user, reason="till signed out")
+        return open_connections
 
     async def bind_till_queue(self, account_id: UUID, till_id: UUID, keys: tuple[str, ...]) -> None:
         """Declare the till's queue and make its bindings on ``till.download`` exactly ``keys``."""

@@ -1,0 +1,65 @@
+"""A business day of the real bakery file, replayed through two tills: the archive equals the input."""
+
+from __future__ import annotations
+
+import io
+from collections import Counter
+from decimal import Decimal
+
+import pytest
+from rich.console import Console
+
+from tests.e2e.conftest import one_business_day
+from tillsync.bakery import read_export
+from tillsync.demo import run_demo
+
+pytestmark = pytest.mark.e2e
+
+
+async def test_a_business_day_is_archived_equal_to_the_input(fresh_env, service_processes, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    day_file = one_business_day(tmp_path / "day.csv", "2021-01-03")  # a day with a return
+    for process in service_processes.values():
+        process.start()
+    for process in service_processes.values():
+        await process.wait_ready()
+    report = await run_demo(
+        fresh_env.settings, day_file, console=Console(file=io.StringIO()), start_services=False
+    )
+    export = read_export(day_file)
+    assert report.ok
+    assert report.receipts_in_input == len(export.tickets) > 100
+    assert report.missing == 0 and report.duplicates == 0
+
+    # Independently of the demo's own check: compare the archive with the input file.
+    conn = await fresh_env.db()
+    try:
+        rows = await conn.fetch("select till_id, kind, payload from archive_records")
+    finally:
+        await conn.close()
+    receipts = [r["payload"]["record"] for r in rows if r["kind"] == "receipt"]
+    archived = Counter(
+        (r["business_day"], tuple((l["text"], l["quantity"], l["unit_price"]) for l in r["lines"]), r["total"])
+        for r in receipts
+    )
+    expected = Counter(
+        (
+            t.business_day.isoformat(),
+            tuple((l.article_name, str(l.quantity), l.unit_price) for l in t.lines),
+            t.total,
+        )
+        for t in export.tickets
+    )
+    assert archived == expected
+    # the return in the input is archived with its negative quantity and amount
+    returns = [l for r in receipts for l in r["lines"] if Decimal(l["quantity"]) < 0]
+    assert returns and len(returns) == sum(1 for t in export.tickets for l in t.lines if l.quantity < 0)
+    assert all(l["amount"] <= 0 for l in returns)
+    # two tills share the day (even/odd ticket numbers); one Z-report each adds up to the day
+    tills = Counter(r["till_id"] for r in rows if r["kind"] == "receipt")
+    assert len(tills) == 2
+    assert sorted(tills.values()) == sorted(Counter(t.ticket_number % 2 for t in export.tickets).values())
+    zreports = [r["payload"]["record"] for r in rows if r["kind"] == "zreport"]
+    assert len(zreports) == 2 and sum(z["total"] for z in zreports) == sum(t.total for t in export.tickets)
+    masterdata = [r["payload"]["record"] for r in rows if r["kind"] == "masterdata"]
+    assert {m["data"]["text"] for m in masterdata if m["entity_kind"] == "article"} == set(export.articles)
+

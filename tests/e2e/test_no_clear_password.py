@@ -1,0 +1,90 @@
+"""After a full run, no log line, database row or persisted message holds a clear password.
+
+The run includes the paths where a password could leak: account creation, sign-in,
+a wrong password, a weak password refused, and a malformed request carrying a
+password that is dead-lettered.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+
+import aio_pika
+import pytest
+from rich.console import Console
+
+from shared.topology import ACCOUNT_EXCHANGE, ACCOUNT_SERVICE_ROUTING_KEY, ACCOUNT_SERVICE_QUEUE, dead_letter_queue_name
+from tests.e2e.conftest import one_business_day
+from tests.support import new_account_name, new_till, wait_until
+from tillsync.demo import run_demo
+from till_agent.till import AccountError
+
+pytestmark = pytest.mark.e2e
+
+ACCOUNT_PASSWORD = "Zimtschnecke-7§"
+WRONG_PASSWORD = "Falsches-Passwort-3!"
+WEAK_PASSWORD = "schwach-ohne-ziffer"
+MALFORMED_PASSWORD = "Kaputt-Anfrage-9#"
+SECRETS = (ACCOUNT_PASSWORD, WRONG_PASSWORD, WEAK_PASSWORD, MALFORMED_PASSWORD)
+
+
+async def test_no_clear_password_in_logs_tables_or_persisted_messages(fresh_env, service_processes, admin, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    for process in service_processes.values():
+        process.start()
+    for process in service_processes.values():
+        await process.wait_ready()
+    demo_output = io.StringIO()
+    report = await run_demo(
+        fresh_env.settings,
+        one_business_day(tmp_path / "day.csv"),
+        console=Console(file=demo_output),
+        start_services=False,
+        account_password=ACCOUNT_PASSWORD,
+    )
+    assert report.ok
+    till = new_till(fresh_env, tmp_path / "extra")
+    with pytest.raises(AccountError):
+        await till.sign_in(report.account_name, WRONG_PASSWORD)
+    with pytest.raises(AccountError):
+        await till.create_account(new_account_name(), WEAK_PASSWORD)
+    await till.sign_in(report.account_name, ACCOUNT_PASSWORD)
+    # a request the account service cannot parse, with a password in it: dead-lettered
+    async with await aio_pika.connect(fresh_env.signup_url) as connection:
+        channel = await connection.channel(publisher_confirms=True)
+        exchange = await channel.get_exchange(ACCOUNT_EXCHANGE, ensure=False)
+        body = json.dumps({"request": {"command": "sign_in", "password": MALFORMED_PASSWORD, "nonsense": True}})
+        await exchange.publish(aio_pika.Message(body.encode()), routing_key=ACCOUNT_SERVICE_ROUTING_KEY)
+    dlq = dead_letter_queue_name(ACCOUNT_SERVICE_QUEUE)
+
+    async def dead_lettered():  # type: ignore[no-untyped-def]
+        facts = await admin.queue(fresh_env.vhost, dlq)
+        return facts and facts.get("messages", 0) >= 1
+
+    await wait_until(dead_lettered, timeout_seconds=20, interval=0.5, what="the malformed request in the dead-letter queue")
+    for process in service_processes.values():
+        process.stop()
+
+    # 1. logs: every service log line, and what the demo printed
+    logs = "".join(p.log_path.read_text() for p in service_processes.values()) + demo_output.getvalue()
+    assert "account_created" in logs and "sign_in_refused" in logs  # the logs cover these requests
+    # 2. every row of every table, as text
+    conn = await fresh_env.db()
+    try:
+        tables = [r["tablename"] for r in await conn.fetch("select tablename from pg_tables where schemaname = 'public'")]
+        dump = "\n".join(
+            [str(row[0]) for table in tables for row in await conn.fetch(f'select t::text from "{table}" t')]
+        )
+    finally:
+        await conn.close()
+    assert "$argon2id$" in dump  # the accounts table was read
+    # 3. persisted messages: whatever sits in the service queues and dead-letter queues
+    messages = ""
+    for queue in await admin.queues(fresh_env.vhost):
+        if queue.get("durable") and queue.get("messages", 0):
+            messages += json.dumps(await admin.get_messages(fresh_env.vhost, queue["name"], 1000))
+    assert "redacted" in messages  # the dead-lettered request is there, scrubbed
+    for secret in SECRETS:
+        assert secret not in logs, "a clear password in the logs"
+        assert secret not in dump, "a clear password in the database"
+        assert secret not in messages, "a clear password in a persisted message"

@@ -1,0 +1,197 @@
+"""The archive writer against the real broker and database: once, never overwritten, refusals dead-lettered."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import uuid
+from decimal import Decimal
+
+import aio_pika
+import pytest
+
+from shared.amqp import ORIGINAL_USER_HEADER, REASON_HEADER
+from shared.fiscal import PaymentType, VatKey
+from shared.models import Cashier, Upload
+from shared.topology import ARCHIVE_WRITER_QUEUE, UPLOAD_EXCHANGE, dead_letter_queue_name, upload_routing_key
+from tests.support import STRONG_PASSWORD, new_account_name, new_till, wait_until
+from till_agent.booking import SaleLine, closed_receipt
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="module")
+async def till(env, services, tmp_path_factory):  # type: ignore[no-untyped-def]
+    till = new_till(env, tmp_path_factory.mktemp("writer"))
+    name = new_account_name()
+    await till.create_account(name, STRONG_PASSWORD)
+    await till.sign_in(name, STRONG_PASSWORD)
+    yield till
+    till.close()
+
+
+@pytest.fixture
+async def publisher(env, till):  # type: ignore[no-untyped-def]
+    """Publish raw bodies as the till (its own credentials and user_id)."""
+    identity = till.store.identity()
+    connection = await aio_pika.connect(env.till_url(identity.broker_username, identity.broker_password))
+    channel = await connection.channel(publisher_confirms=True)
+    exchange = await channel.get_exchange(UPLOAD_EXCHANGE, ensure=False)
+
+    async def publish(body: bytes, kind: str = "receipt") -> None:
+        await exchange.publish(
+            aio_pika.Message(body, user_id=identity.broker_username, content_type="application/json"),
+            routing_key=upload_routing_key(identity.account_id, identity.till_id, kind),  # type: ignore[arg-type]
+        )
+
+    yield publish
+    await connection.close()
+
+
+_seq = iter(range(1, 10_000))
+
+
+def make_upload(till, till_seq: int | None = None, total_cents: int = 250, **changes) -> Upload:  # type: ignore[no-untyped-def]
+    identity = till.store.identity()
+    now = dt.datetime.now(dt.UTC)
+    receipt = closed_receipt(
+        receipt_number=1,
+        lines=[SaleLine("1", "Brot", Decimal("1"), total_cents, VatKey.REDUCED)],
+        payment_type=PaymentType.CASH,
+        payment_name="Bar",
+        cashier=Cashier(cashier_id="1", name="Anna"),
+        opened_at=now,
+        closed_at=now,
+        business_day=now.date(),
+    )
+    fields = dict(
+        record_id=uuid.uuid4(),
+        account_id=identity.account_id,
+        till_id=identity.till_id,
+        till_seq=till_seq or next(_seq),
+        recorded_at=now,
+        record=receipt,
+    )
+    fields.update(changes)
+    return Upload(**fields)
+
+
+async def archived(env, record_id):  # type: ignore[no-untyped-def]
+    conn = await env.db()
+    try:
+        return await conn.fetch("select * from archive_records where record_id = $1", record_id)
+    finally:
+        await conn.close()
+
+
+async def dead_letters(env) -> list[aio_pika.abc.AbstractIncomingMessage]:  # type: ignore[no-untyped-def]
+    """Take every message now in the archive writer's dead-letter queue."""
+    connection = await aio_pika.connect(env.settings.amqp_url)
+    try:
+        channel = await connection.channel()
+        queue = await channel.get_queue(dead_letter_queue_name(ARCHIVE_WRITER_QUEUE))
+        taken = []
+        while (message := await queue.get(fail=False, no_ack=True)) is not None:
+            taken.append(message)
+        return taken
+    finally:
+        await connection.close()
+
+
+async def wait_for_dead_letter(env, predicate, what: str):  # type: ignore[no-untyped-def]
+    seen: list = []
+
+    async def found():  # type: ignore[no-untyped-def]
+        seen.extend(await dead_letters(env))
+        return next((m for m in seen if predicate(m)), None)
+
+    return await wait_until(found, timeout_seconds=15, interval=0.2, what=what)
+
+
+async def test_an_upload_is_archived_once_with_its_content_and_hash(env, till, publisher) -> None:  # type: ignore[no-untyped-def]
+    upload = make_upload(till)
+    await publisher(upload.model_dump_json().encode())
+    rows = await wait_until(lambda: archived(env, upload.record_id), what="the record in the archive")
+    assert len(rows) == 1
+    row = rows[0]
+    assert (row["till_id"], row["till_seq"], row["kind"]) == (upload.till_id, upload.till_seq, "receipt")
+    assert Upload.model_validate(row["payload"]) == upload
+    assert len(bytes(row["content_sha256"])) == 32
+
+
+async def test_a_redelivered_record_is_a_no_op(env, till, publisher) -> None:  # type: ignore[no-untyped-def]
+    upload = make_upload(till)
+    body = upload.model_dump_json().encode()
+    for _ in range(3):
+        await publisher(body)
+    # the same content with other key order and spacing is the same record
+    await publisher(json.dumps(json.loads(body), indent=2, sort_keys=True).encode())
+    marker = make_upload(till)
+    await publisher(marker.model_dump_json().encode())
+    await wait_until(lambda: archived(env, marker.record_id), what="the marker record")
+    assert len(await archived(env, upload.record_id)) == 1
+    conn = await env.db()
+    try:
+        assert await conn.fetchval("select count(*) from archive_conflicts where record_id = $1", upload.record_id) == 0
+    finally:
+        await conn.close()
+
+
+async def test_same_record_id_with_other_content_is_refused_and_reported(env, till, publisher) -> None:  # type: ignore[no-untyped-def]
+    original = make_upload(till, total_cents=250)
+    await publisher(original.model_dump_json().encode())
+    await wait_until(lambda: archived(env, original.record_id), what="the original record")
+    forged = make_upload(till, till_seq=original.till_seq, total_cents=1, record_id=original.record_id)
+    await publisher(forged.model_dump_json().encode())
+    message = await wait_for_dead_letter(
+        env, lambda m: str(original.record_id) in m.headers.get(REASON_HEADER, ""), "dead letter"
+    )
+    assert "already archived with other content" in message.headers[REASON_HEADER]
+    assert message.headers[ORIGINAL_USER_HEADER] == till.store.identity().broker_username
+    rows = await archived(env, original.record_id)
+    assert len(rows) == 1 and rows[0]["payload"]["record"]["total"] == 250  # never overwritten
+    conn = await env.db()
+    try:
+        conflict = await conn.fetchrow("select * from archive_conflicts where record_id = $1", original.record_id)
+    finally:
+        await conn.close()
+    assert conflict is not None and conflict["payload"]["record"]["total"] == 1
+
+
+async def test_a_second_record_at_a_taken_till_seq_is_refused(env, till, publisher) -> None:  # type: ignore[no-untyped-def]
+    first = make_upload(till)
+    await publisher(first.model_dump_json().encode())
+    await wait_until(lambda: archived(env, first.record_id), what="the first record")
+    second = make_upload(till, till_seq=first.till_seq)
+    await publisher(second.model_dump_json().encode())
+    message = await wait_for_dead_letter(
+        env, lambda m: str(second.record_id) in m.headers.get(REASON_HEADER, ""), "dead letter of the second record"
+    )
+    assert f"till_seq {first.till_seq}" in message.headers[REASON_HEADER]
+    assert await archived(env, second.record_id) == []
+
+
+async def test_invalid_messages_are_dead_lettered_with_their_reason(env, till, publisher) -> None:  # type: ignore[no-untyped-def]
+    not_json = b"this is not json"
+    await publisher(not_json)
+    message = await wait_for_dead_letter(env, lambda m: m.body == not_json, "dead letter of the non-JSON body")
+    assert message.headers[REASON_HEADER].startswith("invalid message: ")
+    # valid JSON, wrong shape: the reason names the field
+    bad = json.loads(make_upload(till).model_dump_json())
+    bad["record"]["total"] = 999
+    bad["unknown_field"] = 1
+    body = json.dumps(bad).encode()
+    await publisher(body)
+    message = await wait_for_dead_letter(env, lambda m: m.body == body, "dead letter of the inconsistent receipt")
+    reason = message.headers[REASON_HEADER]
+    assert "unknown_field" in reason and "total 999" in reason
+
+
+async def test_a_body_naming_another_till_is_refused(env, till, publisher) -> None:  # type: ignore[no-untyped-def]
+    impostor = make_upload(till, till_id=uuid.uuid4())
+    await publisher(impostor.model_dump_json().encode())
+    message = await wait_for_dead_letter(
+        env, lambda m: str(impostor.record_id) in m.body.decode(), "dead letter of the impostor record"
+    )
+    assert "is not the till's broker user" in message.headers[REASON_HEADER]
+    assert await archived(env, impostor.record_id) == []

@@ -1,0 +1,133 @@
+"""Helpers shared by the integration and end-to-end tests (no fixtures here).
+
+Real components only: RabbitMQ and PostgreSQL from ``TEST_AMQP_URL`` /
+``TEST_DATABASE_URL`` (and ``TEST_MANAGEMENT_URL``), else from testcontainers when a
+Docker engine is present, else the local servers (127.0.0.1, guest/guest, trust auth).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+import subprocess
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
+
+import asyncpg
+
+from shared.broker_admin import BrokerAdmin
+from shared.db import init_connection
+from shared.settings import amqp_url_with_credentials
+from tillsync.demo import DemoSettings
+from tillsync.setup import setup
+from till_agent.store import TillStore
+from till_agent.till import Till, TillSettings
+
+REPO = Path(__file__).resolve().parent.parent
+BAKERY_CSV = REPO.parent / "shared" / "data" / "bakery_sales_2021-01.csv"
+STRONG_PASSWORD = "Backstube-2021!"
+
+
+@dataclass(frozen=True)
+class Infra:
+    """Where the real broker and database are."""
+
+    amqp_url: str  # with credentials, any vhost
+    management_url: str
+    database_url: str  # of an existing database on the server (admin connection)
+
+    @property
+    def management_credentials(self) -> tuple[str, str]:
+        parts = urlsplit(self.amqp_url)
+        return parts.username or "guest", parts.password or "guest"
+
+    def amqp_url_for(self, vhost: str) -> str:
+        parts = urlsplit(self.amqp_url)
+        return urlunsplit(parts._replace(path="/" + vhost))
+
+    def database_url_for(self, name: str) -> str:
+        return urlunsplit(urlsplit(self.database_url)._replace(path="/" + name))
+
+
+def docker_available() -> bool:
+    if shutil.which("docker") is None:
+        return False
+    return subprocess.run(["docker", "info"], capture_output=True).returncode == 0
+
+
+async def drop_database(infra: Infra, name: str) -> None:
+    conn = await asyncpg.connect(infra.database_url)
+    try:
+        await conn.execute(f'drop database if exists "{name}" with (force)')
+    finally:
+        await conn.close()
+
+
+class Environment:
+    """A fresh vhost and database, set up like production (``tillsync setup``)."""
+
+    def __init__(self, infra: Infra, admin: BrokerAdmin, template: str, tmp_path: Path) -> None:
+        self.infra = infra
+        self.admin = admin
+        self.template = template
+        suffix = uuid.uuid4().hex[:10]
+        self.vhost = f"tillsync-test-{suffix}"
+        self.database = f"tillsync_test_{suffix}"
+        self.settings = DemoSettings(
+            amqp_url=infra.amqp_url_for(self.vhost),
+            management_url=infra.management_url,
+            database_url=infra.database_url_for(self.database),
+            demo_dir=tmp_path / "demo",
+        )
+
+    async def create(self) -> None:
+        conn = await asyncpg.connect(self.infra.database_url)
+        try:
+            await conn.execute(f'create database "{self.database}" template "{self.template}"')
+        finally:
+            await conn.close()
+        await setup(self.settings)
+
+    async def destroy(self) -> None:
+        await self.admin.delete_vhost(self.vhost)
+        await drop_database(self.infra, self.database)
+
+    @property
+    def signup_url(self) -> str:
+        return self.settings.cloud_amqp_url_for_tills()
+
+    def till_url(self, user: str, password: str) -> str:
+        return amqp_url_with_credentials(self.settings.amqp_url, user, password)
+
+    async def db(self) -> asyncpg.Connection:
+        """A connection to this environment's database (jsonb decoded like the services do)."""
+        conn = await asyncpg.connect(self.settings.database_url)
+        await init_connection(conn)
+        return conn
+
+
+async def wait_until(predicate, timeout_seconds: float = 20.0, interval: float = 0.05, what: str = "condition"):  # type: ignore[no-untyped-def]
+    """Poll ``predicate`` (sync or async) until it returns a truthy value; fail after the timeout."""
+    deadline = asyncio.get_running_loop().time() + timeout_seconds
+    while True:
+        value = predicate()
+        if asyncio.iscoroutine(value):
+            value = await value
+        if value:
+            return value
+        if asyncio.get_running_loop().time() > deadline:
+            raise AssertionError(f"timed out after {timeout_seconds} s waiting for {what}")
+        await asyncio.sleep(interval)
+
+
+def new_till(env: Environment, tmp_path: Path, serial: str | None = None, name: str = "Kasse") -> Till:
+    """A new till with its own store under ``tmp_path`` talking to ``env``'s broker."""
+    serial = serial or f"SN-{uuid.uuid4().hex[:8]}"
+    store = TillStore.create(tmp_path / serial, serial, name)
+    return Till(store, TillSettings(cloud_amqp_url=env.signup_url, request_timeout_seconds=20))
+
+
+def new_account_name() -> str:
+    return f"shop-{uuid.uuid4().hex[:10]}@example.com"

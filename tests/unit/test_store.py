@@ -1,0 +1,352 @@
+"""The till's local SQLite store (till_agent/store.py), on a real file in tmp_path."""
+
+from __future__ import annotations
+
+import datetime as dt
+import uuid
+from decimal import Decimal
+from pathlib import Path
+from typing import Any, Iterator
+
+import pytest
+
+from shared.fiscal import PaymentType, VatKey
+from shared.models import Article, Cashier, MasterDataRecord, Receipt, SignedIn, SyncMode
+from till_agent.booking import SaleLine, closed_receipt, z_report
+from till_agent.store import RECORD_ADAPTER, TillStore, TillStoreError
+
+pytestmark = pytest.mark.unit
+
+DAY = dt.date(2024, 3, 1)
+T0 = dt.datetime(2024, 3, 1, 8, 0, tzinfo=dt.UTC)
+CASHIER = Cashier(cashier_id="1", name="Anna")
+LINES = [SaleLine("A1", "Brezel", Decimal("2"), 95, VatKey.REDUCED)]
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> Iterator[TillStore]:
+    s = TillStore.create(tmp_path / "till", serial_number="SN-0001", till_name="Kasse 1")
+    yield s
+    s.close()
+
+
+def receipt(number: int | None, **changes: Any) -> Receipt:
+    r = closed_receipt(
+        receipt_number=number or 1,
+        lines=LINES,
+        payment_type=PaymentType.CASH,
+        payment_name="Bar",
+        cashier=CASHIER,
+        opened_at=T0,
+        closed_at=T0 + dt.timedelta(seconds=30),
+        business_day=DAY,
+    )
+    if changes:
+        r = Receipt.model_validate({**r.model_dump(), **changes})
+    return r
+
+
+def open_receipt() -> Receipt:
+    return receipt(None, status="open", receipt_number=None, closed_at=None, payments=())
+
+
+def sell(store: TillStore) -> tuple[Receipt, uuid.UUID]:
+    r = receipt(store.next_receipt_number())
+    return r, store.record_receipt(r, T0)
+
+
+def article(nr: str = "A1", price: int = 95) -> MasterDataRecord:
+    return MasterDataRecord(
+        entity_kind="article",
+        entity_key=nr,
+        data=Article(article_nr=nr, text="Brezel", unit_price=price, vat_key=VatKey.REDUCED),
+    )
+
+
+def close_day(store: TillStore) -> uuid.UUID:
+    report = z_report(store.next_z_nr(), DAY, store.receipts_for_closing(DAY), T0 + dt.timedelta(hours=10))
+    return store.record_zreport(report, T0 + dt.timedelta(hours=10))
+
+
+def signed_in(last_till_seq: int, **changes: Any) -> SignedIn:
+    till_id = uuid.uuid4()
+    data: dict[str, Any] = {
+        "account_id": uuid.uuid4(),
+        "account_name": "owner@example.com",
+        "till_id": till_id,
+        "broker_username": f"till-{till_id}",
+        "broker_password": "broker-Secret-1",
+        "vhost": "tillsync",
+        "upload_exchange": "till.upload",
+        "queue": f"till.{till_id}",
+        "last_till_seq": last_till_seq,
+        "sync_enabled": True,
+        "sync_mode": SyncMode.ARCHIVE,
+    }
+    data.update(changes)
+    return SignedIn(**data)
+
+
+def seqs(store: TillStore) -> list[int]:
+    return [seq for _, seq, _ in store.recorded()]
+
+
+# ---------------------------------------------------------------------------
+# creating and opening
+
+
+def test_opening_a_directory_without_a_till_says_how_to_create_one(tmp_path: Path) -> None:
+    with pytest.raises(TillStoreError, match="tillsync till init"):
+        TillStore(tmp_path)
+
+
+def test_a_store_cannot_be_created_twice(tmp_path: Path) -> None:
+    TillStore.create(tmp_path, "SN-1", "Kasse 1").close()
+    with pytest.raises(TillStoreError):
+        TillStore.create(tmp_path, "SN-2", "Kasse 2")
+
+
+def test_a_new_store_knows_its_serial_number_and_is_signed_out(store: TillStore) -> None:
+    identity = store.identity()
+    assert (identity.serial_number, identity.till_name) == ("SN-0001", "Kasse 1")
+    assert identity.signed_in is False
+    assert identity.till_id is None and identity.broker_password is None
+    assert store.outbox_counts() == (0, 0)
+    assert store.next_receipt_number() == 1
+    assert store.next_z_nr() == 1
+
+
+def test_the_store_survives_reopening(store: TillStore) -> None:
+    sell(store)
+    store.record_masterdata(article(), T0)
+    again = TillStore(store.data_dir)
+    try:
+        assert again.recorded() == store.recorded()
+        assert again.next_receipt_number() == 2
+    finally:
+        again.close()
+
+
+# ---------------------------------------------------------------------------
+# till_seq and record_id
+
+
+def test_till_seq_is_gapless_from_1_across_all_kinds(store: TillStore) -> None:
+    store.record_masterdata(article("A1"), T0)
+    sell(store)
+    sell(store)
+    close_day(store)
+    store.record_masterdata(article("A2"), T0)
+    store.record_receipt(open_receipt(), T0)
+    assert seqs(store) == [1, 2, 3, 4, 5, 6]
+    assert [kind for _, _, kind in store.recorded()] == ["masterdata", "receipt", "receipt", "zreport", "masterdata", "receipt"]
+
+
+def test_every_record_gets_a_unique_record_id_which_is_returned(store: TillStore) -> None:
+    returned = [store.record_masterdata(article("A1"), T0), sell(store)[1], sell(store)[1], close_day(store)]
+    recorded = [record_id for record_id, _, _ in store.recorded()]
+    assert recorded == returned
+    assert len(set(recorded)) == len(recorded)
+
+
+def test_the_same_content_twice_is_two_records(store: TillStore) -> None:
+    first = store.record_masterdata(article("A1"), T0)
+    second = store.record_masterdata(article("A1"), T0)
+    assert first != second
+    assert seqs(store) == [1, 2]
+
+
+def test_a_refused_record_uses_no_till_seq(store: TillStore) -> None:
+    store.record_masterdata(article(), T0)
+    with pytest.raises(TillStoreError):
+        store.record_receipt(receipt(5), T0)
+    with pytest.raises(TillStoreError):
+        store.record_masterdata(article(), dt.datetime(2024, 3, 1, 8, 0))  # naive time
+    store.record_masterdata(article(), T0)
+    assert seqs(store) == [1, 2]
+
+
+# ---------------------------------------------------------------------------
+# receipts
+
+
+def test_closed_receipts_are_numbered_from_1(store: TillStore) -> None:
+    assert store.next_receipt_number() == 1
+    sell(store)
+    assert store.next_receipt_number() == 2
+    sell(store)
+    assert store.next_receipt_number() == 3
+
+
+@pytest.mark.parametrize("wrong", [2, 3, 100])
+def test_a_closed_receipt_must_carry_the_next_receipt_number(store: TillStore, wrong: int) -> None:
+    with pytest.raises(TillStoreError):
+        store.record_receipt(receipt(wrong), T0)
+    assert store.next_receipt_number() == 1
+    assert store.outbox_counts() == (0, 0)
+
+
+def test_a_receipt_number_cannot_be_used_twice(store: TillStore) -> None:
+    sell(store)
+    with pytest.raises(TillStoreError):
+        store.record_receipt(receipt(1), T0)  # a new receipt with the used number 1
+    assert store.next_receipt_number() == 2
+    assert seqs(store) == [1]
+
+
+def test_an_open_receipt_needs_no_number_and_can_then_be_closed(store: TillStore) -> None:
+    opened = open_receipt()
+    store.record_receipt(opened, T0)
+    assert store.next_receipt_number() == 1
+    closed = receipt(1, receipt_id=opened.receipt_id)
+    store.record_receipt(closed, T0 + dt.timedelta(minutes=1))
+    assert [kind for _, _, kind in store.recorded()] == ["receipt", "receipt"]
+    assert store.receipts_for_closing(DAY) == [closed]
+
+
+@pytest.mark.parametrize("change", ["same", "reopened", "other_total"])
+def test_a_closed_receipt_cannot_change(store: TillStore, change: str) -> None:
+    closed, _ = sell(store)
+    if change == "same":
+        again = closed
+    elif change == "reopened":
+        again = Receipt.model_validate(
+            {**closed.model_dump(), "status": "open", "receipt_number": None, "closed_at": None, "payments": ()}
+        )
+    else:
+        again = receipt(2, receipt_id=closed.receipt_id, payments=[{"payment_type": "ECKarte", "payment_name": "EC", "amount": closed.total}])
+    before = store.recorded()
+    with pytest.raises(TillStoreError):
+        store.record_receipt(again, T0 + dt.timedelta(minutes=1))
+    assert store.recorded() == before
+    assert store.receipts_for_closing(DAY) == [closed]
+
+
+def test_a_zreport_takes_the_days_receipts_once(store: TillStore) -> None:
+    sold = [sell(store)[0] for _ in range(3)]
+    assert store.receipts_for_closing(DAY) == sold
+    close_day(store)
+    assert store.receipts_for_closing(DAY) == []
+    assert store.next_z_nr() == 2
+
+
+def test_a_zreport_number_out_of_sequence_is_refused(store: TillStore) -> None:
+    report = z_report(2, DAY, [], T0)
+    with pytest.raises(TillStoreError):
+        store.record_zreport(report, T0)
+    assert store.next_z_nr() == 1
+    assert store.outbox_counts() == (0, 0)
+
+
+# ---------------------------------------------------------------------------
+# outbox
+
+
+def test_unsent_gives_rows_in_till_seq_order_up_to_the_limit(store: TillStore) -> None:
+    md = article()
+    store.record_masterdata(md, T0)
+    r, _ = sell(store)
+    close_day(store)
+    rows = store.unsent(2)
+    assert [row.till_seq for row in rows] == [1, 2]
+    assert [row.kind for row in rows] == ["masterdata", "receipt"]
+    assert RECORD_ADAPTER.validate_json(rows[0].body) == md
+    assert RECORD_ADAPTER.validate_json(rows[1].body) == r
+    assert rows[1].recorded_at == T0
+    assert [row.till_seq for row in store.unsent(100)] == [1, 2, 3]
+    assert [(row.record_id, row.till_seq, row.kind) for row in store.unsent(100)] == store.recorded()
+
+
+def test_mark_sent_removes_rows_from_unsent_and_counts_them(store: TillStore) -> None:
+    for i in range(5):
+        store.record_masterdata(article(f"A{i}"), T0)
+    assert store.outbox_counts() == (5, 0)
+    store.mark_sent([1, 2])
+    assert [row.till_seq for row in store.unsent(100)] == [3, 4, 5]
+    assert store.outbox_counts() == (3, 2)
+    store.mark_sent([4])
+    assert [row.till_seq for row in store.unsent(100)] == [3, 5]
+    assert store.outbox_counts() == (2, 3)
+    store.mark_sent([])
+    assert store.outbox_counts() == (2, 3)
+    store.mark_sent([3, 5])
+    assert store.unsent(100) == []
+    assert store.outbox_counts() == (0, 5)
+
+
+def test_sent_records_stay_recorded(store: TillStore) -> None:
+    store.record_masterdata(article(), T0)
+    store.mark_sent([1])
+    assert seqs(store) == [1]
+    store.record_masterdata(article(), T0)
+    assert seqs(store) == [1, 2]
+
+
+# ---------------------------------------------------------------------------
+# sign-in and sign-out
+
+
+def test_sign_in_keeps_the_identity(store: TillStore) -> None:
+    reply = signed_in(0)
+    store.save_sign_in(reply)
+    identity = store.identity()
+    assert identity.signed_in is True
+    assert (identity.account_id, identity.till_id, identity.account_name) == (reply.account_id, reply.till_id, reply.account_name)
+    assert (identity.broker_username, identity.vhost) == (reply.broker_username, reply.vhost)
+    assert identity.broker_password == reply.broker_password.get_secret_value()
+    assert identity.serial_number == "SN-0001"
+
+
+def test_sign_in_continues_till_seq_after_the_servers_last(store: TillStore) -> None:
+    store.record_masterdata(article(), T0)  # local till_seq 1
+    store.save_sign_in(signed_in(41))  # the archive already holds up to 41 (e.g. a re-installed till)
+    store.record_masterdata(article(), T0)
+    sell(store)
+    assert seqs(store)[-2:] == [42, 43]
+
+
+def test_sign_in_never_moves_till_seq_backwards(store: TillStore) -> None:
+    for i in range(5):
+        store.record_masterdata(article(f"A{i}"), T0)
+    store.save_sign_in(signed_in(2))  # the archive is behind the till (records not uploaded yet)
+    store.record_masterdata(article(), T0)
+    store.save_sign_in(signed_in(0))
+    store.record_masterdata(article(), T0)
+    assert seqs(store) == [1, 2, 3, 4, 5, 6, 7]
+
+
+def test_sign_in_with_equal_last_till_seq_continues_gaplessly(store: TillStore) -> None:
+    for i in range(3):
+        store.record_masterdata(article(f"A{i}"), T0)
+    store.save_sign_in(signed_in(3))
+    store.record_masterdata(article(), T0)
+    assert seqs(store) == [1, 2, 3, 4]
+
+
+def test_sign_out_keeps_the_outbox_and_forgets_the_broker_credentials(store: TillStore) -> None:
+    reply = signed_in(0)
+    store.save_sign_in(reply)
+    store.record_masterdata(article(), T0)
+    sell(store)
+    store.mark_sent([1])
+    pending_before = store.unsent(100)
+    store.save_sign_out()
+    assert store.unsent(100) == pending_before
+    assert store.outbox_counts() == (1, 1)
+    identity = store.identity()
+    assert identity.signed_in is False
+    assert identity.broker_password is None and identity.broker_username is None
+    assert identity.account_id == reply.account_id  # the account stays
+    # recording goes on offline, and till_seq is never reset
+    sell(store)
+    assert seqs(store) == [1, 2, 3]
+    assert store.outbox_counts() == (2, 1)
+
+
+def test_sign_in_after_sign_out_keeps_the_pending_records(store: TillStore) -> None:
+    store.save_sign_in(signed_in(0))
+    sell(store)
+    store.save_sign_out()
+    sell(store)
+    store.save_sign_in(signed_in(0))
+    assert [row.till_seq for row in store.unsent(100)] == [1, 2]
