@@ -229,7 +229,14 @@ class ConsumeAdapter(Generic[M]):
                 )
             if d.refused is not None:
                 await self._dead_letter(d.message, d.refused)
-            await d.message.ack()
+        if self._concurrency == 1:
+            # One worker handles deliveries in order, so every earlier delivery of this
+            # channel is settled already: one ack with ``multiple`` settles the batch.
+            await max(deliveries, key=lambda d: d.message.delivery_tag or 0).message.ack(multiple=True)
+        else:
+            for d in deliveries:
+                await d.message.ack()
+        for d in deliveries:
             with structlog.contextvars.bound_contextvars(**d.log):
                 log = self._log.warning if d.refused else self._log.info
                 log("message_handled", outcome=d.outcome, reason=d.refused, batch_ms=elapsed_ms, batch_size=len(deliveries))

@@ -54,7 +54,7 @@ async def verify_password(password_hash: str | None, password: str) -> bool:
 
     def _verify() -> bool:
         try:
-            ok = _hasher.verify(password_hash or _DUMMY_HASH, password)
+            ok = _hasher.verify(_DUMMY_HASH if password_hash is None else password_hash, password)
         except (VerificationError, InvalidHashError):
             return False
         return ok and password_hash is not None

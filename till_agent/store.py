@@ -181,8 +181,18 @@ class TillStore:
         )
 
     def save_sign_in(self, signed_in: SignedIn) -> None:
-        """Keep the credentials of a sign-in; continue ``till_seq`` after the archive's last."""
+        """Keep the credentials and sync settings of a sign-in; continue after the archive's last ``till_seq``.
+
+        A store that signs in as this till for the first time (a new or re-installed
+        till whose serial number the cloud knows) may have queued records before it
+        learnt how far the archive already is. None of them was ever uploaded as this
+        till, so the unsent rows move, in order, to the positions after the archive's
+        ``last_till_seq``. A store that knew the till already keeps its numbering: its
+        unsent rows may be in the archive already (confirmation lost) and a repeat is
+        recognised by its ``(record_id, till_seq)``.
+        """
         with _transaction(self._db):
+            new_to_this_till = self._get("till_id") != str(signed_in.till_id)
             self._set(
                 account_name=signed_in.account_name,
                 account_id=str(signed_in.account_id),
@@ -193,11 +203,23 @@ class TillStore:
                 queue=signed_in.queue,
                 sync_enabled="1" if signed_in.sync_enabled else "0",
                 sync_mode=signed_in.sync_mode.value,
+                custom_flags=signed_in.custom.model_dump_json() if signed_in.custom else None,
                 signed_in="1",
             )
-            local_last = int(self._get("last_till_seq") or 0)
-            if signed_in.last_till_seq > local_last:
-                self._set(last_till_seq=str(signed_in.last_till_seq))
+            server_last = signed_in.last_till_seq
+            first_unsent = self._db.execute("select min(till_seq) from outbox where sent_at is null").fetchone()[0]
+            if new_to_this_till and first_unsent is not None and first_unsent <= server_last:
+                last_sent = self._db.execute("select coalesce(max(till_seq), 0) from outbox where sent_at is not null").fetchone()[0]
+                start = max(server_last, last_sent) + 1
+                unsent = [r[0] for r in self._db.execute("select till_seq from outbox where sent_at is null order by till_seq")]
+                # two steps, through negative numbers, so no intermediate position collides
+                self._db.executemany(
+                    "update outbox set till_seq = ? where till_seq = ?", [(-(start + i), seq) for i, seq in enumerate(unsent)]
+                )
+                self._db.execute("update outbox set till_seq = -till_seq where till_seq < 0")
+                self._set(last_till_seq=str(start + len(unsent) - 1))
+            elif server_last > int(self._get("last_till_seq") or 0):
+                self._set(last_till_seq=str(server_last))
 
     def save_sign_out(self) -> None:
         """Forget the broker credentials; the account, data and outbox stay."""

@@ -157,9 +157,14 @@ def read_export(path: Path) -> BakeryExport:
             try:
                 at = dt.datetime.combine(dt.date.fromisoformat(date_s), dt.time.fromisoformat(time_s), SHOP_TIME_ZONE)
                 ticket_f = Decimal(ticket_s)
-                if ticket_f != ticket_f.to_integral_value() or ticket_f <= 0:
+                if not ticket_f.is_finite() or ticket_f != ticket_f.to_integral_value() or ticket_f <= 0:
                     raise ValueError(f"ticket_number {ticket_s!r} is not a positive whole number")
-                quantity = Decimal(quantity_s).quantize(Decimal("0.001"))
+                quantity = Decimal(quantity_s)
+                if not quantity.is_finite():
+                    raise ValueError(f"Quantity {quantity_s!r} is not a number")
+                if quantity != quantity.quantize(Decimal("0.001")):
+                    raise ValueError(f"Quantity {quantity_s!r} has more than 3 decimal places")
+                quantity = quantity.quantize(Decimal("0.001"))
                 if quantity == 0:
                     raise ValueError("Quantity is 0")
                 price = parse_price(price_s)

@@ -67,9 +67,10 @@ class TillBroker(Protocol):
 class ThrottlePolicy:
     """Slows down repeated wrong passwords for one account name.
 
-    After ``free_attempts`` consecutive failures, each further failure locks the name
+    From the ``free_attempts``-th consecutive failure on, each failure locks the name
     for ``base_delay_seconds * 2**(failures - free_attempts)`` seconds, at most
-    ``max_delay_seconds``. A success clears the count.
+    ``max_delay_seconds`` (defaults: the 3rd wrong password locks for 1 s, the 4th for
+    2 s, ...). A success clears the count.
     """
 
     free_attempts: int = 3
@@ -325,10 +326,11 @@ def redact_request(body: bytes) -> bytes:
     A body that is not a JSON object is replaced by a note, since it may carry a clear
     password that cannot be located.
     """
+    not_kept = b'{"redacted": "the body was not JSON and may have held a password, so it was not kept"}'
     try:
         data = json.loads(body)
-    except (ValueError, UnicodeDecodeError):
-        return b'{"redacted": "the body was not JSON and may have held a password, so it was not kept"}'
+    except (ValueError, UnicodeDecodeError, RecursionError):
+        return not_kept
 
     def scrub(value: Any) -> Any:
         if isinstance(value, dict):
@@ -341,7 +343,10 @@ def redact_request(body: bytes) -> bytes:
 
     if not isinstance(data, (dict, list)):
         return b'{"redacted": "the body was not a JSON object and may have held a password, so it was not kept"}'
-    return json.dumps(scrub(data)).encode()
+    try:
+        return json.dumps(scrub(data)).encode()
+    except RecursionError:
+        return not_kept
 
 
 def request_log_context(request: AccountRequest) -> dict[str, Any]:

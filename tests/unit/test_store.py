@@ -298,27 +298,32 @@ def test_sign_in_keeps_the_identity(store: TillStore) -> None:
 
 
 def test_sign_in_continues_till_seq_after_the_servers_last(store: TillStore) -> None:
-    store.record_masterdata(article(), T0)  # local till_seq 1
+    store.record_masterdata(article(), T0)  # queued before the first sign-in
     store.save_sign_in(signed_in(41))  # the archive already holds up to 41 (e.g. a re-installed till)
     store.record_masterdata(article(), T0)
     sell(store)
-    assert seqs(store)[-2:] == [42, 43]
+    assert seqs(store) == [42, 43, 44]
 
 
 def test_sign_in_never_moves_till_seq_backwards(store: TillStore) -> None:
+    first = signed_in(0)
+    store.save_sign_in(first)
     for i in range(5):
         store.record_masterdata(article(f"A{i}"), T0)
-    store.save_sign_in(signed_in(2))  # the archive is behind the till (records not uploaded yet)
+    # the same till signs in again while the archive is behind it (uploads pending)
+    store.save_sign_in(first.model_copy(update={"last_till_seq": 2}))
     store.record_masterdata(article(), T0)
-    store.save_sign_in(signed_in(0))
+    store.save_sign_in(first.model_copy(update={"last_till_seq": 0}))
     store.record_masterdata(article(), T0)
     assert seqs(store) == [1, 2, 3, 4, 5, 6, 7]
 
 
 def test_sign_in_with_equal_last_till_seq_continues_gaplessly(store: TillStore) -> None:
+    first = signed_in(0)
+    store.save_sign_in(first)
     for i in range(3):
         store.record_masterdata(article(f"A{i}"), T0)
-    store.save_sign_in(signed_in(3))
+    store.save_sign_in(first.model_copy(update={"last_till_seq": 3}))
     store.record_masterdata(article(), T0)
     assert seqs(store) == [1, 2, 3, 4]
 
@@ -350,3 +355,19 @@ def test_sign_in_after_sign_out_keeps_the_pending_records(store: TillStore) -> N
     sell(store)
     store.save_sign_in(signed_in(0))
     assert [row.till_seq for row in store.unsent(100)] == [1, 2]
+
+
+def test_records_queued_before_a_sign_in_are_not_placed_on_positions_the_archive_already_holds(store: TillStore) -> None:
+    sell(store)  # a re-installed till sells offline before its first sign-in: till_seq 1
+    store.save_sign_in(signed_in(41))  # the archive holds till_seq 1..41 of this serial number's till
+    assert all(row.till_seq > 41 for row in store.unsent(100))
+
+
+def test_sign_in_keeps_the_servers_sync_settings_including_custom_flags(store: TillStore) -> None:
+    from shared.models import CustomSyncFlags
+
+    flags = CustomSyncFlags(download_receipts=True, upload_zreports=False)
+    store.save_sign_in(signed_in(0, sync_mode=SyncMode.CUSTOM, custom=flags))
+    enabled, mode, custom_json = store.sync_settings()
+    assert (enabled, mode) == (True, "custom")
+    assert custom_json is not None and CustomSyncFlags.model_validate_json(custom_json) == flags
