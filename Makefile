@@ -4,7 +4,10 @@
 
 VENV   ?= .venv
 PYTHON ?= python3
-INPUT  ?= ../shared/data/bakery_sales_2021-01.csv
+# The team's reference data lies beside the repository (../shared/data), or where
+# TILLSYNC_SHARED_DATA_DIR points; any other file of the same format: make demo INPUT=...
+SHARED_DATA_DIR ?= $(or $(TILLSYNC_SHARED_DATA_DIR),../shared/data)
+INPUT  ?= $(SHARED_DATA_DIR)/bakery_sales_2021-01.csv
 BIN     = $(VENV)/bin
 
 .PHONY: demo test install infra setup lint-topology clean
@@ -24,6 +27,7 @@ setup: install infra
 	$(BIN)/tillsync setup
 
 demo: install infra
+	@test -f "$(INPUT)" || { echo "demo input $(INPUT) not found: set INPUT=path/to/bakery_sales.csv (or TILLSYNC_SHARED_DATA_DIR)" >&2; exit 2; }
 	$(BIN)/tillsync demo --input $(INPUT)
 
 test: install infra

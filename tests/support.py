@@ -8,25 +8,34 @@ Docker engine is present, else the local servers (127.0.0.1, guest/guest, trust 
 from __future__ import annotations
 
 import asyncio
+import os
+import datetime as dt
 import shutil
 import subprocess
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
+from decimal import Decimal
 from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
 
 from shared.broker_admin import BrokerAdmin
 from shared.db import init_connection
+from shared.fiscal import PaymentType, VatKey
+from shared.models import Cashier
 from shared.settings import amqp_url_with_credentials
 from tillsync.demo import DemoSettings
 from tillsync.setup import setup
+from till_agent.booking import SaleLine
 from till_agent.store import TillStore
 from till_agent.till import Till, TillSettings
 
 REPO = Path(__file__).resolve().parent.parent
-BAKERY_CSV = REPO.parent / "shared" / "data" / "bakery_sales_2021-01.csv"
+# The real data of other authors, read where it lies: beside the repository, or where
+# TILLSYNC_SHARED_DATA_DIR points (never copied into the repository).
+SHARED_DATA_DIR = Path(os.environ.get("TILLSYNC_SHARED_DATA_DIR") or REPO.parent / "shared" / "data")
+BAKERY_CSV = SHARED_DATA_DIR / "bakery_sales_2021-01.csv"
 STRONG_PASSWORD = "Backstube-2021!"
 
 
@@ -131,3 +140,16 @@ def new_till(env: Environment, tmp_path: Path, serial: str | None = None, name: 
 
 def new_account_name() -> str:
     return f"shop-{uuid.uuid4().hex[:10]}@example.com"
+
+
+def sell(till: Till, count: int = 1, unit_price: int = 250) -> None:
+    """Book ``count`` cash receipts of one bread each on ``till`` (local, works offline)."""
+    now = dt.datetime.now(dt.UTC)
+    for _ in range(count):
+        till.sell(
+            [SaleLine("1", "Brot", Decimal("1"), unit_price, VatKey.REDUCED)],
+            payment_type=PaymentType.CASH,
+            payment_name="Bar",
+            cashier=Cashier(cashier_id="1", name="Anna"),
+            at=now,
+        )

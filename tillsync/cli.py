@@ -19,7 +19,7 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from shared.amqp import REASON_HEADER, QUEUE_HEADER
+from shared.amqp import REASON_HEADER
 from shared.broker_admin import BrokerAdmin, BrokerAdminError
 from shared.fiscal import PaymentType, VatKey
 from shared.models import Article, Cashier, CustomSyncFlags, SyncMode

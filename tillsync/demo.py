@@ -15,7 +15,6 @@ import datetime as dt
 import json
 import secrets
 import time
-import uuid
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -28,7 +27,6 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from shared.db import create_pool
-from shared.fiscal import line_amount
 from tillsync.bakery import ARTICLE_GROUPS, CASHIERS, PAYMENT_TYPES, VAT_RATES, BakeryExport, Ticket, read_export
 from tillsync.processes import SERVICES, ServiceProcess, service_env
 from tillsync.setup import SetupSettings, setup

@@ -44,7 +44,6 @@ from shared.topology import (
     UPLOAD_EXCHANGE,
     download_binding_keys,
     till_broker_user,
-    till_permissions,
     till_queue_name,
 )
 

@@ -3,17 +3,13 @@
 from __future__ import annotations
 
 import asyncio
-import datetime as dt
-from decimal import Decimal
 
 import aio_pika
 import pytest
 
-from shared.fiscal import PaymentType, VatKey
-from shared.models import Cashier, CustomSyncFlags, ErrorCode, SyncMode
+from shared.models import CustomSyncFlags, ErrorCode, SyncMode
 from shared.topology import DOWNLOAD_EXCHANGE, download_binding_keys, till_broker_user, till_queue_name
-from tests.support import STRONG_PASSWORD, new_account_name, new_till, wait_until
-from till_agent.booking import SaleLine
+from tests.support import STRONG_PASSWORD, new_account_name, new_till, sell, wait_until
 from till_agent.till import AccountError
 
 pytestmark = pytest.mark.integration
@@ -94,15 +90,7 @@ async def test_same_serial_number_gets_the_same_till_and_continues_its_sequence(
     await first.create_account(name, STRONG_PASSWORD)
     signed_in = await first.sign_in(name, STRONG_PASSWORD)
     first.start_sync()
-    now = dt.datetime.now(dt.UTC)
-    for _ in range(5):
-        first.sell(
-            [SaleLine("1", "Brot", Decimal("1"), 250, VatKey.REDUCED)],
-            payment_type=PaymentType.CASH,
-            payment_name="Bar",
-            cashier=Cashier(cashier_id="1", name="Anna"),
-            at=now,
-        )
+    sell(first, 5)
     assert await first.relay.drain(20)
     await first.stop_sync()
 
@@ -119,13 +107,7 @@ async def test_same_serial_number_gets_the_same_till_and_continues_its_sequence(
     again = await reinstalled.sign_in(name, STRONG_PASSWORD)
     assert again.till_id == signed_in.till_id
     assert again.last_till_seq == 5
-    reinstalled.sell(
-        [SaleLine("1", "Brot", Decimal("1"), 250, VatKey.REDUCED)],
-        payment_type=PaymentType.CASH,
-        payment_name="Bar",
-        cashier=Cashier(cashier_id="1", name="Anna"),
-        at=now,
-    )
+    sell(reinstalled, 1)
     assert reinstalled.store.unsent(10)[0].till_seq == 6
 
 
@@ -177,15 +159,7 @@ async def test_sign_out_keeps_unsent_records_and_says_how_many(env, services, tm
     name = new_account_name()
     await till.create_account(name, STRONG_PASSWORD)
     await till.sign_in(name, STRONG_PASSWORD)
-    now = dt.datetime.now(dt.UTC)
-    for _ in range(3):  # recorded while the relay does not run
-        till.sell(
-            [SaleLine("7", "Kaffee", Decimal("1"), 300, VatKey.REGULAR)],
-            payment_type=PaymentType.CASH,
-            payment_name="Bar",
-            cashier=Cashier(cashier_id="1", name="Anna"),
-            at=now,
-        )
+    sell(till, 3)
     assert await till.sign_out() == 3
     assert till.store.outbox_counts() == (3, 0)
     assert not till.store.identity().signed_in

@@ -3,31 +3,15 @@
 from __future__ import annotations
 
 import datetime as dt
-from decimal import Decimal
 
 import pytest
 
-from shared.fiscal import PaymentType, VatKey
-from shared.models import Cashier
 from shared.topology import till_broker_user
-from tests.support import STRONG_PASSWORD, new_account_name, new_till, wait_until
-from till_agent.booking import SaleLine
+from tests.support import STRONG_PASSWORD, new_account_name, new_till, sell, wait_until
 from till_agent.store import TillStore
 from till_agent.till import Till, TillSettings
 
 pytestmark = pytest.mark.integration
-
-
-def sell(till: Till, count: int) -> None:
-    now = dt.datetime.now(dt.UTC)
-    for _ in range(count):
-        till.sell(
-            [SaleLine("1", "Brötchen", Decimal("3"), 45, VatKey.REDUCED)],
-            payment_type=PaymentType.CASH,
-            payment_name="Bar",
-            cashier=Cashier(cashier_id="1", name="Anna"),
-            at=now,
-        )
 
 
 async def archive_of(env, till_id):  # type: ignore[no-untyped-def]

@@ -19,11 +19,12 @@ from zoneinfo import ZoneInfo
 import pytest
 
 from shared.fiscal import PaymentType, VatKey
+from tests.support import BAKERY_CSV
 from tillsync.bakery import BakeryExport, BakeryFormatError, Ticket, TicketLine, article_nr, parse_price, read_export, vat_key_of
 
 pytestmark = pytest.mark.unit
 
-DATA_FILE = Path(__file__).resolve().parents[3] / "shared" / "data" / "bakery_sales_2021-01.csv"
+DATA_FILE = BAKERY_CSV
 PARIS = ZoneInfo("Europe/Paris")
 HEADER = ",date,time,ticket_number,article,Quantity,unit_price\n"
 BEVERAGES = ("CAFE", "BOISSON", "THE ", "JUS", "EAU")  # from the module docstring
