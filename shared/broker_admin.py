@@ -74,6 +74,11 @@ class BrokerAdmin:
         response = await self._call("GET", f"/users/{_q(user)}", ok=(200, 404))
         return response.status_code == 200
 
+    async def vhost_permissions(self, vhost: str) -> list[dict[str, Any]]:
+        """The users with permissions in ``vhost`` (each with ``user``, ``configure``, ...)."""
+        response = await self._call("GET", f"/vhosts/{_q(vhost)}/permissions", ok=(200, 404))
+        return response.json() if response.status_code == 200 else []
+
     async def set_permissions(self, vhost: str, user: str, configure: str, write: str, read: str) -> None:
         """Set ``user``'s configure/write/read regular expressions in ``vhost``."""
         await self._call(

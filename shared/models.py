@@ -26,8 +26,6 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
-    NonNegativeInt,
-    PositiveInt,
     SecretStr,
     StrictInt,
     TypeAdapter,
@@ -46,12 +44,25 @@ class WireModel(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
-Cents = Annotated[StrictInt, Field(description="amount in integer cents")]
+MAX_CENTS = 10**11  # 1 billion euros: far beyond any till, far inside JSON's exact integers (2**53)
+MAX_QUANTITY = Decimal(1_000_000)
+MAX_COUNTER = 2**53 - 1  # sequence numbers stay exact in every JSON reader
+
+Cents = Annotated[StrictInt, Field(ge=-MAX_CENTS, le=MAX_CENTS, description="amount in integer cents")]
 Quantity = Annotated[
     Decimal,
-    Field(max_digits=15, decimal_places=3, description="quantity, 3 decimal places"),
+    Field(
+        max_digits=15,
+        decimal_places=3,
+        ge=-MAX_QUANTITY,
+        le=MAX_QUANTITY,
+        allow_inf_nan=False,
+        description="quantity, 3 decimal places",
+    ),
     AfterValidator(lambda q: q.quantize(QUANTITY_STEP)),
 ]
+Counter = Annotated[StrictInt, Field(ge=1, le=MAX_COUNTER)]  # 1, 2, 3 ...
+Count = Annotated[StrictInt, Field(ge=0, le=MAX_COUNTER)]
 Name = Annotated[str, Field(min_length=1, max_length=200)]
 Key = Annotated[str, Field(min_length=1, max_length=100, pattern=r"^\S(.*\S)?$")]
 
@@ -221,7 +232,7 @@ class MasterDataRecord(WireModel):
     kind: Literal["masterdata"] = "masterdata"
     entity_kind: EntityKind
     entity_key: Key
-    base_version: NonNegativeInt | None = None
+    base_version: Count | None = None
     deleted: bool = False
     data: MasterDataEntity | None = None
 
@@ -247,7 +258,7 @@ class MasterDataRecord(WireModel):
 class ReceiptLine(WireModel):
     """One receipt line (DSFinV-K lines.csv). ``amount`` = quantity × unit_price, half up."""
 
-    line_no: PositiveInt = Field(description="POS_ZEILE")
+    line_no: Counter = Field(description="POS_ZEILE")
     article_nr: Key = Field(description="ARTIKELNUMMER")
     text: Name = Field(description="ARTIKELTEXT")
     quantity: Quantity = Field(description="MENGE; negative for a return")
@@ -257,6 +268,8 @@ class ReceiptLine(WireModel):
 
     @model_validator(mode="after")
     def _amount_matches(self) -> ReceiptLine:
+        if self.quantity == 0:
+            raise ValueError(f"line {self.line_no}: quantity must not be 0")
         expected = line_amount(self.quantity, self.unit_price)
         if self.amount != expected:
             raise ValueError(
@@ -300,8 +313,8 @@ class TseData(WireModel):
     """Optional data of the technical security system (DSFinV-K transactions_tse.csv)."""
 
     tse_serial: Name = Field(description="TSE_ID / serial")
-    transaction_number: NonNegativeInt = Field(description="TSE_TANR")
-    signature_counter: NonNegativeInt = Field(description="TSE_TA_SIGZ")
+    transaction_number: Count = Field(description="TSE_TANR")
+    signature_counter: Count = Field(description="TSE_TA_SIGZ")
     start: AwareDatetime = Field(description="TSE_TA_START")
     end: AwareDatetime = Field(description="TSE_TA_ENDE")
     signature: Annotated[str, Field(min_length=1, max_length=1000)] = Field(description="TSE_TA_SIG")
@@ -326,7 +339,7 @@ class Receipt(WireModel):
 
     kind: Literal["receipt"] = "receipt"
     receipt_id: UUID = Field(description="the receipt across its states")
-    receipt_number: PositiveInt | None = Field(default=None, description="BON_NR, per till")
+    receipt_number: Counter | None = Field(default=None, description="BON_NR, per till")
     receipt_type: Literal["Beleg", "AVBelegabbruch", "AVSonstige"] = Field(default="Beleg", description="BON_TYP")
     business_case: BusinessCase = Field(default=BusinessCase.SALE, description="GV_TYP")
     status: Literal["open", "closed"]
@@ -385,12 +398,12 @@ class ZReport(WireModel):
     """
 
     kind: Literal["zreport"] = "zreport"
-    z_nr: PositiveInt = Field(description="Z_NR")
+    z_nr: Counter = Field(description="Z_NR")
     business_day: dt.date = Field(description="Z_BUCHUNGSTAG")
     created_at: AwareDatetime = Field(description="Z_ERSTELLUNG")
-    receipt_count: NonNegativeInt
-    first_receipt_number: PositiveInt | None = None
-    last_receipt_number: PositiveInt | None = None
+    receipt_count: Count
+    first_receipt_number: Counter | None = None
+    last_receipt_number: Counter | None = None
     totals_by_vat: tuple[VatAmount, ...]
     totals_by_payment_type: tuple[PaymentTotal, ...]
     totals_by_business_case: tuple[BusinessCaseTotal, ...]
@@ -430,7 +443,7 @@ class Upload(WireModel):
     record_id: UUID
     account_id: UUID
     till_id: UUID
-    till_seq: PositiveInt
+    till_seq: Counter
     recorded_at: AwareDatetime
     record: RecordBody
 
@@ -519,7 +532,9 @@ class SignedIn(WireModel):
     vhost: str
     upload_exchange: str
     queue: str
-    last_till_seq: NonNegativeInt = Field(description="highest till_seq the archive holds for this till")
+    last_till_seq: Count = Field(description="highest till_seq the archive holds for this till")
+    last_receipt_number: Count = Field(default=0, description="highest receipt number (BON_NR) archived for this till")
+    last_z_nr: Count = Field(default=0, description="highest Z_NR archived for this till")
     sync_enabled: bool
     sync_mode: SyncMode
     custom: CustomSyncFlags | None = None
@@ -530,7 +545,7 @@ class SignedIn(WireModel):
 class SignedOut(WireModel):
     reply: Literal["signed_out"] = "signed_out"
     till_id: UUID
-    connections_closed: NonNegativeInt
+    connections_closed: Count
 
 
 class SyncModeSet(WireModel):

@@ -15,7 +15,7 @@ import uuid
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 from uuid import UUID
 
 from pydantic import TypeAdapter
@@ -119,13 +119,17 @@ class TillStore:
     def create(cls, data_dir: Path, serial_number: str, till_name: str) -> TillStore:
         """Create a new store in ``data_dir``; raises ``TillStoreError`` if one exists."""
         data_dir = Path(data_dir)
+        if data_dir.exists() and not data_dir.is_dir():
+            raise TillStoreError(f"{data_dir} is a file, not a directory for a till")
         data_dir.mkdir(parents=True, exist_ok=True)
         path = data_dir / STORE_FILE
         if path.exists():
             raise TillStoreError(f"a till already exists in {data_dir}")
         if not serial_number.strip() or not till_name.strip():
             raise TillStoreError("serial number and till name must not be empty")
+        data_dir.chmod(0o700)  # the store holds the till's broker secret
         db = cls._connect(path)
+        path.chmod(0o600)
         db.executescript(_SCHEMA)
         with _transaction(db):
             db.executemany(
@@ -220,6 +224,13 @@ class TillStore:
                 self._set(last_till_seq=str(start + len(unsent) - 1))
             elif server_last > int(self._get("last_till_seq") or 0):
                 self._set(last_till_seq=str(server_last))
+            # receipt and Z numbers continue after the archive's (a re-installed till)
+            for key, server_value in (
+                ("last_receipt_number", signed_in.last_receipt_number),
+                ("last_z_nr", signed_in.last_z_nr),
+            ):
+                if server_value > int(self._get(key) or 0):
+                    self._set(**{key: str(server_value)})
 
     def save_sign_out(self) -> None:
         """Forget the broker credentials; the account, data and outbox stay."""
@@ -259,35 +270,48 @@ class TillStore:
         for a receipt number out of sequence or a change to a closed receipt.
         """
         with _transaction(self._db):
-            existing = self._db.execute(
-                "select status from receipts where receipt_id = ?", (str(receipt.receipt_id),)
-            ).fetchone()
-            if existing is not None and existing["status"] == "closed":
-                raise TillStoreError(f"receipt {receipt.receipt_id} is closed and cannot change")
-            if receipt.status == "closed":
-                expected = self.next_receipt_number()
-                if receipt.receipt_number != expected:
-                    raise TillStoreError(f"receipt number {receipt.receipt_number} out of sequence, expected {expected}")
-                self._set(last_receipt_number=str(expected))
-            record_id, _ = self._enqueue(receipt, recorded_at)
-            self._db.execute(
-                """
-                insert into receipts (receipt_id, record_id, receipt_number, business_day, status, total, body)
-                values (?, ?, ?, ?, ?, ?, ?)
-                on conflict (receipt_id) do update set record_id = excluded.record_id,
-                    receipt_number = excluded.receipt_number, status = excluded.status,
-                    total = excluded.total, body = excluded.body
-                """,
-                (
-                    str(receipt.receipt_id),
-                    str(record_id),
-                    receipt.receipt_number,
-                    receipt.business_day.isoformat(),
-                    receipt.status,
-                    receipt.total,
-                    receipt.model_dump_json(),
-                ),
-            )
+            return self._insert_receipt(receipt, recorded_at)
+
+    def book_receipt(self, build: Callable[[int], Receipt], recorded_at: dt.datetime) -> Receipt:
+        """Close a receipt under the next receipt number, atomically.
+
+        ``build(receipt_number)`` makes the closed receipt; number, record and outbox
+        row are written in one transaction, so concurrent bookings on one till never
+        get the same number.
+        """
+        with _transaction(self._db):
+            receipt = build(self.next_receipt_number())
+            self._insert_receipt(receipt, recorded_at)
+        return receipt
+
+    def _insert_receipt(self, receipt: Receipt, recorded_at: dt.datetime) -> UUID:
+        existing = self._db.execute("select status from receipts where receipt_id = ?", (str(receipt.receipt_id),)).fetchone()
+        if existing is not None and existing["status"] == "closed":
+            raise TillStoreError(f"receipt {receipt.receipt_id} is closed and cannot change")
+        if receipt.status == "closed":
+            expected = self.next_receipt_number()
+            if receipt.receipt_number != expected:
+                raise TillStoreError(f"receipt number {receipt.receipt_number} out of sequence, expected {expected}")
+            self._set(last_receipt_number=str(expected))
+        record_id, _ = self._enqueue(receipt, recorded_at)
+        self._db.execute(
+            """
+            insert into receipts (receipt_id, record_id, receipt_number, business_day, status, total, body)
+            values (?, ?, ?, ?, ?, ?, ?)
+            on conflict (receipt_id) do update set record_id = excluded.record_id,
+                receipt_number = excluded.receipt_number, status = excluded.status,
+                total = excluded.total, body = excluded.body
+            """,
+            (
+                str(receipt.receipt_id),
+                str(record_id),
+                receipt.receipt_number,
+                receipt.business_day.isoformat(),
+                receipt.status,
+                receipt.total,
+                receipt.model_dump_json(),
+            ),
+        )
         return record_id
 
     def receipts_for_closing(self, business_day: dt.date) -> list[Receipt]:
@@ -302,21 +326,42 @@ class TillStore:
         return int(self._get("last_z_nr") or 0) + 1
 
     def record_zreport(self, zreport: ZReport, recorded_at: dt.datetime) -> UUID:
-        """Store a Z-report, mark its receipts closed-out, queue it; returns its ``record_id``."""
+        """Store a Z-report, mark its receipts closed-out, queue it; returns its ``record_id``.
+
+        Raises ``TillStoreError`` for a Z number out of sequence or a business day
+        before the last Z-report's (Z-reports follow the business days in order).
+        """
         with _transaction(self._db):
-            expected = self.next_z_nr()
-            if zreport.z_nr != expected:
-                raise TillStoreError(f"Z number {zreport.z_nr} out of sequence, expected {expected}")
-            record_id, _ = self._enqueue(zreport, recorded_at)
-            self._db.execute(
-                "insert into zreports (z_nr, record_id, business_day, body) values (?, ?, ?, ?)",
-                (zreport.z_nr, str(record_id), zreport.business_day.isoformat(), zreport.model_dump_json()),
+            return self._insert_zreport(zreport, recorded_at)
+
+    def close_day(
+        self, business_day: dt.date, build: Callable[[int, list[Receipt]], ZReport], recorded_at: dt.datetime
+    ) -> ZReport:
+        """Record the Z-report of ``business_day`` atomically: next Z number, open receipts, record."""
+        with _transaction(self._db):
+            zreport = build(self.next_z_nr(), self.receipts_for_closing(business_day))
+            self._insert_zreport(zreport, recorded_at)
+        return zreport
+
+    def _insert_zreport(self, zreport: ZReport, recorded_at: dt.datetime) -> UUID:
+        expected = self.next_z_nr()
+        if zreport.z_nr != expected:
+            raise TillStoreError(f"Z number {zreport.z_nr} out of sequence, expected {expected}")
+        last_day = self._get("last_z_business_day")
+        if last_day and zreport.business_day.isoformat() < last_day:
+            raise TillStoreError(
+                f"business day {zreport.business_day} is before the last Z-report's business day {last_day}"
             )
-            self._db.execute(
-                "update receipts set z_nr = ? where business_day = ? and status = 'closed' and z_nr is null",
-                (zreport.z_nr, zreport.business_day.isoformat()),
-            )
-            self._set(last_z_nr=str(expected))
+        record_id, _ = self._enqueue(zreport, recorded_at)
+        self._db.execute(
+            "insert into zreports (z_nr, record_id, business_day, body) values (?, ?, ?, ?)",
+            (zreport.z_nr, str(record_id), zreport.business_day.isoformat(), zreport.model_dump_json()),
+        )
+        self._db.execute(
+            "update receipts set z_nr = ? where business_day = ? and status = 'closed' and z_nr is null",
+            (zreport.z_nr, zreport.business_day.isoformat()),
+        )
+        self._set(last_z_nr=str(expected), last_z_business_day=zreport.business_day.isoformat())
         return record_id
 
     def record_masterdata(self, record: MasterDataRecord, recorded_at: dt.datetime) -> UUID:

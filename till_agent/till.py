@@ -42,7 +42,7 @@ from shared.settings import BaseTillsyncSettings
 from shared.topology import ACCOUNT_EXCHANGE, ACCOUNT_SERVICE_ROUTING_KEY, SIGNUP_USER
 from till_agent.booking import SaleLine, closed_receipt, z_report
 from till_agent.relay import OutboxRelay, RelayStatus
-from till_agent.store import TillStore
+from till_agent.store import TillStore, TillStoreError
 
 DEFAULT_SIGNUP_PASSWORD = "tillsync-signup"
 
@@ -194,24 +194,31 @@ class Till:
         opened_at: dt.datetime | None = None,
     ) -> Receipt:
         """Book and close a receipt now (offline-safe); returns it with its receipt number."""
-        receipt = closed_receipt(
-            receipt_number=self.store.next_receipt_number(),
-            lines=lines,
-            payment_type=payment_type,
-            payment_name=payment_name,
-            cashier=cashier,
-            opened_at=opened_at or at,
-            closed_at=at,
-            business_day=business_day or at.date(),
+        receipt = self.store.book_receipt(
+            lambda number: closed_receipt(
+                receipt_number=number,
+                lines=lines,
+                payment_type=payment_type,
+                payment_name=payment_name,
+                cashier=cashier,
+                opened_at=opened_at or at,
+                closed_at=at,
+                business_day=business_day or at.date(),
+            ),
+            at,
         )
-        self.store.record_receipt(receipt, at)
         self.relay.wake()
         return receipt
 
     def close_day(self, business_day: dt.date, at: dt.datetime) -> ZReport:
-        """Record the Z-report of ``business_day`` over the receipts not yet closed out."""
-        report = z_report(self.store.next_z_nr(), business_day, self.store.receipts_for_closing(business_day), at)
-        self.store.record_zreport(report, at)
+        """Record the Z-report of ``business_day`` over the receipts not yet closed out.
+
+        Raises ``TillStoreError`` for a business day more than one day after ``at`` or
+        before the last Z-report's.
+        """
+        if business_day > at.date() + dt.timedelta(days=1):
+            raise TillStoreError(f"business day {business_day} lies in the future")
+        report = self.store.close_day(business_day, lambda z_nr, receipts: z_report(z_nr, business_day, receipts, at), at)
         self.relay.wake()
         return report
 

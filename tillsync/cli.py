@@ -9,19 +9,25 @@ import asyncio
 import datetime as dt
 import functools
 import json
+import logging
+import signal
 import sys
 from decimal import Decimal, InvalidOperation
 from pathlib import Path
 from typing import Any, Callable, Optional, TypeVar
 
+import aio_pika
 import typer
+from pydantic import ValidationError
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from shared.amqp import REASON_HEADER
+from shared.amqp import REASON_HEADER, connect
 from shared.broker_admin import BrokerAdmin, BrokerAdminError
+from shared.consumer import validation_summary
 from shared.fiscal import PaymentType, VatKey
+from shared.logging import configure_logging
 from shared.models import Article, Cashier, CustomSyncFlags, SyncMode
 from shared.settings import BrokerSettings
 from shared.topology import TOPOLOGY, dead_letter_queue_name, definitions
@@ -42,12 +48,22 @@ app.add_typer(ops_app, name="ops")
 app.add_typer(topology_app, name="topology")
 
 DEFINITIONS_PATH = Path(__file__).resolve().parent.parent / "deploy" / "rabbitmq" / "definitions.json"
-err = Console(stderr=True)
-out = Console()
+err = Console(stderr=True, soft_wrap=True)
+out = Console(soft_wrap=True)
 
 F = TypeVar("F", bound=Callable[..., Any])
 
+
+@app.callback()
+def _quiet_libraries() -> None:
+    """Commands print their own messages; library chatter stays out (services log fully)."""
+    configure_logging("WARNING")
+    for name in ("aiormq", "aio_pika"):
+        logging.getLogger(name).setLevel(logging.CRITICAL)
+
 _KNOWN_ERRORS = (
+    ValidationError,
+    OSError,
     AccountError,
     CloudUnreachable,
     TillStoreError,
@@ -68,11 +84,19 @@ def _friendly(func: F) -> F:
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
             return func(*args, **kwargs)
+        except (typer.Exit, typer.Abort):
+            raise
         except _KNOWN_ERRORS as exc:
-            err.print(f"[red]error:[/red] {exc}", highlight=False)
-            details = getattr(exc, "details", ())
-            for detail in details:
-                err.print(f"  - {detail}", highlight=False)
+            if isinstance(exc, ValidationError):
+                message = f"invalid {exc.title}: {validation_summary(exc)}"
+            elif isinstance(exc, OSError) and exc.strerror:
+                message = f"{exc.strerror}: {exc.filename}" if exc.filename else exc.strerror
+            else:
+                message = str(exc)
+            err.print(f"[red]error:[/red] {message}", highlight=False)
+            for detail in getattr(exc, "details", ()):
+                if detail not in message:
+                    err.print(f"  - {detail}", highlight=False)
             raise typer.Exit(1) from None
 
     return wrapper  # type: ignore[return-value]
@@ -80,7 +104,7 @@ def _friendly(func: F) -> F:
 
 def _read_password(password_stdin: bool, confirm: bool) -> str:
     if password_stdin:
-        return sys.stdin.readline().rstrip("\n")
+        return sys.stdin.readline().rstrip("\r\n")
     return typer.prompt("Password", hide_input=True, confirmation_prompt=confirm)
 
 
@@ -140,6 +164,8 @@ def demo_command(
 ) -> None:
     """Replay a bakery's sales through two tills into the archive and compare."""
     console = err if as_json else out
+    # SIGTERM (e.g. from a timeout) stops the demo like Ctrl-C: its services are stopped too.
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
     report = asyncio.run(
         run_demo(DemoSettings(), input, console=console, start_services=not external_services)
     )
@@ -165,22 +191,30 @@ def dead_letters(
     settings = BrokerSettings()
 
     async def body() -> None:
+        names = [q.name for q in TOPOLOGY.queues if q.name.endswith(".dead-letter")]
+        if queue:
+            names = [dead_letter_queue_name(queue)]
         user, password = settings.management_credentials
-        async with BrokerAdmin(settings.management_url, user, password) as admin:
-            names = [q.name for q in TOPOLOGY.queues if q.name.endswith(".dead-letter")]
-            if queue:
-                names = [dead_letter_queue_name(queue)]
-            for name in names:
-                facts = await admin.queue(settings.vhost, name)
-                if facts is None:
-                    out.print(f"{name}: does not exist")
-                    continue
-                out.print(f"[bold]{name}[/bold]: {facts.get('messages', 0)} message(s)")
-                if count and facts.get("messages", 0):
-                    for message in await admin.get_messages(settings.vhost, name, count):
-                        headers = message.get("properties", {}).get("headers", {})
-                        reason = headers.get(REASON_HEADER) or _x_death_reason(headers)
-                        out.print(f"  - {message.get('properties', {}).get('message_id', '?')}: {reason}", highlight=False)
+        connection = await connect(settings.amqp_url, "tillsync-ops", robust=False)
+        try:
+            async with BrokerAdmin(settings.management_url, user, password) as admin:
+                for name in names:
+                    channel = await connection.channel()
+                    try:
+                        declared = await channel.declare_queue(name, passive=True)  # exact count, no statistics lag
+                    except aio_pika.exceptions.ChannelNotFoundEntity:
+                        out.print(f"{name}: does not exist")
+                        continue
+                    messages = declared.declaration_result.message_count
+                    out.print(f"[bold]{name}[/bold]: {messages} message(s)")
+                    if count and messages:
+                        for message in await admin.get_messages(settings.vhost, name, count):
+                            headers = message.get("properties", {}).get("headers", {})
+                            reason = headers.get(REASON_HEADER) or _x_death_reason(headers)
+                            message_id = message.get("properties", {}).get("message_id", "?")
+                            out.print(f"  - {message_id}: {reason}", highlight=False)
+        finally:
+            await connection.close()
 
     asyncio.run(body())
 
@@ -325,6 +359,8 @@ def till_sell(
             price = int(parts[2]) if len(parts) == 3 else article["unit_price"]
         except (InvalidOperation, ValueError):
             raise ValueError(f"{item!r}: quantity must be a number and price whole cents") from None
+        if not quantity.is_finite():
+            raise ValueError(f"{item!r}: quantity must be a finite number")
         lines.append(SaleLine(article["article_nr"], article["text"], quantity, price, VatKey(article["vat_key"])))
     payment = PaymentType.DEBIT_CARD if card else PaymentType.CASH
     receipt = till.sell(
@@ -358,29 +394,39 @@ def till_upload(
 ) -> None:
     """Upload the outbox now, with a progress bar; exit 1 if records remain."""
     till = _open_till(data_dir)
+    pending, _ = till.store.outbox_counts()
+    if not till.store.identity().signed_in:
+        raise RuntimeError(f"this till is signed out; {pending} records wait for the next sign-in")
+    if pending == 0:
+        out.print("nothing to upload")
+        return
 
-    async def body() -> bool:
-        pending, _ = till.store.outbox_counts()
+    async def body() -> Any:
         till.start_sync()
+        last = till.status()
         with Progress(
             TextColumn("Uploading"), BarColumn(), TextColumn("{task.fields[info]}"), TimeElapsedColumn(), console=out
         ) as progress:
-            task = progress.add_task("upload", total=max(pending, 1), info="")
-
-            def show(status: Any) -> None:
+            task = progress.add_task("upload", total=pending, info="")
+            deadline = asyncio.get_running_loop().time() + timeout
+            while True:
+                last = till.status()
                 progress.update(
                     task,
-                    completed=pending - status.pending,
-                    info=f"{status.pending} pending, {status.rate_per_second:.0f}/s {status.state} {status.detail}",
+                    completed=pending - last.pending,
+                    info=f"{last.pending} pending, {last.rate_per_second:.0f}/s {last.state} {last.detail}",
                 )
-
-            drained = await till.relay.drain(timeout, on_progress=show)
+                hopeless = last.state == "offline" and "credentials refused" in last.detail
+                if last.pending == 0 or hopeless or asyncio.get_running_loop().time() > deadline:
+                    break
+                await asyncio.sleep(0.1)
         await till.stop_sync()
-        return drained
+        return last
 
-    if not asyncio.run(body()):
-        status = till.status()
-        raise RuntimeError(f"{status.pending} records still pending ({status.state}: {status.detail})")
+    last = asyncio.run(body())
+    if last.pending:
+        hint = "; sign in again" if "credentials refused" in last.detail else ""
+        raise RuntimeError(f"{last.pending} records still pending ({last.state}: {last.detail}){hint}")
     out.print("all records uploaded")
 
 

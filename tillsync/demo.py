@@ -157,7 +157,7 @@ async def run_demo(
         await _drain(tills, settings.drain_timeout_seconds, console)
         expected = {till.store.identity().till_id: till.store.recorded() for till in tills}
         report = await _verify(
-            settings, export, tills, expected, ticket_receipts, account_name, offline_count, started, run_dir
+            settings, export, tills, expected, ticket_receipts, account_name, offline_count, started, run_dir, console
         )
         for till in tills:
             await till.stop_sync()
@@ -190,6 +190,7 @@ async def _replay(export: BakeryExport, tills: list[Till], console: Console) -> 
     offline = tills[1]
     receipts: dict[int, tuple[int, UUID]] = {}
     offline_count = 0
+    pending_at_start = 0
     by_day: dict[dt.date, list[Ticket]] = {}
     for ticket in export.tickets:
         by_day.setdefault(ticket.business_day, []).append(ticket)
@@ -200,11 +201,18 @@ async def _replay(export: BakeryExport, tills: list[Till], console: Console) -> 
             for ticket in tickets:
                 if index == offline_from:
                     await offline.stop_sync()
-                    progress.console.print(f"Till 2 goes offline at ticket {index + 1} and keeps selling")
+                    pending_at_start = offline.store.outbox_counts()[0]
+                    progress.console.print(
+                        f"Till 2 goes offline at ticket {index + 1} and keeps selling "
+                        f"({pending_at_start} records of it not uploaded yet)"
+                    )
                 if index == offline_until:
                     offline.start_sync()
                     pending = offline.store.outbox_counts()[0]
-                    progress.console.print(f"Till 2 is back online with {pending} records to upload")
+                    progress.console.print(
+                        f"Till 2 is back online: {pending} records to upload, "
+                        f"{pending - pending_at_start} of them recorded while offline"
+                    )
                 till = tills[ticket.till_index]
                 receipt = till.sell(
                     [_sale_line(export, line) for line in ticket.lines],
@@ -262,12 +270,13 @@ async def _verify(
     offline_count: int,
     started: float,
     run_dir: Path,
+    console: Console,
 ) -> DemoReport:
     account_id = tills[0].store.identity().account_id
     expected_ids = {record_id: kind for records in expected.values() for record_id, _, kind in records}
     pool = await create_pool(settings.database_url, 1)
     try:
-        rows = await _wait_for_archive(pool, account_id, len(expected_ids), settings.drain_timeout_seconds)
+        rows = await _wait_for_archive(pool, account_id, len(expected_ids), settings.drain_timeout_seconds, console)
     finally:
         await pool.close()
     archived_ids = {r["record_id"] for r in rows}
@@ -307,14 +316,31 @@ async def _verify(
     )
 
 
-async def _wait_for_archive(pool: asyncpg.Pool, account_id: UUID | None, expected: int, timeout_seconds: float) -> list[asyncpg.Record]:
-    """Poll the archive until it holds ``expected`` records of the account (or time is up)."""
+async def _wait_for_archive(
+    pool: asyncpg.Pool, account_id: UUID | None, expected: int, timeout_seconds: float, console: Console
+) -> list[asyncpg.Record]:
+    """Poll the archive until it holds ``expected`` records of the account (or time is up).
+
+    Shows progress; after 30 s without progress it says where to look.
+    """
     deadline = time.monotonic() + timeout_seconds
-    while True:
-        count = await pool.fetchval("select count(*) from archive_records where account_id = $1", account_id)
-        if count >= expected or time.monotonic() > deadline:
-            break
-        await asyncio.sleep(0.2)
+    last_count, last_change, warned = -1, time.monotonic(), False
+    with _progress(console) as progress:
+        task = progress.add_task("Archiving", total=expected, info="")
+        while True:
+            count = await pool.fetchval("select count(*) from archive_records where account_id = $1", account_id)
+            progress.update(task, completed=count)
+            if count != last_count:
+                last_count, last_change = count, time.monotonic()
+            elif not warned and time.monotonic() - last_change > 30:
+                progress.console.print(
+                    "No progress for 30 s: is the archive writer running? (management UI: queue "
+                    "'archive-writer', consumers; `tillsync ops dead-letters`)"
+                )
+                warned = True
+            if count >= expected or time.monotonic() > deadline:
+                break
+            await asyncio.sleep(0.2)
     return await pool.fetch(
         "select record_id, till_id, kind, payload from archive_records where account_id = $1", account_id
     )

@@ -8,6 +8,8 @@ when it logged ``service_ready``.
 from __future__ import annotations
 
 import asyncio
+import ctypes
+import ctypes.util
 import os
 import signal
 import subprocess
@@ -19,6 +21,13 @@ SERVICES = {
     "account-service": "services.account_service",
     "archive-writer": "services.archive_writer",
 }
+
+
+def _terminate_with_parent() -> None:
+    """In the child: ask Linux for SIGTERM when the parent dies, so no service is left behind."""
+    if sys.platform.startswith("linux"):
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
 
 
 class ServiceStartError(RuntimeError):
@@ -43,7 +52,11 @@ class ServiceProcess:
         self._log_offset = self.log_path.stat().st_size if self.log_path.exists() else 0
         with self.log_path.open("ab") as log:
             self.process = subprocess.Popen(
-                [sys.executable, "-m", SERVICES[self.name]], env=self.env, stdout=log, stderr=subprocess.STDOUT
+                [sys.executable, "-m", SERVICES[self.name]],
+                env=self.env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                preexec_fn=_terminate_with_parent,
             )
 
     def log_tail(self, lines: int = 15) -> str:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import hmac
+import math
 import json
 import secrets
 import uuid
@@ -116,7 +117,7 @@ async def create_account(cmd: CreateAccount, conn: asyncpg.Connection, deps: Acc
         return _error(ErrorCode.INVALID_ACCOUNT_NAME, f"account name is not an email address: {exc}")
     problems = password_problems(cmd.password.get_secret_value())
     if problems:
-        return _error(ErrorCode.WEAK_PASSWORD, "the password " + "; ".join(problems), details=problems)
+        return _error(ErrorCode.WEAK_PASSWORD, "the password breaks these rules: " + "; ".join(problems), details=problems)
     password_hash = await hash_password(cmd.password.get_secret_value())
     account_id = uuid.uuid4()
     inserted = await conn.fetchval(
@@ -152,7 +153,7 @@ async def sign_in(cmd: SignIn, conn: asyncpg.Connection, deps: AccountDeps) -> A
         retry = round((locked_until - now).total_seconds(), 1)
         return _error(
             ErrorCode.TOO_MANY_ATTEMPTS,
-            f"too many wrong passwords for this account name; try again in {retry:.0f} s",
+            f"too many wrong passwords for this account name; try again in {max(math.ceil(retry), 1)} s",
             retry_after_seconds=retry,
         )
     account = await conn.fetchrow("select account_id, account_name, password_hash from accounts where account_name = $1", name)
@@ -212,7 +213,16 @@ async def sign_in(cmd: SignIn, conn: asyncpg.Connection, deps: AccountDeps) -> A
         till_broker_user(till_id),
         _secret_digest(secret),
     )
-    last_seq = await conn.fetchval("select coalesce(max(till_seq), 0) from archive_records where till_id = $1", till_id)
+    last = await conn.fetchrow(
+        """
+        select coalesce(max(till_seq), 0) as till_seq,
+               coalesce(max((payload->'record'->>'receipt_number')::bigint) filter (where kind = 'receipt'), 0)
+                   as receipt_number,
+               coalesce(max((payload->'record'->>'z_nr')::bigint) filter (where kind = 'zreport'), 0) as z_nr
+        from archive_records where till_id = $1
+        """,
+        till_id,
+    )
     log.info("till_signed_in", account_id=str(account_id), till_id=str(till_id), serial_number=cmd.serial_number)
     return AccountReply(
         reply=SignedIn(
@@ -224,7 +234,9 @@ async def sign_in(cmd: SignIn, conn: asyncpg.Connection, deps: AccountDeps) -> A
             vhost=deps.vhost,
             upload_exchange=UPLOAD_EXCHANGE,
             queue=till_queue_name(till_id),
-            last_till_seq=last_seq,
+            last_till_seq=last["till_seq"],
+            last_receipt_number=last["receipt_number"],
+            last_z_nr=last["z_nr"],
             sync_enabled=till["sync_enabled"],
             sync_mode=mode,
             custom=custom,

@@ -80,7 +80,12 @@ async def archive_uploads(deliveries: list[Delivery[Upload]], conn: asyncpg.Conn
             continue
         u = d.body
         payload = u.model_dump(mode="json")
-        item = (d, content_sha256(u), payload)
+        try:
+            digest = content_sha256(u)
+        except rfc8785.CanonicalizationError as exc:  # a deterministic refusal, not worth a retry
+            d.refuse(f"record has no canonical JSON form (RFC 8785): {exc}", outcome="invalid")
+            continue
+        item = (d, digest, payload)
         position = (u.till_id, u.till_seq)
         if u.record_id in seen_ids or position in seen_positions:
             later.append(item)  # a repeat inside this batch: judged against the first

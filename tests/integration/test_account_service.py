@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
+from decimal import Decimal
 
 import aio_pika
 import pytest
 
-from shared.models import CustomSyncFlags, ErrorCode, SyncMode
+from shared.fiscal import PaymentType, VatKey
+from shared.models import Cashier, CustomSyncFlags, ErrorCode, SyncMode
 from shared.topology import DOWNLOAD_EXCHANGE, download_binding_keys, till_broker_user, till_queue_name
 from tests.support import STRONG_PASSWORD, new_account_name, new_till, sell, wait_until
+from till_agent.booking import SaleLine
 from till_agent.till import AccountError
 
 pytestmark = pytest.mark.integration
@@ -102,13 +106,27 @@ async def test_same_serial_number_gets_the_same_till_and_continues_its_sequence(
             await conn.close()
 
     await wait_until(lambda: _eq(archived(), 5), what="5 archived records")
+    first.close_day(dt.datetime.now(dt.UTC).date(), dt.datetime.now(dt.UTC))
+    first.start_sync()
+    assert await first.relay.drain(20)
+    await first.stop_sync()
+    await wait_until(lambda: _eq(archived(), 6), what="6 archived records")
     # the till is re-installed: a new local store with the same serial number
     reinstalled = new_till(env, tmp_path / "reinstalled", serial="SERIAL-42")
     again = await reinstalled.sign_in(name, STRONG_PASSWORD)
     assert again.till_id == signed_in.till_id
-    assert again.last_till_seq == 5
-    sell(reinstalled, 1)
-    assert reinstalled.store.unsent(10)[0].till_seq == 6
+    assert (again.last_till_seq, again.last_receipt_number, again.last_z_nr) == (6, 5, 1)
+    receipt = reinstalled.sell(
+        [SaleLine("1", "Brot", Decimal("1"), 250, VatKey.REDUCED)],
+        payment_type=PaymentType.CASH,
+        payment_name="Bar",
+        cashier=Cashier(cashier_id="1", name="Anna"),
+        at=dt.datetime.now(dt.UTC),
+    )
+    zreport = reinstalled.close_day(dt.datetime.now(dt.UTC).date(), dt.datetime.now(dt.UTC))
+    # sequence, receipt number (BON_NR) and Z number continue: no number is used twice
+    assert [row.till_seq for row in reinstalled.store.unsent(10)] == [7, 8]
+    assert (receipt.receipt_number, zreport.z_nr) == (6, 2)
 
 
 async def _eq(value_coro, expected):  # type: ignore[no-untyped-def]

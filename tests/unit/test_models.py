@@ -590,3 +590,20 @@ def test_money_must_be_integer_cents() -> None:
         PaymentTotal(payment_type=PaymentType.CASH, payment_name="Bar", amount="100")  # type: ignore[arg-type]
     with pytest.raises(ValidationError):
         BusinessCaseTotal(business_case=BusinessCase.SALE, vat_key=VatKey.REGULAR, gross=1.0)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("cents", [10**11 + 1, -(10**11) - 1, 99999999999999999999])
+def test_amounts_beyond_the_plausible_range_are_refused(cents: int) -> None:
+    """Every amount stays an exact JSON integer, so the archive can always hash it (RFC 8785)."""
+    from shared.models import MAX_CENTS, Article
+
+    with pytest.raises(ValidationError, match="unit_price"):
+        Article(article_nr="1", text="x", unit_price=cents, vat_key=1)
+    assert Article(article_nr="1", text="x", unit_price=MAX_CENTS, vat_key=1).unit_price == MAX_CENTS
+
+
+def test_a_zero_quantity_line_is_refused() -> None:
+    from shared.models import ReceiptLine
+
+    with pytest.raises(ValidationError, match="quantity must not be 0"):
+        ReceiptLine(line_no=1, article_nr="1", text="x", quantity="0", unit_price=100, amount=0, vat_key=1)

@@ -371,3 +371,49 @@ def test_sign_in_keeps_the_servers_sync_settings_including_custom_flags(store: T
     enabled, mode, custom_json = store.sync_settings()
     assert (enabled, mode) == (True, "custom")
     assert custom_json is not None and CustomSyncFlags.model_validate_json(custom_json) == flags
+
+
+def test_concurrent_bookings_on_one_till_never_share_a_receipt_number(tmp_path: Path) -> None:
+    """Two processes (here: two connections in two threads) sell on the same till at once."""
+    import threading
+
+    TillStore.create(tmp_path / "shared-till", "SN-2", "Kasse 2").close()
+    numbers: list[int] = []
+    errors: list[BaseException] = []
+
+    def cashier() -> None:
+        own = TillStore(tmp_path / "shared-till")
+        try:
+            for _ in range(25):
+                booked = own.book_receipt(lambda number: receipt(number), T0)
+                numbers.append(booked.receipt_number)  # type: ignore[arg-type]
+        except BaseException as exc:  # noqa: BLE001 - collected and asserted below
+            errors.append(exc)
+        finally:
+            own.close()
+
+    threads = [threading.Thread(target=cashier) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert errors == []
+    assert sorted(numbers) == list(range(1, 51))
+
+
+def test_zreports_follow_the_business_days_in_order(store: TillStore) -> None:
+    day = T0.date()
+    store.close_day(day, lambda z_nr, receipts: z_report(z_nr, day, receipts, T0), T0)
+    earlier = day - dt.timedelta(days=1)
+    with pytest.raises(TillStoreError, match="before the last Z-report's business day"):
+        store.close_day(earlier, lambda z_nr, receipts: z_report(z_nr, earlier, receipts, T0), T0)
+    # the same day again (a second closing) and later days are fine
+    store.close_day(day, lambda z_nr, receipts: z_report(z_nr, day, receipts, T0), T0)
+    assert store.next_z_nr() == 3
+
+
+def test_sign_in_continues_receipt_and_z_numbers_after_the_archives(store: TillStore) -> None:
+    store.save_sign_in(signed_in(30, last_receipt_number=25, last_z_nr=4))
+    assert (store.next_receipt_number(), store.next_z_nr()) == (26, 5)
+    store.save_sign_in(signed_in(0, last_receipt_number=3, last_z_nr=1))  # never backwards
+    assert (store.next_receipt_number(), store.next_z_nr()) == (26, 5)
