@@ -170,7 +170,14 @@ class ConsumeAdapter(Generic[M]):
             except asyncio.CancelledError:
                 raise
             except Exception:
+                # e.g. the channel closed under us: give the messages back so they do not
+                # sit unacked; those already settled make the nack fail harmlessly
                 self._log.exception("batch_failed", size=len(batch))
+                for message in batch:
+                    try:
+                        await message.nack(requeue=True)
+                    except Exception:
+                        pass
 
     async def _process(self, messages: list[AbstractIncomingMessage]) -> None:
         started = time.monotonic()

@@ -25,7 +25,7 @@ from aio_pika.exceptions import ProbableAuthenticationError
 from shared.models import Upload
 from shared.settings import amqp_url_with_credentials
 from shared.topology import UPLOAD_EXCHANGE, upload_routing_key
-from till_agent.store import RECORD_ADAPTER, OutboxRow, TillStore
+from till_agent.store import RECORD_ADAPTER, Identity, OutboxRow, TillStore
 
 log = structlog.get_logger()
 
@@ -125,7 +125,7 @@ class OutboxRelay:
             wake_wait.cancel()
         self._wake.clear()
 
-    async def _upload_loop(self, stop: asyncio.Event, exchange: aio_pika.abc.AbstractExchange, identity) -> None:  # type: ignore[no-untyped-def]
+    async def _upload_loop(self, stop: asyncio.Event, exchange: aio_pika.abc.AbstractExchange, identity: Identity) -> None:
         while not stop.is_set():
             rows = self._store.unsent(self._window)
             if not rows:
@@ -146,7 +146,7 @@ class OutboxRelay:
             if failures:
                 raise failures[0]
 
-    async def _publish(self, exchange: aio_pika.abc.AbstractExchange, identity, row: OutboxRow) -> None:  # type: ignore[no-untyped-def]
+    async def _publish(self, exchange: aio_pika.abc.AbstractExchange, identity: Identity, row: OutboxRow) -> None:
         upload = Upload(
             record_id=row.record_id,
             account_id=identity.account_id,

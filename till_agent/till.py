@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 from pathlib import Path
+from uuid import UUID
 
 import aio_pika
 from pydantic import Field, TypeAdapter
@@ -155,7 +156,7 @@ class Till:
         self.relay.wake()
         return signed_in
 
-    def _auth(self) -> tuple[object, str]:
+    def _auth(self) -> tuple[UUID, str]:
         identity = self.store.identity()
         if not identity.signed_in or identity.till_id is None or identity.broker_password is None:
             raise RuntimeError("this till is not signed in")
@@ -165,7 +166,7 @@ class Till:
         """Sign out; return how many records are kept for upload after the next sign-in."""
         till_id, secret = self._auth()
         await self.relay.disconnect()
-        reply = await self._request(SignOut(till_id=till_id, till_secret=secret))  # type: ignore[arg-type]
+        reply = await self._request(SignOut(till_id=till_id, till_secret=secret))
         assert isinstance(reply.reply, SignedOut)
         self.store.save_sign_out()
         return self.store.outbox_counts()[0]
@@ -174,7 +175,7 @@ class Till:
         """Store the sync switch and mode in the cloud (rebinding the till's queue) and locally."""
         till_id, secret = self._auth()
         reply = await self._request(
-            SetSyncMode(till_id=till_id, till_secret=secret, sync_enabled=sync_enabled, sync_mode=mode, custom=custom)  # type: ignore[arg-type]
+            SetSyncMode(till_id=till_id, till_secret=secret, sync_enabled=sync_enabled, sync_mode=mode, custom=custom)
         )
         assert isinstance(reply.reply, SyncModeSet)
         self.store.save_sync_mode(sync_enabled, mode.value, custom.model_dump_json() if custom else None)

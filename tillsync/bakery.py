@@ -34,7 +34,7 @@ from decimal import Decimal, InvalidOperation
 from pathlib import Path
 from zoneinfo import ZoneInfo
 
-from shared.fiscal import PaymentType, VatKey
+from shared.fiscal import PaymentType, VatKey, line_amount
 from shared.models import Article, ArticleGroup, Cashier, CashierUser, PaymentTypeEntity, VatRate
 
 SHOP_TIME_ZONE = ZoneInfo("Europe/Paris")
@@ -87,8 +87,7 @@ class Ticket:
 
     @property
     def total(self) -> int:
-        from shared.fiscal import line_amount
-
+        """Gross total in cents (sum of quantity × unit price per line, half up)."""
         return sum(line_amount(line.quantity, line.unit_price) for line in self.lines)
 
     @property

@@ -27,6 +27,8 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from shared.db import create_pool
+from shared.settings import amqp_url_with_credentials
+from shared.topology import SIGNUP_USER
 from tillsync.bakery import ARTICLE_GROUPS, CASHIERS, PAYMENT_TYPES, VAT_RATES, BakeryExport, Ticket, read_export
 from tillsync.processes import SERVICES, ServiceProcess, service_env
 from tillsync.setup import SetupSettings, setup
@@ -46,9 +48,6 @@ class DemoSettings(SetupSettings):
 
     def cloud_amqp_url_for_tills(self) -> str:
         """The sign-up URL tills use: the broker of ``amqp_url`` with the sign-up user."""
-        from shared.settings import amqp_url_with_credentials
-        from shared.topology import SIGNUP_USER
-
         return amqp_url_with_credentials(self.amqp_url, SIGNUP_USER, self.signup_password)
 
 
