@@ -9,6 +9,8 @@ Failure handling:
 - invalid message (not JSON, wrong shape): dead-lettered with the validation error;
 - handler refuses one message (``Delivery.refuse``): dead-lettered with its reason;
 - database unreachable: the batch is kept (not acked) and retried with backoff;
+- the database refuses the data itself (``asyncpg.DataError``, a constraint): a batch
+  is split; the single message at fault is dead-lettered at once with the reason;
 - any other exception: a batch is split and retried message by message; a single
   message is nacked for redelivery, and on its last allowed delivery
   (``x-delivery-count``) dead-lettered with the exception as reason. For
@@ -42,6 +44,14 @@ TRANSIENT_DB_ERRORS: tuple[type[BaseException], ...] = (
     asyncpg.TooManyConnectionsError,
     asyncpg.AdminShutdownError,
     asyncio.TimeoutError,
+)
+
+
+# The database refused the data itself (e.g. a character PostgreSQL cannot store, a
+# violated check constraint): the same message would fail every time.
+PERMANENT_DB_ERRORS: tuple[type[BaseException], ...] = (
+    asyncpg.DataError,
+    asyncpg.IntegrityConstraintViolationError,
 )
 
 
@@ -260,7 +270,12 @@ class ConsumeAdapter(Generic[M]):
     async def _give_back(self, delivery: Delivery[M], exc: Exception) -> None:
         deliveries = int((delivery.message.headers or {}).get("x-delivery-count", 0) or 0)
         with structlog.contextvars.bound_contextvars(**delivery.log):
-            if self._error_reply is not None:
+            if isinstance(exc, PERMANENT_DB_ERRORS):
+                if self._error_reply is not None:
+                    delivery.reply = self._error_reply(exc)
+                delivery.refuse(f"the database refused the data: {exc!r}", outcome="refused_by_database")
+                await self._finish([delivery], time.monotonic())
+            elif self._error_reply is not None:
                 delivery.reply = self._error_reply(exc)
                 delivery.refuse(f"handler failed: {exc!r}", outcome="failed")
                 self._log.error("handler_failed", error=repr(exc), exc_info=exc)

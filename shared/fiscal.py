@@ -7,7 +7,7 @@ and payment types use the DSFinV-K code lists (DSFinV-K 2.4, Anhang "Stamm_USt",
 
 from __future__ import annotations
 
-from decimal import ROUND_HALF_UP, Decimal
+from decimal import ROUND_HALF_UP, Decimal, InvalidOperation
 from enum import IntEnum, StrEnum
 
 QUANTITY_STEP = Decimal("0.001")
@@ -63,8 +63,14 @@ class BusinessCase(StrEnum):
 
 
 def round_cents(value: Decimal) -> int:
-    """Round a Decimal amount of cents half up (commercial rounding) to an int."""
-    return int(value.quantize(Decimal(1), rounding=ROUND_HALF_UP))
+    """Round a Decimal amount of cents half up (commercial rounding) to an int.
+
+    Raises ``ValueError`` for a value that is not finite or too large to round exactly.
+    """
+    try:
+        return int(value.quantize(Decimal(1), rounding=ROUND_HALF_UP))
+    except (InvalidOperation, OverflowError, ValueError) as exc:
+        raise ValueError(f"amount {value} cents is out of range") from exc
 
 
 def line_amount(quantity: Decimal, unit_price: int) -> int:

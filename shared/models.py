@@ -49,6 +49,9 @@ MAX_QUANTITY = Decimal(1_000_000)
 MAX_COUNTER = 2**53 - 1  # sequence numbers stay exact in every JSON reader
 
 Cents = Annotated[StrictInt, Field(ge=-MAX_CENTS, le=MAX_CENTS, description="amount in integer cents")]
+# Sums (receipt totals, VAT per key, Z-report totals) may add up many amounts; they only
+# have to stay exact JSON integers.
+Total = Annotated[StrictInt, Field(ge=-MAX_COUNTER, le=MAX_COUNTER, description="sum in integer cents")]
 Quantity = Annotated[
     Decimal,
     Field(
@@ -63,8 +66,21 @@ Quantity = Annotated[
 ]
 Counter = Annotated[StrictInt, Field(ge=1, le=MAX_COUNTER)]  # 1, 2, 3 ...
 Count = Annotated[StrictInt, Field(ge=0, le=MAX_COUNTER)]
-Name = Annotated[str, Field(min_length=1, max_length=200)]
-Key = Annotated[str, Field(min_length=1, max_length=100, pattern=r"^\S(.*\S)?$")]
+_CONTROL_CHARACTERS = {chr(c) for c in range(0x20) if chr(c) not in "\t\n\r"} | {"\x7f"}
+
+
+def printable(text: str) -> str:
+    """Return ``text``; raises ``ValueError`` if it has control characters (NUL and the like),
+    which can be neither archived (PostgreSQL refuses NUL) nor printed."""
+    bad = sorted({f"U+{ord(c):04X}" for c in text if c in _CONTROL_CHARACTERS})
+    if bad:
+        raise ValueError(f"contains control characters ({', '.join(bad)})")
+    return text
+
+
+Text = Annotated[str, AfterValidator(printable)]
+Name = Annotated[Text, Field(min_length=1, max_length=200)]
+Key = Annotated[Text, Field(min_length=1, max_length=100, pattern=r"^\S(.*\S)?$")]
 
 
 def _reveal(self: Any, secret: SecretStr) -> str:
@@ -206,7 +222,7 @@ class SharedSetting(WireModel):
 
     entity: Literal["shared_setting"] = "shared_setting"
     setting_key: Key
-    value: Annotated[str, Field(max_length=10_000)]
+    value: Annotated[Text, Field(max_length=10_000)]
 
     @property
     def key(self) -> str:
@@ -283,9 +299,9 @@ class VatAmount(WireModel):
     """Gross, net and VAT in cents for one VAT key (DSFinV-K ``BRUTTO``/``NETTO``/``UST``)."""
 
     vat_key: VatKey
-    gross: Cents
-    net: Cents
-    vat: Cents
+    gross: Total
+    net: Total
+    vat: Total
 
     @model_validator(mode="after")
     def _net_plus_vat(self) -> VatAmount:
@@ -299,7 +315,7 @@ class Payment(WireModel):
 
     payment_type: PaymentType
     payment_name: Name
-    amount: Cents
+    amount: Total
 
 
 class Cashier(WireModel):
@@ -317,7 +333,7 @@ class TseData(WireModel):
     signature_counter: Count = Field(description="TSE_TA_SIGZ")
     start: AwareDatetime = Field(description="TSE_TA_START")
     end: AwareDatetime = Field(description="TSE_TA_ENDE")
-    signature: Annotated[str, Field(min_length=1, max_length=1000)] = Field(description="TSE_TA_SIG")
+    signature: Annotated[Text, Field(min_length=1, max_length=1000)] = Field(description="TSE_TA_SIG")
 
 
 def _check_vat_breakdown(lines_by_key: dict[VatKey, int], vat: tuple[VatAmount, ...], what: str) -> None:
@@ -349,7 +365,7 @@ class Receipt(WireModel):
     cashier: Cashier
     lines: tuple[ReceiptLine, ...]
     vat: tuple[VatAmount, ...]
-    total: Cents = Field(description="gross total in cents")
+    total: Total = Field(description="gross total in cents")
     payments: tuple[Payment, ...] = ()
     tse: TseData | None = None
 
@@ -379,7 +395,7 @@ class PaymentTotal(WireModel):
 
     payment_type: PaymentType
     payment_name: Name
-    amount: Cents
+    amount: Total
 
 
 class BusinessCaseTotal(WireModel):
@@ -387,7 +403,7 @@ class BusinessCaseTotal(WireModel):
 
     business_case: BusinessCase
     vat_key: VatKey
-    gross: Cents
+    gross: Total
 
 
 class ZReport(WireModel):
@@ -407,7 +423,7 @@ class ZReport(WireModel):
     totals_by_vat: tuple[VatAmount, ...]
     totals_by_payment_type: tuple[PaymentTotal, ...]
     totals_by_business_case: tuple[BusinessCaseTotal, ...]
-    total: Cents
+    total: Total
 
     @model_validator(mode="after")
     def _consistent(self) -> ZReport:
@@ -459,7 +475,7 @@ class CreateAccount(WireModel):
     """Create a server account. ``password`` must follow the password rules."""
 
     command: Literal["create_account"] = "create_account"
-    account_name: Annotated[str, Field(min_length=1, max_length=320)]
+    account_name: Annotated[Text, Field(min_length=1, max_length=320)]
     password: SecretStr
 
     reveal_password = field_serializer("password", when_used="json")(_reveal)
@@ -469,7 +485,7 @@ class SignIn(WireModel):
     """Sign a till in to an account; ``serial_number`` is the till's own, stable one."""
 
     command: Literal["sign_in"] = "sign_in"
-    account_name: Annotated[str, Field(min_length=1, max_length=320)]
+    account_name: Annotated[Text, Field(min_length=1, max_length=320)]
     password: SecretStr
     serial_number: Key
     till_name: Name

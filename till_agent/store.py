@@ -315,9 +315,14 @@ class TillStore:
         return record_id
 
     def receipts_for_closing(self, business_day: dt.date) -> list[Receipt]:
-        """Closed receipts of ``business_day`` not yet in a Z-report, by receipt number."""
+        """Closed receipts of ``business_day`` or earlier not yet in a Z-report, by receipt number.
+
+        Earlier days count too, so every receipt ends up in exactly one Z-report even if
+        a later day was closed first.
+        """
         rows = self._db.execute(
-            "select body from receipts where business_day = ? and status = 'closed' and z_nr is null order by receipt_number",
+            "select body from receipts where business_day <= ? and status = 'closed' and z_nr is null "
+            "order by receipt_number",
             (business_day.isoformat(),),
         ).fetchall()
         return [Receipt.model_validate_json(r["body"]) for r in rows]
@@ -358,7 +363,7 @@ class TillStore:
             (zreport.z_nr, str(record_id), zreport.business_day.isoformat(), zreport.model_dump_json()),
         )
         self._db.execute(
-            "update receipts set z_nr = ? where business_day = ? and status = 'closed' and z_nr is null",
+            "update receipts set z_nr = ? where business_day <= ? and status = 'closed' and z_nr is null",
             (zreport.z_nr, zreport.business_day.isoformat()),
         )
         self._set(last_z_nr=str(expected), last_z_business_day=zreport.business_day.isoformat())

@@ -131,14 +131,14 @@ class Till:
         """Sign this till in and keep its credentials.
 
         Raises ``AccountError`` for wrong credentials (or too many attempts), and
-        ``RuntimeError`` if records of another account still wait for upload.
+        ``RuntimeError`` for another account than the one this till belongs to.
         """
         identity = self.store.identity()
-        pending, _ = self.store.outbox_counts()
-        if identity.account_name and pending and identity.account_name != account_name.strip().lower():
+        if identity.account_name and identity.account_name != account_name.strip().lower():
             raise RuntimeError(
-                f"{pending} records of account {identity.account_name} are not uploaded yet; "
-                f"sign in to {identity.account_name} first"
+                f"this till belongs to account {identity.account_name}; its receipts, Z-reports and numbering "
+                "stay with that account. To use it for another account, set it up anew (`tillsync till init` "
+                "in a new data directory)"
             )
         reply = await self._request(
             SignIn(
@@ -150,8 +150,8 @@ class Till:
         )
         signed_in = reply.reply
         assert isinstance(signed_in, SignedIn)
-        if identity.account_id and pending and identity.account_id != signed_in.account_id:
-            raise RuntimeError(f"{pending} records of another account are not uploaded yet; sign in to that account")
+        if identity.account_id and identity.account_id != signed_in.account_id:
+            raise RuntimeError(f"this till belongs to account {identity.account_name}, not to {signed_in.account_name}")
         self.store.save_sign_in(signed_in)
         self.relay.wake()
         return signed_in

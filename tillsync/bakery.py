@@ -28,6 +28,7 @@ from __future__ import annotations
 import csv
 import datetime as dt
 import hashlib
+import io
 import re
 from dataclasses import dataclass
 from decimal import Decimal, InvalidOperation
@@ -35,7 +36,7 @@ from pathlib import Path
 from zoneinfo import ZoneInfo
 
 from shared.fiscal import PaymentType, VatKey, line_amount
-from shared.models import Article, ArticleGroup, Cashier, CashierUser, PaymentTypeEntity, VatRate
+from shared.models import MAX_CENTS, MAX_QUANTITY, Article, printable, ArticleGroup, Cashier, CashierUser, PaymentTypeEntity, VatRate
 
 SHOP_TIME_ZONE = ZoneInfo("Europe/Paris")
 EXPECTED_COLUMNS = ["", "date", "time", "ticket_number", "article", "Quantity", "unit_price"]
@@ -135,14 +136,29 @@ def parse_price(text: str) -> int:
     return sign * (abs(int(euros)) * 100 + int(cents))
 
 
+def _number(text: str, column: str) -> Decimal:
+    try:
+        return Decimal(text)
+    except InvalidOperation:
+        raise ValueError(f"{column} {text!r} is not a number") from None
+
+
 def read_export(path: Path) -> BakeryExport:
     """Read and check a bakery export; raises ``BakeryFormatError`` naming the line."""
     path = Path(path)
+    if path.is_dir():
+        raise BakeryFormatError(f"{path}: is a directory, not a file")
     if not path.is_file():
         raise BakeryFormatError(f"{path}: no such file")
+    raw = path.read_bytes()
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = raw[: exc.start].count(b"\n") + 1
+        raise BakeryFormatError(f"{path}: line {line}: not UTF-8 text (byte {raw[exc.start]:#04x})") from None
     tickets: dict[int, list[tuple[dt.datetime, TicketLine]]] = {}
     first_price: dict[str, tuple[dt.datetime, int]] = {}
-    with path.open(newline="", encoding="utf-8") as handle:
+    with io.StringIO(text, newline="") as handle:
         reader = csv.reader(handle)
         header = next(reader, None)
         if header != EXPECTED_COLUMNS:
@@ -155,23 +171,31 @@ def read_export(path: Path) -> BakeryExport:
             _, date_s, time_s, ticket_s, article, quantity_s, price_s = row
             try:
                 at = dt.datetime.combine(dt.date.fromisoformat(date_s), dt.time.fromisoformat(time_s), SHOP_TIME_ZONE)
-                ticket_f = Decimal(ticket_s)
+                ticket_f = _number(ticket_s, "ticket_number")
                 if not ticket_f.is_finite() or ticket_f != ticket_f.to_integral_value() or ticket_f <= 0:
                     raise ValueError(f"ticket_number {ticket_s!r} is not a positive whole number")
-                quantity = Decimal(quantity_s)
+                quantity = _number(quantity_s, "Quantity")
                 if not quantity.is_finite():
                     raise ValueError(f"Quantity {quantity_s!r} is not a number")
+                if abs(quantity) > MAX_QUANTITY:
+                    raise ValueError(f"Quantity {quantity_s!r} is beyond ±{MAX_QUANTITY}")
                 if quantity != quantity.quantize(Decimal("0.001")):
                     raise ValueError(f"Quantity {quantity_s!r} has more than 3 decimal places")
                 quantity = quantity.quantize(Decimal("0.001"))
                 if quantity == 0:
                     raise ValueError("Quantity is 0")
                 price = parse_price(price_s)
+                if abs(price) > MAX_CENTS or abs(line_amount(quantity, price)) > MAX_CENTS:
+                    raise ValueError(f"unit_price {price_s!r} × Quantity {quantity_s!r} is beyond ±{MAX_CENTS} cents")
             except (ValueError, InvalidOperation) as exc:
                 raise BakeryFormatError(f"{path}: line {line_no}: {exc}") from exc
             name = article.strip()
             if not name:
                 raise BakeryFormatError(f"{path}: line {line_no}: article name is empty")
+            try:
+                printable(name)
+            except ValueError as exc:
+                raise BakeryFormatError(f"{path}: line {line_no}: article name {exc}") from None
             number = int(ticket_f)
             entries = tickets.setdefault(number, [])
             if entries and entries[0][0] != at:

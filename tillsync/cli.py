@@ -22,13 +22,14 @@ from pydantic import ValidationError
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
+from rich.text import Text
 
 from shared.amqp import REASON_HEADER, connect
 from shared.broker_admin import BrokerAdmin, BrokerAdminError
 from shared.consumer import validation_summary
 from shared.fiscal import PaymentType, VatKey
 from shared.logging import configure_logging
-from shared.models import Article, Cashier, CustomSyncFlags, SyncMode
+from shared.models import MAX_CENTS, MAX_QUANTITY, Article, Cashier, CustomSyncFlags, SyncMode
 from shared.settings import BrokerSettings
 from shared.topology import TOPOLOGY, dead_letter_queue_name, definitions
 from tillsync.bakery import BakeryFormatError, read_export
@@ -48,8 +49,14 @@ app.add_typer(ops_app, name="ops")
 app.add_typer(topology_app, name="topology")
 
 DEFINITIONS_PATH = Path(__file__).resolve().parent.parent / "deploy" / "rabbitmq" / "definitions.json"
-err = Console(stderr=True, soft_wrap=True)
-out = Console(soft_wrap=True)
+# Plain output: user text (article names, till names) is printed as it is, never read as
+# Rich markup or emoji codes.
+err = Console(stderr=True, soft_wrap=True, markup=False, emoji=False, highlight=False)
+out = Console(soft_wrap=True, markup=False, emoji=False, highlight=False)
+
+
+def _error_line(message: str) -> None:
+    err.print(Text("error: ", style="red") + Text(message))
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -93,10 +100,10 @@ def _friendly(func: F) -> F:
                 message = f"{exc.strerror}: {exc.filename}" if exc.filename else exc.strerror
             else:
                 message = str(exc)
-            err.print(f"[red]error:[/red] {message}", highlight=False)
+            _error_line(message)
             for detail in getattr(exc, "details", ()):
                 if detail not in message:
-                    err.print(f"  - {detail}", highlight=False)
+                    err.print(f"  - {detail}")
             raise typer.Exit(1) from None
 
     return wrapper  # type: ignore[return-value]
@@ -130,7 +137,7 @@ def service_command(
     elif name == "archive-writer":
         from services.archive_writer.main import run
     else:
-        err.print(f"[red]error:[/red] unknown service {name!r}; known: account-service, archive-writer")
+        _error_line(f"unknown service {name!r}; known: account-service, archive-writer")
         raise typer.Exit(2)
     run()
 
@@ -145,7 +152,7 @@ def topology_export(
     text = json.dumps(definitions(vhost), indent=2, sort_keys=True) + "\n"
     if check:
         if not path.exists() or path.read_text() != text:
-            err.print(f"[red]error:[/red] {path} is not up to date; run `tillsync topology export`")
+            _error_line(f"{path} is not up to date; run `tillsync topology export`")
             raise typer.Exit(1)
         out.print(f"{path} is up to date")
         return
@@ -173,7 +180,7 @@ def demo_command(
     if as_json:
         print(report.as_json(), flush=True)
     if not report.ok:
-        err.print("[red]the archive does not match the input[/red]")
+        _error_line("the archive does not match the input")
         raise typer.Exit(1)
 
 
@@ -206,13 +213,15 @@ def dead_letters(
                         out.print(f"{name}: does not exist")
                         continue
                     messages = declared.declaration_result.message_count
-                    out.print(f"[bold]{name}[/bold]: {messages} message(s)")
+                    shown = min(count, messages)
+                    more = f" (showing the oldest {shown}; --count N for more)" if messages > shown else ""
+                    out.print(f"{name}: {messages} message(s){more}")
                     if count and messages:
                         for message in await admin.get_messages(settings.vhost, name, count):
                             headers = message.get("properties", {}).get("headers", {})
                             reason = headers.get(REASON_HEADER) or _x_death_reason(headers)
                             message_id = message.get("properties", {}).get("message_id", "?")
-                            out.print(f"  - {message_id}: {reason}", highlight=False)
+                            out.print(f"  - {message_id}: {reason}")
         finally:
             await connection.close()
 
@@ -348,20 +357,7 @@ def till_sell(
     """Book and pay a receipt (works offline)."""
     till = _open_till(data_dir)
     articles = {a["article_nr"]: a for a in till.store.masterdata("article")}
-    lines = []
-    for item in items:
-        parts = item.split(":")
-        if len(parts) not in (2, 3) or parts[0] not in articles:
-            raise ValueError(f"{item!r}: expected ARTICLE_NR:QUANTITY[:PRICE_CENTS] with a known article number")
-        article = articles[parts[0]]
-        try:
-            quantity = Decimal(parts[1])
-            price = int(parts[2]) if len(parts) == 3 else article["unit_price"]
-        except (InvalidOperation, ValueError):
-            raise ValueError(f"{item!r}: quantity must be a number and price whole cents") from None
-        if not quantity.is_finite():
-            raise ValueError(f"{item!r}: quantity must be a finite number")
-        lines.append(SaleLine(article["article_nr"], article["text"], quantity, price, VatKey(article["vat_key"])))
+    lines = [_sale_line(item, articles) for item in items]
     payment = PaymentType.DEBIT_CARD if card else PaymentType.CASH
     receipt = till.sell(
         lines,
@@ -371,6 +367,30 @@ def till_sell(
         at=dt.datetime.now(dt.UTC),
     )
     out.print(f"receipt {receipt.receipt_number}: {receipt.total / 100:.2f} EUR ({payment.value})")
+
+
+def _sale_line(item: str, articles: dict[str, dict[str, Any]]) -> SaleLine:
+    """``ARTICLE_NR:QUANTITY[:PRICE_CENTS]`` → a sale line (article numbers may contain ':')."""
+    parsed = None
+    for parts in (item.rsplit(":", 1), item.rsplit(":", 2)):
+        if len(parts) >= 2 and parts[0] in articles:
+            parsed = parts
+            break
+    if parsed is None:
+        raise ValueError(f"{item!r}: expected ARTICLE_NR:QUANTITY[:PRICE_CENTS] with a known article number")
+    article = articles[parsed[0]]
+    try:
+        quantity = Decimal(parsed[1])
+        price = int(parsed[2]) if len(parsed) == 3 else article["unit_price"]
+    except (InvalidOperation, ValueError):
+        raise ValueError(f"{item!r}: quantity must be a number and price whole cents") from None
+    if not quantity.is_finite():
+        raise ValueError(f"{item!r}: quantity must be a finite number")
+    if abs(quantity) > MAX_QUANTITY:
+        raise ValueError(f"{item!r}: quantity must be within ±{MAX_QUANTITY}")
+    if abs(price) > MAX_CENTS:
+        raise ValueError(f"{item!r}: price must be within ±{MAX_CENTS} cents")
+    return SaleLine(article["article_nr"], article["text"], quantity, price, VatKey(article["vat_key"]))
 
 
 @till_app.command("close-day")
@@ -405,7 +425,7 @@ def till_upload(
         till.start_sync()
         last = till.status()
         with Progress(
-            TextColumn("Uploading"), BarColumn(), TextColumn("{task.fields[info]}"), TimeElapsedColumn(), console=out
+            TextColumn("Uploading"), BarColumn(), TextColumn("{task.fields[info]}", markup=False), TimeElapsedColumn(), console=out
         ) as progress:
             task = progress.add_task("upload", total=pending, info="")
             deadline = asyncio.get_running_loop().time() + timeout

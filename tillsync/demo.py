@@ -26,9 +26,10 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from shared.broker_admin import BrokerAdmin
 from shared.db import create_pool
 from shared.settings import amqp_url_with_credentials
-from shared.topology import SIGNUP_USER
+from shared.topology import ARCHIVE_WRITER_QUEUE, SIGNUP_USER
 from tillsync.bakery import ARTICLE_GROUPS, CASHIERS, PAYMENT_TYPES, VAT_RATES, BakeryExport, Ticket, read_export
 from tillsync.processes import SERVICES, ServiceProcess, service_env
 from tillsync.setup import SetupSettings, setup
@@ -97,7 +98,7 @@ def _progress(console: Console) -> Progress:
         TextColumn("{task.description}"),
         BarColumn(),
         MofNCompleteColumn(),
-        TextColumn("{task.fields[info]}"),
+        TextColumn("{task.fields[info]}", markup=False),
         TimeElapsedColumn(),
         console=console,
         transient=False,
@@ -275,7 +276,9 @@ async def _verify(
     expected_ids = {record_id: kind for records in expected.values() for record_id, _, kind in records}
     pool = await create_pool(settings.database_url, 1)
     try:
-        rows = await _wait_for_archive(pool, account_id, len(expected_ids), settings.drain_timeout_seconds, console)
+        rows = await _wait_for_archive(
+            settings, pool, account_id, len(expected_ids), settings.drain_timeout_seconds, console
+        )
     finally:
         await pool.close()
     archived_ids = {r["record_id"] for r in rows}
@@ -316,30 +319,47 @@ async def _verify(
 
 
 async def _wait_for_archive(
-    pool: asyncpg.Pool, account_id: UUID | None, expected: int, timeout_seconds: float, console: Console
+    settings: DemoSettings,
+    pool: asyncpg.Pool,
+    account_id: UUID | None,
+    expected: int,
+    timeout_seconds: float,
+    console: Console,
 ) -> list[asyncpg.Record]:
-    """Poll the archive until it holds ``expected`` records of the account (or time is up).
+    """Poll the archive until it holds ``expected`` records of the account.
 
-    Shows progress; after 30 s without progress it says where to look.
+    Shows progress. After 30 s without progress: if the archive writer's queue is empty
+    the missing records were refused (dead-lettered) and waiting longer is pointless;
+    otherwise it says where to look and waits until ``timeout_seconds``.
     """
     deadline = time.monotonic() + timeout_seconds
     last_count, last_change, warned = -1, time.monotonic(), False
-    with _progress(console) as progress:
-        task = progress.add_task("Archiving", total=expected, info="")
-        while True:
-            count = await pool.fetchval("select count(*) from archive_records where account_id = $1", account_id)
-            progress.update(task, completed=count)
-            if count != last_count:
-                last_count, last_change = count, time.monotonic()
-            elif not warned and time.monotonic() - last_change > 30:
-                progress.console.print(
-                    "No progress for 30 s: is the archive writer running? (management UI: queue "
-                    "'archive-writer', consumers; `tillsync ops dead-letters`)"
-                )
-                warned = True
-            if count >= expected or time.monotonic() > deadline:
-                break
-            await asyncio.sleep(0.2)
+    user, password = settings.management_credentials
+    async with BrokerAdmin(settings.management_url, user, password) as admin:
+        with _progress(console) as progress:
+            task = progress.add_task("Archiving", total=expected, info="")
+            while True:
+                count = await pool.fetchval("select count(*) from archive_records where account_id = $1", account_id)
+                progress.update(task, completed=count)
+                if count != last_count:
+                    last_count, last_change = count, time.monotonic()
+                elif time.monotonic() - last_change > 30:
+                    queue = await admin.queue(settings.vhost, ARCHIVE_WRITER_QUEUE) or {}
+                    if queue.get("messages", 0) == 0:
+                        progress.console.print(
+                            f"The archive writer has taken every upload, {expected - count} records were refused: "
+                            "see `tillsync ops dead-letters`"
+                        )
+                        break
+                    if not warned:
+                        progress.console.print(
+                            f"No progress for 30 s with {queue.get('messages')} uploads waiting: is the archive "
+                            "writer running? (management UI: queue 'archive-writer', consumers)"
+                        )
+                        warned = True
+                if count >= expected or time.monotonic() > deadline:
+                    break
+                await asyncio.sleep(0.2)
     return await pool.fetch(
         "select record_id, till_id, kind, payload from archive_records where account_id = $1", account_id
     )

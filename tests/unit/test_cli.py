@@ -47,7 +47,7 @@ def _fails_cleanly(args: list[str], *expected: str) -> str:
         ("1:0.0001", "decimal places"),
         ("1:99999999999", "quantity"),
         ("2:1", "known article number"),
-        ("1:1:99999999999999999999", "amount"),
+        ("1:1:99999999999999999999", "price must be within"),
     ],
 )
 def test_selling_bad_lines_fails_with_a_clear_error(till_dir: Path, item: str, expected: str) -> None:

@@ -607,3 +607,13 @@ def test_a_zero_quantity_line_is_refused() -> None:
 
     with pytest.raises(ValidationError, match="quantity must not be 0"):
         ReceiptLine(line_no=1, article_nr="1", text="x", quantity="0", unit_price=100, amount=0, vat_key=1)
+
+
+@pytest.mark.parametrize("text", ["B\x00C", "tab\x0bvertical", "bell\x07"])
+def test_control_characters_are_refused_in_texts(text: str) -> None:
+    """PostgreSQL cannot store NUL; such a record must be refused at the till, not lost later."""
+    from shared.models import Article
+
+    with pytest.raises(ValidationError, match="control characters"):
+        Article(article_nr="1", text=text, unit_price=100, vat_key=1)
+    assert Article(article_nr="1", text="Café «Crème», 0,5 l", unit_price=100, vat_key=1)

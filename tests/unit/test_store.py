@@ -417,3 +417,13 @@ def test_sign_in_continues_receipt_and_z_numbers_after_the_archives(store: TillS
     assert (store.next_receipt_number(), store.next_z_nr()) == (26, 5)
     store.save_sign_in(signed_in(0, last_receipt_number=3, last_z_nr=1))  # never backwards
     assert (store.next_receipt_number(), store.next_z_nr()) == (26, 5)
+
+
+def test_a_receipt_of_an_earlier_day_still_open_goes_into_the_next_zreport(store: TillStore) -> None:
+    """Every receipt ends up in exactly one Z-report, even when a later day was closed first."""
+    later = DAY + dt.timedelta(days=1)
+    store.close_day(later, lambda z_nr, receipts: z_report(z_nr, later, receipts, T0), T0)
+    late_receipt, _ = sell(store)  # booked on DAY, after the Z-report of the day after
+    report = store.close_day(later, lambda z_nr, receipts: z_report(z_nr, later, receipts, T0), T0)
+    assert report.receipt_count == 1 and report.first_receipt_number == late_receipt.receipt_number
+    assert store.receipts_for_closing(later) == []
