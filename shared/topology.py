@@ -179,12 +179,6 @@ def upload_routing_key(account_id: UUID, till_id: UUID, kind: RecordKind) -> str
     return f"{account_id}.{till_id}.{kind}"
 
 
-def parse_upload_routing_key(routing_key: str) -> tuple[str, str, str] | None:
-    """Split an upload routing key into ``(account_id, till_id, kind)``; None if malformed."""
-    parts = routing_key.split(".")
-    return (parts[0], parts[1], parts[2]) if len(parts) == 3 else None
-
-
 def till_broker_user(till_id: UUID) -> str:
     """The RabbitMQ user name of a till: ``till-<till_id>``."""
     return f"{TILL_USER_PREFIX}{till_id}"

@@ -173,15 +173,12 @@ class OutboxRelay:
         if self._connection is not None and not self._connection.is_closed:
             await self._connection.close()
 
-    async def drain(self, timeout_seconds: float, on_progress: Callable[[RelayStatus], None] | None = None) -> bool:
+    async def drain(self, timeout_seconds: float) -> bool:
         """Wait until the outbox is empty; False if ``timeout_seconds`` passed first."""
         deadline = time.monotonic() + timeout_seconds
         self.wake()
         while True:
-            status = self.status()
-            if on_progress:
-                on_progress(status)
-            if status.pending == 0:
+            if self.status().pending == 0:
                 return True
             if time.monotonic() >= deadline:
                 return False

@@ -85,10 +85,6 @@ class Till:
         self._relay_stop: asyncio.Event | None = None
         self._relay_task: asyncio.Task[None] | None = None
 
-    @classmethod
-    def open(cls, settings: TillSettings, data_dir: Path | None = None) -> Till:
-        return cls(TillStore(data_dir or settings.till_data_dir), settings)
-
     # -- account requests ------------------------------------------------------
 
     async def _request(self, request: CreateAccount | SignIn | SignOut | SetSyncMode) -> AccountReply:
