@@ -2,8 +2,11 @@
 
 It validates each message against the service's wire model, binds the log context,
 runs the service's handler on a batch of valid messages inside one database
-transaction, and only after the commit publishes replies, dead-letters refused
-messages with their reason, and acks. Handlers never ack and never build clients.
+transaction, and only after the commit publishes replies and the handler's outgoing
+messages (with publisher confirms), dead-letters refused messages with their reason,
+and acks. Handlers never ack and never build clients. A crash between commit and ack
+redelivers the message, so handlers must recognise work already done and emit its
+outgoing messages again (receivers are idempotent).
 
 Failure handling:
 - invalid message (not JSON, wrong shape): dead-lettered with the validation error;
@@ -65,6 +68,7 @@ class Delivery(Generic[M]):
     refused: str | None = None
     outcome: str = "accepted"
     log: dict[str, Any] = field(default_factory=dict)
+    outgoing: list[tuple[str, str, BaseModel]] = field(default_factory=list)
 
     @property
     def user_id(self) -> str | None:
@@ -74,6 +78,10 @@ class Delivery(Generic[M]):
     @property
     def routing_key(self) -> str:
         return self.message.routing_key or ""
+
+    def emit(self, exchange: str, routing_key: str, body: BaseModel) -> None:
+        """Publish ``body`` to ``exchange`` once the transaction committed (before the ack)."""
+        self.outgoing.append((exchange, routing_key, body))
 
     def refuse(self, reason: str, outcome: str = "refused") -> None:
         """Mark this message as permanently refused: it will be dead-lettered with ``reason``."""
@@ -228,11 +236,13 @@ class ConsumeAdapter(Generic[M]):
                 self._log.warning("database_unavailable", retry_in_seconds=delay, error=repr(exc))
                 for d in deliveries:
                     d.reply, d.refused, d.outcome = None, None, "accepted"
+                    d.outgoing.clear()
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 30.0)
 
     async def _finish(self, deliveries: list[Delivery[M]], started: float) -> None:
         elapsed_ms = round((time.monotonic() - started) * 1000, 1)
+        await self._publish_outgoing(deliveries)
         for d in deliveries:
             if d.reply is not None and d.message.reply_to:
                 await self._publish_channel.default_exchange.publish(
@@ -257,6 +267,36 @@ class ConsumeAdapter(Generic[M]):
             with structlog.contextvars.bound_contextvars(**d.log):
                 log = self._log.warning if d.refused else self._log.info
                 log("message_handled", outcome=d.outcome, reason=d.refused, batch_ms=elapsed_ms, batch_size=len(deliveries))
+
+    async def _publish_outgoing(self, deliveries: list[Delivery[M]]) -> None:
+        """Publish every delivery's outgoing messages, in order, and wait for the confirms.
+
+        Not mandatory: a download message nobody is bound for (a till in another mode or
+        with sync off) is not an error; tills repair what they miss from the feed.
+        """
+        messages = [item for d in deliveries for item in d.outgoing]
+        if not messages:
+            return
+        exchanges: dict[str, aio_pika.abc.AbstractExchange] = {}
+        for name, _, _ in messages:
+            if name not in exchanges:
+                exchanges[name] = await self._publish_channel.get_exchange(name, ensure=False)
+        # started in order on one channel, so the broker receives them in order
+        await asyncio.gather(
+            *(
+                exchanges[name].publish(
+                    aio_pika.Message(
+                        body.model_dump_json().encode(),
+                        content_type="application/json",
+                        type=getattr(getattr(body, "message", body), "type", None),
+                        delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+                    ),
+                    routing_key=key,
+                    mandatory=False,
+                )
+                for name, key, body in messages
+            )
+        )
 
     async def _dead_letter(self, message: AbstractIncomingMessage, reason: str) -> None:
         body = self._redact(message.body) if self._redact else None

@@ -9,7 +9,10 @@ Message kinds:
 - account requests and replies (request/reply over RabbitMQ, ``AccountRequest`` /
   ``AccountReply``),
 - uploads from a till (``Upload``) whose ``record`` is a master-data change
-  (``MasterDataRecord``), a receipt state (``Receipt``) or a Z-report (``ZReport``).
+  (``MasterDataRecord``), a receipt state (``Receipt``) or a Z-report (``ZReport``),
+- a till's request to catch up on the master-data feed (``CatchUpRequest``),
+- messages to a till on ``till.download`` (``Download``): feed entries, catch-up pages
+  and the verdicts on its own master-data changes.
 """
 
 from __future__ import annotations
@@ -217,12 +220,36 @@ class VatRate(WireModel):
         return str(int(self.vat_key))
 
 
+# Settings that describe one till's own hardware and place never leave the till
+# (DESIGN.md §1.3): the till agent keeps them local and the cloud refuses them.
+LOCAL_ONLY_SETTING_PREFIXES: tuple[str, ...] = ("printer.", "display.", "stock.default_location")
+
+
+def is_local_only_setting(setting_key: str) -> bool:
+    """True for the printer setup (``printer.*``), display settings (``display.*``) and the
+    default stock location (``stock.default_location``): settings that stay on one till."""
+    return any(setting_key == p.rstrip(".") or setting_key.startswith(p) for p in LOCAL_ONLY_SETTING_PREFIXES)
+
+
 class SharedSetting(WireModel):
-    """A setting shared by all tills of an account (e.g. receipt footer text)."""
+    """A setting shared by all tills of an account (e.g. receipt footer text).
+
+    Local-only settings (``is_local_only_setting``) are refused here, so no till can
+    upload one and no service accepts one.
+    """
 
     entity: Literal["shared_setting"] = "shared_setting"
     setting_key: Key
     value: Annotated[Text, Field(max_length=10_000)]
+
+    @model_validator(mode="after")
+    def _not_local_only(self) -> SharedSetting:
+        if is_local_only_setting(self.setting_key):
+            raise ValueError(
+                f"setting {self.setting_key!r} is local to one till (printer, display, default stock location) "
+                "and is never uploaded"
+            )
+        return self
 
     @property
     def key(self) -> str:
@@ -236,21 +263,49 @@ MasterDataEntity = Annotated[
 EntityKind = Literal[
     "article", "article_group", "customer", "cashier", "discount", "payment_type", "vat_rate", "shared_setting"
 ]
+ENTITY_KINDS: tuple[EntityKind, ...] = (
+    "article", "article_group", "customer", "cashier", "discount", "payment_type", "vat_rate", "shared_setting"
+)
+ENTITY_ADAPTER: TypeAdapter[Any] = TypeAdapter(MasterDataEntity)
+
+# The download categories of master data (the switches of the custom mode, DESIGN.md §1.3).
+MasterDataCategory = Literal["articles", "customers", "cashiers", "masterdata_other"]
+MASTERDATA_CATEGORIES: tuple[MasterDataCategory, ...] = ("articles", "customers", "cashiers", "masterdata_other")
+ENTITY_CATEGORY: dict[str, MasterDataCategory] = {
+    "article": "articles",
+    "article_group": "articles",
+    "customer": "customers",
+    "cashier": "cashiers",
+    "discount": "masterdata_other",
+    "payment_type": "masterdata_other",
+    "vat_rate": "masterdata_other",
+    "shared_setting": "masterdata_other",
+}
 
 
 class MasterDataRecord(WireModel):
     """One master-data version: an upsert of ``data`` or a deletion (tombstone).
 
     ``base_version`` is the cloud version the change was based on (``None`` for a
-    new entity); the cloud accepts it only if it is still current (DESIGN.md §3).
+    new entity); ``base_record_id`` names the till's own earlier change it builds on
+    while that one has no verdict yet. The cloud accepts the change only if its base
+    is still the entity's current version (DESIGN.md §3, optimistic concurrency).
+    ``shared``: the till takes part in master-data sync for this kind and offers the
+    change to the account's shared master data; ``False``: archive only.
     """
 
     kind: Literal["masterdata"] = "masterdata"
     entity_kind: EntityKind
     entity_key: Key
     base_version: Count | None = None
+    base_record_id: UUID | None = None
+    shared: bool = False
     deleted: bool = False
     data: MasterDataEntity | None = None
+
+    @property
+    def category(self) -> MasterDataCategory:
+        return ENTITY_CATEGORY[self.entity_kind]
 
     @model_validator(mode="after")
     def _data_matches(self) -> MasterDataRecord:
@@ -465,6 +520,133 @@ class Upload(WireModel):
 
 
 UPLOAD_ADAPTER: TypeAdapter[Upload] = TypeAdapter(Upload)
+
+
+# ---------------------------------------------------------------------------
+# Master-data feed: catch-up requests (till → cloud) and downloads (cloud → till)
+
+
+class EntityState(WireModel):
+    """The cloud's state of one master-data entity at one version.
+
+    ``feed_seq``: position of the change that made this version in the account's feed;
+    ``record_id``/``till_id``: the uploaded record and the till it came from.
+    """
+
+    entity_kind: EntityKind
+    entity_key: Key
+    version: Counter
+    deleted: bool
+    data: MasterDataEntity | None
+    feed_seq: Counter
+    record_id: UUID
+    till_id: UUID
+
+    @model_validator(mode="after")
+    def _data_iff_live(self) -> EntityState:
+        if self.deleted != (self.data is None):
+            raise ValueError("an entity state has data exactly when it is not deleted")
+        return self
+
+    @property
+    def category(self) -> MasterDataCategory:
+        return ENTITY_CATEGORY[self.entity_kind]
+
+
+class FeedEntry(WireModel):
+    """One accepted master-data change, broadcast to the tills whose mode receives it.
+
+    ``prev_feed_seq`` is the feed position of the previous change of the same category
+    in this account (0 for the first): a till that has applied up to ``prev_feed_seq``
+    of that category applies this entry next; any other gap means it missed entries.
+    """
+
+    type: Literal["feed_entry"] = "feed_entry"
+    category: MasterDataCategory
+    prev_feed_seq: Count
+    entity: EntityState
+
+
+class CatchUpRequest(WireModel):
+    """A till asks for every master-data change after ``since[category]`` (a feed_seq).
+
+    Published on ``till.upload`` with routing key ``<account_id>.<till_id>.catchup``.
+    The answer is a series of ``CatchUpPage`` messages per category on the till's queue.
+    """
+
+    schema_version: Literal[1] = SCHEMA_VERSION
+    request_id: UUID
+    account_id: UUID
+    till_id: UUID
+    since: dict[MasterDataCategory, Count] = Field(min_length=1)
+
+
+class CatchUpPage(WireModel):
+    """One page of a catch-up, compacted: the latest state of each entity changed after
+    the request's ``since`` (tombstones included), in feed order.
+
+    ``total_entries`` is the number of entries the whole catch-up of this category
+    sends (for progress); the last page has ``done`` and ``head_feed_seq``, the feed
+    position the till has caught up to in this category.
+    """
+
+    type: Literal["catchup_page"] = "catchup_page"
+    request_id: UUID
+    category: MasterDataCategory
+    page: Counter
+    total_entries: Count
+    entries: tuple[EntityState, ...]
+    done: bool
+    head_feed_seq: Count
+
+
+class MasterDataAccepted(WireModel):
+    """Verdict to the originating till: its change ``record_id`` is now ``version``."""
+
+    type: Literal["masterdata_accepted"] = "masterdata_accepted"
+    record_id: UUID
+    entity: EntityState
+
+
+class MasterDataConflict(WireModel):
+    """Verdict to the originating till: its change was not applied.
+
+    ``current`` is the cloud's current state (``None`` if the entity does not exist);
+    ``reason`` says why (based on an older version, or a new entity whose key exists).
+    The record stays in the archive.
+    """
+
+    type: Literal["masterdata_conflict"] = "masterdata_conflict"
+    record_id: UUID
+    entity_kind: EntityKind
+    entity_key: Key
+    base_version: Count | None
+    reason: str
+    current: EntityState | None
+
+
+class MasterDataNotShared(WireModel):
+    """Verdict to the originating till: its change was archived but not shared, because
+    the till's sync mode does not take part in this kind of master data (any more)."""
+
+    type: Literal["masterdata_not_shared"] = "masterdata_not_shared"
+    record_id: UUID
+    reason: str
+
+
+class Download(WireModel):
+    """Envelope of every message a till receives on its queue ``till.<till_id>``."""
+
+    schema_version: Literal[1] = SCHEMA_VERSION
+    account_id: UUID
+    message: Annotated[
+        Union[FeedEntry, CatchUpPage, MasterDataAccepted, MasterDataConflict, MasterDataNotShared],
+        Field(discriminator="type"),
+    ]
+
+
+DOWNLOAD_ADAPTER: TypeAdapter[Download] = TypeAdapter(Download)
+CATCHUP_ADAPTER: TypeAdapter[CatchUpRequest] = TypeAdapter(CatchUpRequest)
 
 
 # ---------------------------------------------------------------------------

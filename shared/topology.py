@@ -8,8 +8,9 @@ format (exported to ``deploy/rabbitmq/definitions.json``; a test keeps them equa
 function from a till's sync mode to the bindings of its queue.
 
 Routing keys:
-- upload: ``<account_id>.<till_id>.<kind>`` with kind ``masterdata|receipt|zreport``;
-  a till's topic permission allows only its own ``<account_id>.<till_id>.`` prefix.
+- upload: ``<account_id>.<till_id>.<kind>`` with kind ``masterdata|receipt|zreport``
+  (records) or ``catchup`` (a till asking for the master-data feed); a till's topic
+  permission allows only its own ``<account_id>.<till_id>.`` prefix.
 - download: ``<account_id>.<category>`` for changes a whole account receives, and
   ``<account_id>.till.<till_id>`` for messages addressed to one till.
 """
@@ -24,7 +25,7 @@ import aio_pika
 from aio_pika.abc import AbstractChannel
 from pydantic import BaseModel, ConfigDict
 
-from shared.models import CustomSyncFlags, RecordKind, SyncMode
+from shared.models import MASTERDATA_CATEGORIES, RECORD_KINDS, CustomSyncFlags, MasterDataCategory, RecordKind, SyncMode
 
 UPLOAD_EXCHANGE = "till.upload"
 DOWNLOAD_EXCHANGE = "till.download"
@@ -32,6 +33,9 @@ ACCOUNT_EXCHANGE = "account.requests"
 DEAD_LETTER_EXCHANGE = "tillsync.dead-letter"
 
 ARCHIVE_WRITER_QUEUE = "archive-writer"
+MASTERDATA_BROADCASTER_QUEUE = "masterdata-broadcaster"
+MASTERDATA_CATCHUP_QUEUE = "masterdata-catchup"
+CATCHUP_KIND = "catchup"  # routing-key suffix of a till's catch-up request
 ACCOUNT_SERVICE_QUEUE = "account-service"
 ACCOUNT_SERVICE_ROUTING_KEY = ACCOUNT_SERVICE_QUEUE
 
@@ -45,15 +49,7 @@ ACCOUNT_REQUEST_TTL_MS = 30_000  # an account request older than this is void (t
 TILL_QUEUE_MAX_LENGTH = 100_000  # the per-till queue is a fast path; the feed is the full copy
 
 DownloadCategory = Literal["articles", "customers", "cashiers", "masterdata_other", "receipts", "zreports"]
-DOWNLOAD_CATEGORIES: tuple[DownloadCategory, ...] = (
-    "articles",
-    "customers",
-    "cashiers",
-    "masterdata_other",
-    "receipts",
-    "zreports",
-)
-MASTERDATA_CATEGORIES: tuple[DownloadCategory, ...] = ("articles", "customers", "cashiers", "masterdata_other")
+DOWNLOAD_CATEGORIES: tuple[DownloadCategory, ...] = (*MASTERDATA_CATEGORIES, "receipts", "zreports")
 
 
 class ExchangeSpec(BaseModel):
@@ -98,13 +94,15 @@ def dead_letter_queue_name(queue: str) -> str:
     return f"{queue}.dead-letter"
 
 
-def service_queue(name: str, sources: Iterable[tuple[str, str]]) -> Topology:
+def service_queue(name: str, sources: Iterable[tuple[str, str]], single_active_consumer: bool = False) -> Topology:
     """A service's quorum queue, its dead-letter queue, and the bindings to it.
 
     ``sources``: ``(exchange, binding key)`` pairs the queue is bound with. The queue
     dead-letters (at least once) to ``DEAD_LETTER_EXCHANGE`` with routing key
     ``name`` after ``DELIVERY_LIMIT`` redeliveries or a reject; the dead-letter queue
-    is bound there with the same key.
+    is bound there with the same key. ``single_active_consumer``: of N running
+    instances one consumes at a time (the others stand by), which keeps the queue's
+    order (RabbitMQ ``x-single-active-consumer``).
     """
     dlq = dead_letter_queue_name(name)
     return Topology(
@@ -119,6 +117,7 @@ def service_queue(name: str, sources: Iterable[tuple[str, str]]) -> Topology:
                     "x-dead-letter-routing-key": name,
                     "x-dead-letter-strategy": "at-least-once",
                     "x-overflow": "reject-publish",
+                    **({"x-single-active-consumer": True} if single_active_consumer else {}),
                 },
             ),
             QueueSpec(name=dlq, arguments={"x-queue-type": "quorum"}),
@@ -166,7 +165,17 @@ TOPOLOGY = _merge(
             ),
         ),
     ),
-    service_queue(ARCHIVE_WRITER_QUEUE, [(UPLOAD_EXCHANGE, "#")]),
+    service_queue(ARCHIVE_WRITER_QUEUE, [(UPLOAD_EXCHANGE, f"*.*.{kind}") for kind in RECORD_KINDS]),
+    # Master-data changes are judged in upload order (a till's later change may build on
+    # its earlier one), so one broadcaster instance consumes at a time.
+    service_queue(MASTERDATA_BROADCASTER_QUEUE, [(UPLOAD_EXCHANGE, "*.*.masterdata")], single_active_consumer=True),
+    service_queue(MASTERDATA_CATCHUP_QUEUE, [(UPLOAD_EXCHANGE, f"*.*.{CATCHUP_KIND}")]),
+)
+
+# Bindings of earlier releases that ``tillsync setup`` removes (the archive writer used
+# to take everything on till.upload; catch-up requests are not records).
+OBSOLETE_BINDINGS: tuple[BindingSpec, ...] = (
+    BindingSpec(source=UPLOAD_EXCHANGE, destination=ARCHIVE_WRITER_QUEUE, routing_key="#"),
 )
 
 
@@ -177,6 +186,11 @@ TOPOLOGY = _merge(
 def upload_routing_key(account_id: UUID, till_id: UUID, kind: RecordKind) -> str:
     """``<account_id>.<till_id>.<kind>``: the only routing keys a till may publish with."""
     return f"{account_id}.{till_id}.{kind}"
+
+
+def catchup_routing_key(account_id: UUID, till_id: UUID) -> str:
+    """``<account_id>.<till_id>.catchup``: a till's catch-up request on ``till.upload``."""
+    return f"{account_id}.{till_id}.{CATCHUP_KIND}"
 
 
 def till_broker_user(till_id: UUID) -> str:
@@ -252,6 +266,22 @@ def download_categories(mode: SyncMode, custom: CustomSyncFlags | None) -> tuple
         "zreports": flags.download_zreports,
     }
     return tuple(c for c in DOWNLOAD_CATEGORIES if wanted[c])
+
+
+def masterdata_categories(mode: SyncMode, custom: CustomSyncFlags | None) -> tuple[MasterDataCategory, ...]:
+    """The master-data categories a till in ``mode`` receives, and so takes part in:
+    its changes of these kinds are shared with the account's other tills."""
+    received = download_categories(mode, custom)
+    return tuple(c for c in MASTERDATA_CATEGORIES if c in received)
+
+
+def upload_kinds(mode: SyncMode, custom: CustomSyncFlags | None) -> tuple[RecordKind, ...]:
+    """The record kinds a till in ``mode`` uploads: all, except those switched off in ``custom``."""
+    if mode != SyncMode.CUSTOM:
+        return RECORD_KINDS
+    flags = custom or CustomSyncFlags()
+    wanted = {"masterdata": flags.upload_masterdata, "receipt": flags.upload_receipts, "zreport": flags.upload_zreports}
+    return tuple(k for k in RECORD_KINDS if wanted[k])
 
 
 def download_routing_key(account_id: UUID, category: DownloadCategory) -> str:

@@ -6,7 +6,9 @@ and ``user_id`` = the till's broker user, which RabbitMQ checks. Rows are marked
 only after the broker confirmed them; anything unconfirmed is sent again later, and the
 archive writer ignores the repeat. While the broker is unreachable, the credentials
 are refused or the till is signed out, the relay waits and retries with backoff;
-the till keeps recording meanwhile.
+the till keeps recording meanwhile. With the sync switch off the relay does not
+connect at all and the outbox grows. On each connection the relay also runs the
+till's ``FeedClient`` (its download queue) and reconnects if that fails.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from aio_pika.exceptions import ProbableAuthenticationError
 from shared.models import Upload
 from shared.settings import amqp_url_with_credentials
 from shared.topology import UPLOAD_EXCHANGE, upload_routing_key
+from till_agent.feed import FeedClient
 from till_agent.store import RECORD_ADAPTER, Identity, OutboxRow, TillStore
 
 log = structlog.get_logger()
@@ -32,13 +35,18 @@ log = structlog.get_logger()
 
 @dataclass(frozen=True)
 class RelayStatus:
-    """What the relay is doing: ``state`` in idle/uploading/offline/signed_out/stopped."""
+    """What the relay is doing: ``state`` in idle/uploading/offline/signed_out/sync_off/stopped.
+
+    ``pending`` counts every unsent record; ``held`` those kept back by the custom
+    mode's upload switches (they wait until the switch is on again).
+    """
 
     state: str
     detail: str
     pending: int
     sent: int
     rate_per_second: float
+    held: int = 0
 
 
 class OutboxRelay:
@@ -67,6 +75,7 @@ class OutboxRelay:
         self._state = ("idle", "")
         self._sent_times: collections.deque[tuple[float, int]] = collections.deque()
         self._connection: AbstractConnection | None = None
+        self.feed = FeedClient(store, on_new_records=self.wake)
 
     def wake(self) -> None:
         """Tell the relay that new records are waiting."""
@@ -79,7 +88,7 @@ class OutboxRelay:
             self._sent_times.popleft()
         recent = sum(n for _, n in self._sent_times)
         span = max(now - self._sent_times[0][0], 1.0) if self._sent_times else 1.0
-        return RelayStatus(self._state[0], self._state[1], pending, sent, recent / span)
+        return RelayStatus(self._state[0], self._state[1], pending, sent, recent / span, self._store.held_by_switches())
 
     async def run(self, stop: asyncio.Event) -> None:
         """Upload until ``stop`` is set; never raises for broker trouble."""
@@ -88,6 +97,10 @@ class OutboxRelay:
             identity = self._store.identity()
             if not identity.signed_in or not identity.broker_username or not identity.broker_password:
                 self._state = ("signed_out", "the till is signed out; records wait for the next sign-in")
+                await self._sleep(stop, 1.0)
+                continue
+            if not self._store.sync_settings()[0]:
+                self._state = ("sync_off", "the sync switch is off; records wait in the outbox")
                 await self._sleep(stop, 1.0)
                 continue
             url = amqp_url_with_credentials(self._broker_url, identity.broker_username, identity.broker_password)
@@ -99,7 +112,14 @@ class OutboxRelay:
                     channel = await self._connection.channel(publisher_confirms=True, on_return_raises=True)
                     exchange = await channel.get_exchange(UPLOAD_EXCHANGE, ensure=False)
                     backoff = 0.5
-                    await self._upload_loop(stop, exchange, identity)
+                    feed = asyncio.create_task(
+                        self.feed.run(self._connection, identity, self._store.queue_name()), name="feed"
+                    )
+                    try:
+                        await self._upload_loop(stop, exchange, identity, feed)
+                    finally:
+                        feed.cancel()
+                        await asyncio.gather(feed, return_exceptions=True)
             except ProbableAuthenticationError as exc:
                 self._state = ("offline", f"credentials refused by the broker ({exc}); will retry")
             except asyncio.CancelledError:
@@ -125,8 +145,15 @@ class OutboxRelay:
             wake_wait.cancel()
         self._wake.clear()
 
-    async def _upload_loop(self, stop: asyncio.Event, exchange: aio_pika.abc.AbstractExchange, identity: Identity) -> None:
+    async def _upload_loop(
+        self, stop: asyncio.Event, exchange: aio_pika.abc.AbstractExchange, identity: Identity, feed: asyncio.Task[None]
+    ) -> None:
         while not stop.is_set():
+            if feed.done():
+                feed.result()  # raises what stopped the download side
+                raise ConnectionError("the download queue was closed")
+            if not self._store.sync_settings()[0]:
+                return  # switched off: drop the connection
             rows = self._store.unsent(self._window)
             if not rows:
                 self._state = ("idle", "")
@@ -174,11 +201,12 @@ class OutboxRelay:
             await self._connection.close()
 
     async def drain(self, timeout_seconds: float) -> bool:
-        """Wait until the outbox is empty; False if ``timeout_seconds`` passed first."""
+        """Wait until every record that may be uploaded now is; False if ``timeout_seconds`` passed first."""
         deadline = time.monotonic() + timeout_seconds
         self.wake()
         while True:
-            if self.status().pending == 0:
+            status = self.status()
+            if status.pending - status.held == 0:
                 return True
             if time.monotonic() >= deadline:
                 return False

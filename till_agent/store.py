@@ -4,23 +4,52 @@ Every local change is written together with its outbox row in one SQLite transac
 a new ``record_id`` (UUID4) and the next ``till_seq`` (gapless from 1, never reset),
 so a record exists locally exactly when it is queued for upload. The relay reads
 the outbox in ``till_seq`` order and marks rows sent after the broker confirmed them.
+
+Master data (DESIGN.md §3, server-authoritative with a version per entity): each
+local entity remembers the cloud version it is based on (``version``, ``base_data``),
+its own change still waiting for the cloud's verdict (``pending_record_id``) and
+whether it was changed while the till did not take part in master-data sync for its
+kind (``dirty``). Cloud states (feed entries, catch-up pages) and verdicts on the
+till's own changes are applied here, each in one transaction together with the feed
+position; differences the owner must decide on are kept in ``masterdata_differences``.
 """
 
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
 import json
 import sqlite3
 import uuid
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 from uuid import UUID
 
+import rfc8785
 from pydantic import TypeAdapter
 
-from shared.models import MasterDataRecord, Receipt, RecordBody, SignedIn, ZReport
+from shared.models import (
+    ENTITY_ADAPTER,
+    ENTITY_CATEGORY,
+    MASTERDATA_CATEGORIES,
+    CatchUpPage,
+    CustomSyncFlags,
+    EntityState,
+    FeedEntry,
+    MasterDataConflict,
+    MasterDataCategory,
+    MasterDataRecord,
+    Receipt,
+    RecordBody,
+    SignedIn,
+    SyncMode,
+    ZReport,
+    is_local_only_setting,
+)
+from shared.topology import masterdata_categories, upload_kinds
+from till_agent.masterdata import rebase
 
 STORE_FILE = "till.sqlite3"
 
@@ -33,8 +62,25 @@ create table if not exists masterdata (
     deleted     integer not null default 0,
     version     integer,
     updated_at  text not null,
+    base_data   text,
+    pending_record_id text,
+    dirty       integer not null default 0,
+    category    text,
     primary key (entity_kind, entity_key)
 );
+create table if not exists masterdata_differences (
+    entity_kind   text not null,
+    entity_key    text not null,
+    local_data    text,
+    local_deleted integer not null,
+    cloud_version integer,
+    cloud_data    text,
+    cloud_deleted integer not null,
+    reason        text not null,
+    detected_at   text not null,
+    primary key (entity_kind, entity_key)
+);
+create table if not exists local_settings (key text primary key, value text not null);
 create table if not exists receipts (
     receipt_id     text primary key,
     record_id      text not null unique,
@@ -58,16 +104,64 @@ create table if not exists outbox (
     kind        text not null,
     body        text not null,
     recorded_at text not null,
-    sent_at     text
+    sent_at     text,
+    md_category text
 );
 create index if not exists outbox_unsent on outbox (till_seq) where sent_at is null;
 """
+
+# Columns added to stores made by earlier releases: (table, column, declaration).
+_ADDED_COLUMNS = (
+    ("masterdata", "base_data", "text"),
+    ("masterdata", "pending_record_id", "text"),
+    ("masterdata", "dirty", "integer not null default 0"),
+    ("masterdata", "category", "text"),
+    ("outbox", "md_category", "text"),
+)
 
 RECORD_ADAPTER: TypeAdapter[RecordBody] = TypeAdapter(RecordBody)
 
 
 class TillStoreError(RuntimeError):
     """The local store is missing, not initialised, or asked for something impossible."""
+
+
+@dataclass(frozen=True)
+class Difference:
+    """A master-data entity whose till version differs from the cloud's, for the owner to decide.
+
+    ``local_data``/``cloud_data`` are JSON dicts (None when deleted on that side).
+    """
+
+    entity_kind: str
+    entity_key: str
+    local_data: dict[str, Any] | None
+    local_deleted: bool
+    cloud_version: int | None
+    cloud_data: dict[str, Any] | None
+    cloud_deleted: bool
+    reason: str
+    detected_at: dt.datetime
+
+
+@dataclass(frozen=True)
+class _Row:
+    entity_kind: str
+    entity_key: str
+    data: dict[str, Any] | None
+    deleted: bool
+    version: int | None
+    base_data: dict[str, Any] | None
+    pending_record_id: str | None
+    dirty: bool
+
+
+def _loads(text: str | None) -> Any:
+    return json.loads(text) if text is not None else None
+
+
+def _dumps(value: Any) -> str | None:
+    return json.dumps(value, sort_keys=True, separators=(",", ":")) if value is not None else None
 
 
 @dataclass(frozen=True)
@@ -105,6 +199,15 @@ class TillStore:
         if not self.path.exists():
             raise TillStoreError(f"no till here: {self.path} does not exist (run `tillsync till init` first)")
         self._db = self._connect(self.path)
+        self._upgrade()
+
+    def _upgrade(self) -> None:
+        """Bring a store made by an earlier release up to this schema."""
+        self._db.executescript(_SCHEMA)
+        for table, column, declaration in _ADDED_COLUMNS:
+            columns = {r["name"] for r in self._db.execute(f"pragma table_info({table})")}
+            if column not in columns:
+                self._db.execute(f"alter table {table} add column {column} {declaration}")
 
     @staticmethod
     def _connect(path: Path) -> sqlite3.Connection:
@@ -232,6 +335,13 @@ class TillStore:
                 if server_value > int(self._get(key) or 0):
                     self._set(**{key: str(server_value)})
 
+    def queue_name(self) -> str:
+        """The till's download queue as the cloud named it at sign-in."""
+        queue = self._get("queue")
+        if not queue:
+            raise TillStoreError("this till has not signed in yet")
+        return queue
+
     def save_sign_out(self) -> None:
         """Forget the broker credentials; the account, data and outbox stay."""
         with _transaction(self._db):
@@ -247,14 +357,18 @@ class TillStore:
 
     # -- local changes, each with its outbox row -----------------------------
 
-    def _enqueue(self, record: MasterDataRecord | Receipt | ZReport, recorded_at: dt.datetime) -> tuple[UUID, int]:
+    def _enqueue(
+        self, record: MasterDataRecord | Receipt | ZReport, recorded_at: dt.datetime, record_id: UUID | None = None
+    ) -> tuple[UUID, int]:
         if recorded_at.tzinfo is None:
             raise TillStoreError("recorded_at must carry a time zone")
         till_seq = int(self._get("last_till_seq") or 0) + 1
-        record_id = uuid.uuid4()
+        record_id = record_id or uuid.uuid4()
+        # a shared master-data change waits until the till has caught up on its category
+        md_category = record.category if isinstance(record, MasterDataRecord) and record.shared else None
         self._db.execute(
-            "insert into outbox (till_seq, record_id, kind, body, recorded_at) values (?, ?, ?, ?, ?)",
-            (till_seq, str(record_id), record.kind, record.model_dump_json(), recorded_at.isoformat()),
+            "insert into outbox (till_seq, record_id, kind, body, recorded_at, md_category) values (?, ?, ?, ?, ?, ?)",
+            (till_seq, str(record_id), record.kind, record.model_dump_json(), recorded_at.isoformat(), md_category),
         )
         self._set(last_till_seq=str(till_seq))
         return record_id, till_seq
@@ -370,39 +484,393 @@ class TillStore:
         return record_id
 
     def record_masterdata(self, record: MasterDataRecord, recorded_at: dt.datetime) -> UUID:
-        """Store a master-data change (or tombstone) locally and queue it."""
+        """Store a master-data change (or tombstone) of ``record``'s entity and queue it.
+
+        Only the entity, key, data and deletion of ``record`` are used; its base and
+        ``shared`` are set by ``save_masterdata``. Returns the new ``record_id``.
+        """
+        saved = self.save_masterdata(record.entity_kind, record.entity_key, None if record.deleted else record.data, recorded_at)
+        return saved[0]
+
+    # -- master data ------------------------------------------------------------
+
+    def participating_categories(self) -> tuple[MasterDataCategory, ...]:
+        """The master-data categories this till's sync mode receives and so shares."""
+        _, mode, custom = self.sync_settings()
+        return masterdata_categories(SyncMode(mode), CustomSyncFlags.model_validate_json(custom) if custom else None)
+
+    def save_masterdata(
+        self, entity_kind: str, entity_key: str, data: Any | None, recorded_at: dt.datetime
+    ) -> tuple[UUID, MasterDataRecord]:
+        """Record a change of one entity (``data`` an entity model, or None to delete it).
+
+        If the till takes part in master-data sync for the entity's kind, the change is
+        offered to the cloud (``shared``) based on the version the till knows, or on its
+        own change still awaiting a verdict; otherwise it is archived only and the entity
+        is marked as changed locally. Returns ``(record_id, record)``. Raises
+        ``TillStoreError`` for deleting an entity the till does not have.
+        """
         with _transaction(self._db):
-            record_id, _ = self._enqueue(record, recorded_at)
-            self._db.execute(
-                """
-                insert into masterdata (entity_kind, entity_key, data, deleted, updated_at) values (?, ?, ?, ?, ?)
-                on conflict (entity_kind, entity_key) do update set data = excluded.data,
-                    deleted = excluded.deleted, updated_at = excluded.updated_at
-                """,
-                (
-                    record.entity_kind,
-                    record.entity_key,
-                    record.data.model_dump_json() if record.data else None,
-                    int(record.deleted),
-                    recorded_at.isoformat(),
-                ),
+            return self._save_masterdata(entity_kind, entity_key, data, recorded_at)
+
+    def _save_masterdata(
+        self, entity_kind: str, entity_key: str, data: Any | None, recorded_at: dt.datetime, base: _Row | None = None
+    ) -> tuple[UUID, MasterDataRecord]:
+        row = base or self._md_row(entity_kind, entity_key)
+        if data is None and row is None:
+            raise TillStoreError(f"there is no {entity_kind} {entity_key!r} to delete")
+        category = ENTITY_CATEGORY[entity_kind]
+        shared = category in self.participating_categories()
+        record = MasterDataRecord(
+            entity_kind=entity_kind,  # type: ignore[arg-type]
+            entity_key=entity_key,
+            base_version=row.version if row else None,
+            base_record_id=UUID(row.pending_record_id) if shared and row and row.pending_record_id else None,
+            shared=shared,
+            deleted=data is None,
+            data=data,
+        )
+        record_id, _ = self._enqueue(record, recorded_at)
+        payload = data.model_dump(mode="json") if data is not None else None
+        self._db.execute(
+            """
+            insert into masterdata (entity_kind, entity_key, data, deleted, updated_at, pending_record_id, dirty, category)
+            values (?, ?, ?, ?, ?, ?, ?, ?)
+            on conflict (entity_kind, entity_key) do update set data = excluded.data, deleted = excluded.deleted,
+                updated_at = excluded.updated_at, pending_record_id = excluded.pending_record_id,
+                dirty = excluded.dirty, category = excluded.category
+            """,
+            (
+                entity_kind,
+                entity_key,
+                _dumps(payload),
+                int(data is None),
+                recorded_at.isoformat(),
+                str(record_id) if shared else (row.pending_record_id if row else None),
+                0 if shared else 1,
+                category,
+            ),
+        )
+        return record_id, record
+
+    def _md_row(self, entity_kind: str, entity_key: str) -> _Row | None:
+        r = self._db.execute(
+            "select * from masterdata where entity_kind = ? and entity_key = ?", (entity_kind, entity_key)
+        ).fetchone()
+        if r is None:
+            return None
+        return _Row(
+            r["entity_kind"], r["entity_key"], _loads(r["data"]), bool(r["deleted"]), r["version"],
+            _loads(r["base_data"]), r["pending_record_id"], bool(r["dirty"]),
+        )
+
+    def _write_cloud_state(self, state: EntityState, pending_record_id: str | None = None) -> None:
+        """Make the cloud's ``state`` the till's value of the entity (version and base too)."""
+        data = _dumps(state.data.model_dump(mode="json")) if state.data is not None else None
+        self._db.execute(
+            """
+            insert into masterdata
+                (entity_kind, entity_key, data, deleted, version, updated_at, base_data, pending_record_id, dirty, category)
+            values (?, ?, ?, ?, ?, ?, ?, ?, 0, ?)
+            on conflict (entity_kind, entity_key) do update set data = excluded.data, deleted = excluded.deleted,
+                version = excluded.version, updated_at = excluded.updated_at, base_data = excluded.base_data,
+                pending_record_id = excluded.pending_record_id, dirty = 0, category = excluded.category
+            """,
+            (
+                state.entity_kind, state.entity_key, data, int(state.deleted), state.version,
+                dt.datetime.now(dt.UTC).isoformat(), data, pending_record_id, state.category,
+            ),
+        )
+
+    def _note_difference(self, row: _Row, state: EntityState | None, reason: str) -> None:
+        self._db.execute(
+            """
+            insert into masterdata_differences (entity_kind, entity_key, local_data, local_deleted, cloud_version,
+                cloud_data, cloud_deleted, reason, detected_at)
+            values (?, ?, ?, ?, ?, ?, ?, ?, ?)
+            on conflict (entity_kind, entity_key) do update set local_data = excluded.local_data,
+                local_deleted = excluded.local_deleted, cloud_version = excluded.cloud_version,
+                cloud_data = excluded.cloud_data, cloud_deleted = excluded.cloud_deleted, reason = excluded.reason,
+                detected_at = excluded.detected_at
+            """,
+            (
+                row.entity_kind, row.entity_key, _dumps(row.data), int(row.deleted),
+                state.version if state else None,
+                _dumps(state.data.model_dump(mode="json")) if state and state.data is not None else None,
+                int(state.deleted) if state else 1, reason, dt.datetime.now(dt.UTC).isoformat(),
+            ),
+        )
+
+    def _is_own_record(self, record_id: UUID) -> bool:
+        return self._db.execute("select 1 from outbox where record_id = ?", (str(record_id),)).fetchone() is not None
+
+    def _apply_state(self, state: EntityState, till_id: UUID | None) -> str:
+        """Apply one cloud state (feed entry or catch-up entity); returns what happened."""
+        row = self._md_row(state.entity_kind, state.entity_key)
+        if row is None:
+            self._write_cloud_state(state)
+            return "applied"
+        if row.version is not None and state.version <= row.version:
+            return "known"
+        cloud = state.data.model_dump(mode="json") if state.data is not None else None
+        same = row.deleted == state.deleted and row.data == cloud
+        if state.till_id == till_id and self._is_own_record(state.record_id):
+            return self._own_change_accepted(row, state)
+        if row.pending_record_id is not None and row.version is not None:
+            return "pending"  # the verdict on the till's own change decides
+        if row.pending_record_id is not None or row.dirty:
+            # the till's own value, never based on this cloud version: the cloud's wins
+            if not same:
+                self._note_difference(
+                    row, state,
+                    "this till has its own value for an entity the cloud already had; the cloud's value is kept",
+                )
+            self._write_cloud_state(state, pending_record_id=row.pending_record_id)
+            return "kept_cloud" if not same else "adopted"
+        self._write_cloud_state(state)
+        return "applied"
+
+    def _own_change_accepted(self, row: _Row, state: EntityState) -> str:
+        if row.version is not None and state.version <= row.version:
+            return "known"
+        base = _dumps(state.data.model_dump(mode="json")) if state.data is not None else None
+        pending = None if row.pending_record_id == str(state.record_id) else row.pending_record_id
+        self._db.execute(
+            "update masterdata set version = ?, base_data = ?, pending_record_id = ? where entity_kind = ? and entity_key = ?",
+            (state.version, base, pending, state.entity_kind, state.entity_key),
+        )
+        return "accepted"
+
+    def feed_position(self, category: str) -> int:
+        """The last feed_seq of ``category`` this till has applied (0: none)."""
+        return int(self._get(f"feed_seq.{category}") or 0)
+
+    def caught_up(self, category: str) -> bool:
+        """Whether the till has caught up on ``category`` since it started receiving it."""
+        return self._get(f"feed_caught_up.{category}") == "1"
+
+    def held_categories(self) -> tuple[MasterDataCategory, ...]:
+        """Categories whose shared changes wait in the outbox until the till has caught up."""
+        return tuple(c for c in self.participating_categories() if not self.caught_up(c))
+
+    def start_receiving(self, categories: Iterable[str]) -> None:
+        """Mark ``categories`` as newly received: shared changes wait for their catch-up."""
+        with _transaction(self._db):
+            for c in categories:
+                self._set(**{f"feed_caught_up.{c}": "0"})
+
+    def apply_feed_entry(self, entry: FeedEntry, till_id: UUID | None) -> str:
+        """Apply one feed entry and advance the category's feed position to it."""
+        with _transaction(self._db):
+            outcome = self._apply_state(entry.entity, till_id)
+            self._set(**{f"feed_seq.{entry.category}": str(entry.entity.feed_seq)})
+        return outcome
+
+    def apply_catchup_page(self, page: CatchUpPage, till_id: UUID | None) -> int:
+        """Apply a catch-up page; the last one also sets the feed position and submits the
+        entities changed here while the till did not take part (see ``_submit_dirty``).
+        Returns the number of new records queued."""
+        with _transaction(self._db):
+            for state in page.entries:
+                self._apply_state(state, till_id)
+            if not page.done:
+                return 0
+            position = max(self.feed_position(page.category), page.head_feed_seq)
+            self._set(**{f"feed_seq.{page.category}": str(position), f"feed_caught_up.{page.category}": "1"})
+            return self._submit_dirty(page.category)
+
+    def _submit_dirty(self, category: str) -> int:
+        """Offer the entities changed while the till did not take part in ``category`` to the
+        cloud, based on the version the till knows (a conflict if the cloud moved on)."""
+        if category not in self.participating_categories():
+            return 0
+        rows = self._db.execute(
+            "select entity_kind, entity_key from masterdata where dirty = 1 and category = ?", (category,)
+        ).fetchall()
+        now = dt.datetime.now(dt.UTC)
+        for r in rows:
+            row = self._md_row(r["entity_kind"], r["entity_key"])
+            assert row is not None
+            data = None if row.deleted else ENTITY_ADAPTER.validate_python(row.data)
+            if data is None and row.version is None:
+                continue  # created and deleted locally, never known to the cloud: nothing to share
+            self._save_masterdata(row.entity_kind, row.entity_key, data, now, base=row)
+        return len(rows)
+
+    def apply_accepted(self, state: EntityState) -> str:
+        """The cloud accepted this till's change ``state.record_id`` as ``state.version``."""
+        with _transaction(self._db):
+            row = self._md_row(state.entity_kind, state.entity_key)
+            if row is None:
+                self._write_cloud_state(state)
+                return "applied"
+            return self._own_change_accepted(row, state)
+
+    def apply_not_shared(self, record_id: UUID) -> str:
+        """The cloud archived this till's change but did not share it (mode changed meanwhile)."""
+        with _transaction(self._db):
+            cur = self._db.execute(
+                "update masterdata set pending_record_id = null, dirty = 1 where pending_record_id = ?", (str(record_id),)
             )
-        return record_id
+            return "marked_local" if cur.rowcount else "superseded"
+
+    def apply_conflict(self, conflict: MasterDataConflict) -> str:
+        """The cloud refused this till's change; rebase it, or keep the cloud's value and list it.
+
+        Returns ``superseded`` (a later change of the till is pending: its verdict
+        decides), ``adopted`` (same content), ``rebased`` (re-queued on top of the
+        cloud's version), ``resubmitted`` (the cloud has no such entity) or
+        ``kept_cloud`` (listed in ``differences()``).
+        """
+        with _transaction(self._db):
+            row = self._md_row(conflict.entity_kind, conflict.entity_key)
+            if row is None or row.pending_record_id != str(conflict.record_id):
+                return "superseded"
+            current = conflict.current
+            now = dt.datetime.now(dt.UTC)
+            if current is None:
+                data = None if row.deleted else ENTITY_ADAPTER.validate_python(row.data)
+                if data is None:
+                    self._db.execute(
+                        "update masterdata set pending_record_id = null where entity_kind = ? and entity_key = ?",
+                        (row.entity_kind, row.entity_key),
+                    )
+                    return "adopted"
+                self._save_masterdata(row.entity_kind, row.entity_key, data, now, base=_Row(**{**row.__dict__, "version": None, "pending_record_id": None}))
+                return "resubmitted"
+            cloud = current.data.model_dump(mode="json") if current.data is not None else None
+            if row.deleted == current.deleted and row.data == cloud:
+                self._write_cloud_state(current)
+                self._db.execute(
+                    "delete from masterdata_differences where entity_kind = ? and entity_key = ?",
+                    (row.entity_kind, row.entity_key),
+                )
+                return "adopted"
+            merged = rebase(row.base_data if row.version is not None else None, None if row.deleted else row.data, cloud)
+            if merged is not None and merged != cloud:
+                self._write_cloud_state(current)
+                rebased = self._md_row(row.entity_kind, row.entity_key)
+                self._save_masterdata(row.entity_kind, row.entity_key, ENTITY_ADAPTER.validate_python(merged), now, base=rebased)
+                return "rebased"
+            if merged is None:
+                self._note_difference(row, current, conflict.reason)
+            self._write_cloud_state(current)
+            return "kept_cloud" if merged is None else "adopted"
+
+    def differences(self) -> list[Difference]:
+        """Entities whose till value differs from the cloud's and awaits the owner's choice."""
+        rows = self._db.execute("select * from masterdata_differences order by entity_kind, entity_key").fetchall()
+        return [
+            Difference(
+                r["entity_kind"], r["entity_key"], _loads(r["local_data"]), bool(r["local_deleted"]), r["cloud_version"],
+                _loads(r["cloud_data"]), bool(r["cloud_deleted"]), r["reason"], dt.datetime.fromisoformat(r["detected_at"]),
+            )
+            for r in rows
+        ]
+
+    def resolve_difference(self, entity_kind: str, entity_key: str, keep: str, at: dt.datetime) -> UUID | None:
+        """Settle one listed difference: ``keep="cloud"`` drops the till's value,
+        ``keep="till"`` uploads it as a new change on top of the cloud's version.
+
+        Returns the new record's id (``till``) or None (``cloud``). Raises
+        ``TillStoreError`` if no such difference is listed or ``keep`` is neither.
+        """
+        if keep not in ("cloud", "till"):
+            raise TillStoreError(f"keep must be 'cloud' or 'till', not {keep!r}")
+        with _transaction(self._db):
+            diff = self._db.execute(
+                "select * from masterdata_differences where entity_kind = ? and entity_key = ?", (entity_kind, entity_key)
+            ).fetchone()
+            if diff is None:
+                raise TillStoreError(f"no difference is listed for {entity_kind} {entity_key!r}")
+            self._db.execute(
+                "delete from masterdata_differences where entity_kind = ? and entity_key = ?", (entity_kind, entity_key)
+            )
+            if keep == "cloud":
+                return None
+            data = None if diff["local_deleted"] else ENTITY_ADAPTER.validate_python(_loads(diff["local_data"]))
+            row = self._md_row(entity_kind, entity_key)
+            if data is None and (row is None or row.deleted):
+                return None  # deleted on both sides already
+            record_id, _ = self._save_masterdata(entity_kind, entity_key, data, at, base=row)
+            return record_id
 
     def masterdata(self, entity_kind: str) -> list[dict[str, Any]]:
-        """Live entities of one kind as dicts."""
+        """Live entities of one kind as dicts, by key."""
         rows = self._db.execute(
             "select data from masterdata where entity_kind = ? and not deleted order by entity_key", (entity_kind,)
         ).fetchall()
         return [json.loads(r["data"]) for r in rows]
 
+    def entity(self, entity_kind: str, entity_key: str) -> dict[str, Any] | None:
+        """One entity as ``{data, deleted, version, pending, dirty}``, or None if unknown."""
+        row = self._md_row(entity_kind, entity_key)
+        if row is None:
+            return None
+        return {
+            "data": row.data, "deleted": row.deleted, "version": row.version,
+            "pending": row.pending_record_id is not None, "dirty": row.dirty,
+        }
+
+    def masterdata_counts(self) -> dict[str, int]:
+        """Live entities per kind."""
+        rows = self._db.execute("select entity_kind, count(*) as n from masterdata where not deleted group by entity_kind")
+        return {r["entity_kind"]: r["n"] for r in rows}
+
+    def masterdata_state_hash(self, categories: Iterable[str] = MASTERDATA_CATEGORIES) -> str:
+        """SHA-256 (hex) of the canonical JSON (RFC 8785) of every entity of ``categories``:
+        kind, key, version, deletion and data. Two tills with the same hash have the same master data."""
+        wanted = set(categories)
+        rows = self._db.execute(
+            "select entity_kind, entity_key, version, deleted, data from masterdata order by entity_kind, entity_key"
+        ).fetchall()
+        state = [
+            [r["entity_kind"], r["entity_key"], r["version"], bool(r["deleted"]), _loads(r["data"])]
+            for r in rows
+            if ENTITY_CATEGORY[r["entity_kind"]] in wanted
+        ]
+        return hashlib.sha256(rfc8785.dumps(state)).hexdigest()
+
+    # -- local-only settings ------------------------------------------------------
+
+    def set_local_setting(self, key: str, value: str) -> None:
+        """Store a setting that never leaves the till (printer, display, default stock location)."""
+        if not is_local_only_setting(key):
+            raise TillStoreError(f"{key!r} is not a local-only setting")
+        with _transaction(self._db):
+            self._db.execute(
+                "insert into local_settings (key, value) values (?, ?) on conflict (key) do update set value = excluded.value",
+                (key, value),
+            )
+
+    def local_settings(self) -> dict[str, str]:
+        return {r["key"]: r["value"] for r in self._db.execute("select key, value from local_settings order by key")}
+
     # -- outbox ---------------------------------------------------------------
 
+    def upload_kinds(self) -> tuple[str, ...]:
+        """The record kinds this till uploads (the upload switches of the custom mode)."""
+        _, mode, custom = self.sync_settings()
+        return upload_kinds(SyncMode(mode), CustomSyncFlags.model_validate_json(custom) if custom else None)
+
     def unsent(self, limit: int) -> list[OutboxRow]:
-        """Up to ``limit`` unsent outbox rows in ``till_seq`` order."""
+        """Up to ``limit`` unsent outbox rows to upload now, in ``till_seq`` order.
+
+        Held back (they stay queued): kinds whose upload switch is off (custom mode),
+        and shared master-data changes of a category the till has not caught up on yet.
+        """
+        kinds = self.upload_kinds()
+        if not kinds:
+            return []
+        held = self.held_categories()
+        not_held = f"and (md_category is null or md_category not in ({','.join('?' * len(held))}))" if held else ""
         rows = self._db.execute(
-            "select till_seq, record_id, kind, body, recorded_at from outbox where sent_at is null order by till_seq limit ?",
-            (limit,),
+            f"""
+            select till_seq, record_id, kind, body, recorded_at from outbox
+            where sent_at is null and kind in ({",".join("?" * len(kinds))}) {not_held}
+            order by till_seq limit ?
+            """,
+            (*kinds, *held, limit),
         ).fetchall()
         return [
             OutboxRow(r["till_seq"], UUID(r["record_id"]), r["kind"], r["body"], dt.datetime.fromisoformat(r["recorded_at"]))
@@ -416,6 +884,16 @@ class TillStore:
         now = dt.datetime.now(dt.UTC).isoformat()
         with _transaction(self._db):
             self._db.executemany("update outbox set sent_at = ? where till_seq = ?", [(now, s) for s in till_seqs])
+
+    def held_by_switches(self) -> int:
+        """Unsent rows of kinds whose upload switch is off (custom mode): kept, not uploaded."""
+        kinds = self.upload_kinds()
+        if not kinds:
+            return self.outbox_counts()[0]
+        return self._db.execute(
+            f"select count(*) from outbox where sent_at is null and kind not in ({','.join('?' * len(kinds))})",
+            kinds,
+        ).fetchone()[0]
 
     def outbox_counts(self) -> tuple[int, int]:
         """``(pending, sent)`` row counts of the outbox."""

@@ -1,8 +1,9 @@
 """The till agent: a till's local recording plus its link to the tillsync cloud.
 
-Recording (``sell``, ``close_day``, ``save_entity``, ``delete_entity``) is local and
-works without network; it only writes the store (record + outbox row in one
-transaction). ``start_sync``/``stop_sync`` run the outbox relay in the background.
+Recording (``sell``, ``close_day``, ``save_entity``, ``delete_entity``, ``save_setting``)
+is local and works without network; it only writes the store (record + outbox row in
+one transaction). ``start_sync``/``stop_sync`` run the outbox relay in the background,
+which also receives the master data of the other tills (``relay.feed``).
 Account actions (``create_account``, ``sign_in``, ``sign_out``, ``set_sync_mode``)
 are requests to the account service through the shared sign-up broker user.
 """
@@ -29,6 +30,8 @@ from shared.models import (
     ErrorReply,
     MasterDataEntity,
     MasterDataRecord,
+    SharedSetting,
+    is_local_only_setting,
     Receipt,
     SetSyncMode,
     SignedIn,
@@ -43,7 +46,7 @@ from shared.settings import BaseTillsyncSettings
 from shared.topology import ACCOUNT_EXCHANGE, ACCOUNT_SERVICE_ROUTING_KEY, SIGNUP_USER
 from till_agent.booking import SaleLine, closed_receipt, z_report
 from till_agent.relay import OutboxRelay, RelayStatus
-from till_agent.store import TillStore, TillStoreError
+from till_agent.store import Difference, TillStore, TillStoreError
 
 DEFAULT_SIGNUP_PASSWORD = "tillsync-signup"
 
@@ -174,7 +177,14 @@ class Till:
             SetSyncMode(till_id=till_id, till_secret=secret, sync_enabled=sync_enabled, sync_mode=mode, custom=custom)
         )
         assert isinstance(reply.reply, SyncModeSet)
+        before = set(self.store.participating_categories())
         self.store.save_sync_mode(sync_enabled, mode.value, custom.model_dump_json() if custom else None)
+        # categories received from now on are caught up first; shared changes wait for that
+        self.store.start_receiving(c for c in self.store.participating_categories() if c not in before)
+        self.relay.feed.refresh()
+        self.relay.wake()
+        if not sync_enabled:
+            await self.relay.disconnect()
         return reply.reply
 
     # -- local recording --------------------------------------------------------
@@ -219,23 +229,47 @@ class Till:
         self.relay.wake()
         return report
 
-    def save_entity(self, entity: MasterDataEntity, at: dt.datetime, base_version: int | None = None) -> MasterDataRecord:
-        """Record a new or changed master-data entity."""
-        record = MasterDataRecord(
-            entity_kind=entity.entity, entity_key=entity.key, base_version=base_version, data=entity
-        )
-        self.store.record_masterdata(record, at)
+    def save_entity(self, entity: MasterDataEntity, at: dt.datetime) -> MasterDataRecord:
+        """Record a new or changed master-data entity (based on the version the till knows).
+
+        A ``SharedSetting`` with a local-only key (printer, display, default stock
+        location) is refused by the model with ``ValueError``; use ``save_setting``.
+        """
+        _, record = self.store.save_masterdata(entity.entity, entity.key, entity, at)
         self.relay.wake()
         return record
 
-    def delete_entity(self, entity_kind: str, entity_key: str, at: dt.datetime, base_version: int | None = None) -> MasterDataRecord:
-        """Record the deletion (tombstone) of a master-data entity."""
-        record = MasterDataRecord(
-            entity_kind=entity_kind, entity_key=entity_key, base_version=base_version, deleted=True  # type: ignore[arg-type]
-        )
-        self.store.record_masterdata(record, at)
+    def delete_entity(self, entity_kind: str, entity_key: str, at: dt.datetime) -> MasterDataRecord:
+        """Record the deletion (tombstone) of a master-data entity; ``TillStoreError`` if unknown."""
+        _, record = self.store.save_masterdata(entity_kind, entity_key, None, at)
         self.relay.wake()
         return record
+
+    def save_setting(self, key: str, value: str, at: dt.datetime) -> bool:
+        """Save a setting: local-only ones (``printer.*``, ``display.*``,
+        ``stock.default_location``) stay on this till; any other is a shared setting.
+        Returns True if the setting is shared (uploaded) and False if it stays local."""
+        if is_local_only_setting(key):
+            self.store.set_local_setting(key, value)
+            return False
+        self.save_entity(SharedSetting(setting_key=key, value=value), at)
+        return True
+
+    def differences(self) -> list[Difference]:
+        """Master data whose till value differs from the cloud's, awaiting the owner's choice."""
+        return self.store.differences()
+
+    def resolve(self, keep: str, at: dt.datetime, entity_kind: str | None = None, entity_key: str | None = None) -> int:
+        """Settle listed differences (one, or all if no entity is named): ``keep`` is
+        ``"cloud"`` or ``"till"`` (upload the till's value as a new change). Returns how
+        many were settled. Raises ``TillStoreError`` for an entity that is not listed."""
+        if (entity_kind is None) != (entity_key is None):
+            raise TillStoreError("name both the kind and the key of the entity, or neither for all")
+        targets = [(entity_kind, entity_key)] if entity_kind else [(d.entity_kind, d.entity_key) for d in self.differences()]
+        for kind, key in targets:
+            self.store.resolve_difference(kind, key, keep, at)  # type: ignore[arg-type]
+        self.relay.wake()
+        return len(targets)
 
     # -- sync --------------------------------------------------------------------
 

@@ -6,6 +6,7 @@ Errors are printed as one sentence naming what is wrong, with exit code 1.
 from __future__ import annotations
 
 import asyncio
+import importlib
 import datetime as dt
 import functools
 import json
@@ -34,7 +35,7 @@ from shared.settings import BrokerSettings
 from shared.topology import TOPOLOGY, dead_letter_queue_name, definitions
 from tillsync.bakery import BakeryFormatError, read_export
 from tillsync.demo import DemoError, DemoSettings, run_demo, summary_table
-from tillsync.processes import ServiceStartError
+from tillsync.processes import SERVICES, ServiceStartError
 from tillsync.setup import SetupError, SetupSettings, setup
 from till_agent.booking import SaleLine
 from till_agent.store import TillStore, TillStoreError
@@ -129,17 +130,13 @@ def setup_command() -> None:
 
 @app.command("service")
 def service_command(
-    name: str = typer.Argument(..., help="account-service or archive-writer"),
+    name: str = typer.Argument(..., help="account-service, archive-writer or masterdata-broadcaster"),
 ) -> None:
     """Run one service in the foreground until SIGINT/SIGTERM."""
-    if name == "account-service":
-        from services.account_service.main import run
-    elif name == "archive-writer":
-        from services.archive_writer.main import run
-    else:
-        _error_line(f"unknown service {name!r}; known: account-service, archive-writer")
+    if name not in SERVICES:
+        _error_line(f"unknown service {name!r}; known: {', '.join(SERVICES)}")
         raise typer.Exit(2)
-    run()
+    importlib.import_module(f"{SERVICES[name]}.main").run()
 
 
 @topology_app.command("export")

@@ -20,6 +20,7 @@ from pathlib import Path
 SERVICES = {
     "account-service": "services.account_service",
     "archive-writer": "services.archive_writer",
+    "masterdata-broadcaster": "services.masterdata_broadcaster",
 }
 
 

@@ -14,7 +14,7 @@ from shared.amqp import connect
 from shared.broker_admin import BrokerAdmin, BrokerAdminError
 from shared.db import ensure_database, migrate
 from shared.settings import ServiceSettings
-from shared.topology import SIGNUP_PERMISSIONS, SIGNUP_USER, declare
+from shared.topology import OBSOLETE_BINDINGS, SIGNUP_PERMISSIONS, SIGNUP_USER, declare
 from till_agent.till import DEFAULT_SIGNUP_PASSWORD
 
 
@@ -58,7 +58,11 @@ async def setup(settings: SetupSettings) -> list[str]:
         done.append(f"vhost {settings.vhost!r} with sign-up user {SIGNUP_USER!r}")
     connection = await connect(settings.amqp_url, "tillsync-setup", robust=False)
     try:
-        await declare(await connection.channel())
+        channel = await connection.channel()
+        await declare(channel)
+        for binding in OBSOLETE_BINDINGS:
+            queue = await channel.get_queue(binding.destination, ensure=False)
+            await queue.unbind(binding.source, routing_key=binding.routing_key)
     finally:
         await connection.close()
     done.append("topology declared")

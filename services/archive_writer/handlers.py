@@ -20,35 +20,12 @@ import rfc8785
 
 from shared.consumer import Delivery
 from shared.models import Upload
-from shared.topology import till_broker_user, upload_routing_key
+from shared.uploads import sender_problem
 
 
 def content_sha256(upload: Upload) -> bytes:
     """SHA-256 of the upload's canonical JSON (RFC 8785), the identity of its content."""
     return hashlib.sha256(rfc8785.dumps(upload.model_dump(mode="json"))).digest()
-
-
-def sender_problem(delivery: Delivery[Upload]) -> str | None:
-    """Why the message cannot be from the till its body names, or None if it is."""
-    upload = delivery.body
-    expected_user = till_broker_user(upload.till_id)
-    if delivery.user_id != expected_user:
-        return f"user_id {delivery.user_id!r} is not the till's broker user {expected_user!r}"
-    expected_key = upload_routing_key(upload.account_id, upload.till_id, upload.record.kind)
-    if delivery.routing_key != expected_key:
-        return f"routing key {delivery.routing_key!r} does not match the record ({expected_key!r})"
-    return None
-
-
-def upload_log_context(upload: Upload) -> dict[str, Any]:
-    """Fields bound to each upload's log line."""
-    return {
-        "account_id": str(upload.account_id),
-        "till_id": str(upload.till_id),
-        "record_id": str(upload.record_id),
-        "till_seq": upload.till_seq,
-        "kind": upload.record.kind,
-    }
 
 
 _INSERT = """

@@ -7,7 +7,7 @@ import asyncio
 import structlog
 from pydantic import Field
 
-from services.archive_writer.handlers import archive_uploads, upload_log_context
+from services.archive_writer.handlers import archive_uploads
 from shared.amqp import connect
 from shared.consumer import ConsumeAdapter
 from shared.db import create_pool
@@ -15,6 +15,7 @@ from shared.logging import configure_logging
 from shared.models import UPLOAD_ADAPTER
 from shared.service import run_until_signal
 from shared.settings import ServiceSettings
+from shared.uploads import upload_log_context
 from shared.topology import ARCHIVE_WRITER_QUEUE
 
 SERVICE_NAME = "archive-writer"

@@ -12,13 +12,15 @@ from services.account_service.main import AccountServiceSettings
 from services.account_service.main import main as account_service_main
 from services.archive_writer.main import ArchiveWriterSettings
 from services.archive_writer.main import main as archive_writer_main
+from services.masterdata_broadcaster.main import BroadcasterSettings
+from services.masterdata_broadcaster.main import main as broadcaster_main
 from tests.support import Environment
 
 pytestmark = pytest.mark.integration
 
 
 class RunningServices:
-    """The account service and archive writer as tasks of this event loop."""
+    """The account service, archive writer and master-data broadcaster as tasks of this event loop."""
 
     def __init__(self, env: Environment) -> None:
         self.env = env
@@ -32,12 +34,14 @@ class RunningServices:
             **common, signin_free_attempts=3, signin_base_delay_seconds=2.0, signin_max_delay_seconds=4.0
         )
         self.writer_settings = ArchiveWriterSettings(**common, batch_size=100, batch_window_seconds=0.02)
+        self.broadcaster_settings = BroadcasterSettings(**common, catchup_page_size=100)
         self.tasks: list[asyncio.Task[None]] = []
 
     async def start(self) -> None:
         self.tasks = [
             asyncio.create_task(account_service_main(self.account_settings, self.stop)),
             asyncio.create_task(archive_writer_main(self.writer_settings, self.stop)),
+            asyncio.create_task(broadcaster_main(self.broadcaster_settings, self.stop)),
         ]
         await asyncio.sleep(0.5)
         for task in self.tasks:

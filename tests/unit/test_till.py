@@ -48,7 +48,7 @@ def test_deleting_an_entity_queues_a_tombstone_offline(tmp_path: Path) -> None:
     till = Till(store, TillSettings(cloud_amqp_url="amqp://u:p@127.0.0.1:1/tillsync"))
     now = dt.datetime.now(dt.UTC)
     till.save_entity(Article(article_nr="7", text="Brezel", unit_price=95, vat_key=2), now)
-    tombstone = till.delete_entity("article", "7", now, base_version=1)
+    tombstone = till.delete_entity("article", "7", now)
     assert tombstone.deleted and tombstone.data is None
     assert store.masterdata("article") == []  # gone locally
     assert [kind for _, _, kind in store.recorded()] == ["masterdata", "masterdata"]

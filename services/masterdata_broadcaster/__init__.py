@@ -1,0 +1,1 @@
+"""The master-data broadcaster: judges master-data changes, keeps the feed, serves catch-ups."""

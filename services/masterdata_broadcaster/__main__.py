@@ -1,0 +1,3 @@
+from services.masterdata_broadcaster.main import run
+
+run()

@@ -1,0 +1,400 @@
+"""Master-data broadcaster handlers: judge changes, keep the feed, serve catch-ups.
+
+Rules (DESIGN.md §3, server-authoritative master data with optimistic concurrency):
+- a change offered for sharing (``record.shared``) by a till whose sync mode receives
+  that kind is accepted only if it is based on the entity's current version (or, for
+  a till's chain of not-yet-judged changes, on its own previous change), or creates a
+  key the account has never had; a deleted key stays known as a tombstone;
+- an accepted change gets the entity's next ``version`` and the account's next
+  ``feed_seq`` (gapless per account); it is broadcast to ``<account>.<category>`` and
+  the originating till is told the new version;
+- any other change is a conflict: not applied, kept in ``masterdata_conflicts`` (the
+  record itself is in the archive), and the originating till gets the cloud's current
+  state;
+- a change from a till whose mode does not take part in that kind is archived only
+  and the till is told so.
+A redelivered change is recognised by its ``record_id`` and its messages are sent
+again (tills apply them idempotently).
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass
+from typing import Any
+from uuid import UUID
+
+import asyncpg
+import structlog
+
+from shared.consumer import Delivery
+from shared.models import (
+    ENTITY_CATEGORY,
+    CatchUpPage,
+    CatchUpRequest,
+    CustomSyncFlags,
+    Download,
+    EntityState,
+    FeedEntry,
+    MasterDataAccepted,
+    MasterDataConflict,
+    MasterDataNotShared,
+    MasterDataRecord,
+    SyncMode,
+    Upload,
+)
+from shared.topology import (
+    DOWNLOAD_EXCHANGE,
+    catchup_routing_key,
+    download_routing_key,
+    masterdata_categories,
+    till_broker_user,
+    till_direct_routing_key,
+)
+from shared.uploads import sender_problem
+
+log = structlog.get_logger()
+
+CATCHUP_PAGE_SIZE = 1000  # entities per catch-up page (a page of articles is ~250 kB)
+
+
+def state_from_row(row: asyncpg.Record | dict[str, Any]) -> EntityState:
+    """An ``EntityState`` from a row of ``masterdata_entities`` or ``masterdata_feed``."""
+    return EntityState(
+        entity_kind=row["entity_kind"],
+        entity_key=row["entity_key"],
+        version=row["version"],
+        deleted=row["deleted"],
+        data=row["data"],
+        feed_seq=row["feed_seq"],
+        record_id=row["record_id"],
+        till_id=row["till_id"],
+    )
+
+
+def judge(record: MasterDataRecord, current: EntityState | None) -> str | None:
+    """Why ``record`` may not be applied on top of ``current``, or None if it may.
+
+    Accepted: a new key (``base_version`` and ``base_record_id`` both None); a change
+    whose ``base_version`` is the current version; a change whose ``base_record_id`` is
+    the record that made the current version (the till's own earlier change).
+    """
+    what = f"{record.entity_kind} {record.entity_key!r}"
+    if current is None:
+        if record.base_version is None and record.base_record_id is None:
+            return None
+        if record.base_record_id is not None:
+            return f"based on the till's change {record.base_record_id}, which was not applied; {what} does not exist"
+        return f"based on version {record.base_version}, but {what} does not exist in the cloud"
+    now = f"version {current.version}{' (deleted)' if current.deleted else ''}"
+    if record.base_record_id is not None:
+        if current.record_id == record.base_record_id:
+            return None
+        return f"based on the till's change {record.base_record_id}, but the cloud's current {now} of {what} is another change"
+    if record.base_version is None:
+        return f"{what} already exists in the cloud ({now}); a new entity may not replace it"
+    if record.base_version == current.version:
+        return None
+    return f"based on version {record.base_version} of {what}, but the cloud's current version is {now}"
+
+
+def _download(account_id: UUID, message: Any) -> Download:
+    return Download(account_id=account_id, message=message)
+
+
+@dataclass
+class _Till:
+    account_id: UUID
+    mode: SyncMode
+    custom: CustomSyncFlags | None
+
+
+async def broadcast_masterdata(deliveries: list[Delivery[Upload]], conn: asyncpg.Connection) -> None:
+    """Consume-adapter handler: judge a batch of master-data uploads in upload order."""
+    candidates: list[Delivery[Upload]] = []
+    seen: set[UUID] = set()
+    for d in deliveries:
+        problem = sender_problem(d)
+        record = d.body.record
+        if problem:
+            d.refuse(problem, outcome="wrong_sender")
+        elif not isinstance(record, MasterDataRecord):
+            d.refuse(f"a {record.kind} record is not master data", outcome="invalid")
+        elif not record.shared:
+            d.outcome = "archived_only"
+        elif d.body.record_id in seen:
+            d.outcome = "duplicate"
+        else:
+            seen.add(d.body.record_id)
+            candidates.append(d)
+    if not candidates:
+        return
+    tills = {
+        r["till_id"]: _Till(
+            r["account_id"], SyncMode(r["sync_mode"]), CustomSyncFlags.model_validate(r["custom_flags"]) if r["custom_flags"] else None
+        )
+        for r in await conn.fetch(
+            "select till_id, account_id, sync_mode, custom_flags from tills where till_id = any($1::uuid[])",
+            list({d.body.till_id for d in candidates}),
+        )
+    }
+    fresh = await _repeats(candidates, conn)
+    by_account: dict[UUID, list[Delivery[Upload]]] = defaultdict(list)
+    for d in fresh:
+        u = d.body
+        record = u.record
+        assert isinstance(record, MasterDataRecord)
+        till = tills.get(u.till_id)
+        if till is None or till.account_id != u.account_id:
+            d.refuse(f"till {u.till_id} is not a till of account {u.account_id}", outcome="unknown_till")
+            continue
+        if record.category not in masterdata_categories(till.mode, till.custom):
+            reason = (
+                f"the till's sync mode ({till.mode.value}) does not take part in {record.category}; "
+                "the change is archived but not shared"
+            )
+            d.emit(DOWNLOAD_EXCHANGE, till_direct_routing_key(u.account_id, u.till_id),
+                   _download(u.account_id, MasterDataNotShared(record_id=u.record_id, reason=reason)))
+            d.outcome = "not_shared"
+            continue
+        by_account[u.account_id].append(d)
+    for account_id, group in by_account.items():
+        await _judge_account(account_id, group, conn)
+
+
+async def _repeats(deliveries: list[Delivery[Upload]], conn: asyncpg.Connection) -> list[Delivery[Upload]]:
+    """Send the messages of changes judged before again; return the deliveries not judged yet."""
+    ids = [d.body.record_id for d in deliveries]
+    accepted = {r["record_id"]: r for r in await conn.fetch("select * from masterdata_feed where record_id = any($1::uuid[])", ids)}
+    conflicted = {
+        r["record_id"]: r
+        for r in await conn.fetch(
+            """
+            select c.record_id, c.reason, c.base_version, e.entity_kind is not null as exists, e.*
+            from masterdata_conflicts c
+            left join masterdata_entities e
+              on e.account_id = c.account_id and e.entity_kind = c.entity_kind and e.entity_key = c.entity_key
+            where c.record_id = any($1::uuid[])
+            """,
+            ids,
+        )
+    }
+    fresh = []
+    for d in deliveries:
+        u = d.body
+        record = u.record
+        assert isinstance(record, MasterDataRecord)
+        if u.record_id in accepted:
+            row = accepted[u.record_id]
+            state = state_from_row(row)
+            d.emit(DOWNLOAD_EXCHANGE, download_routing_key(u.account_id, row["category"]),
+                   _download(u.account_id, FeedEntry(category=row["category"], prev_feed_seq=row["prev_feed_seq"], entity=state)))
+            d.emit(DOWNLOAD_EXCHANGE, till_direct_routing_key(u.account_id, u.till_id),
+                   _download(u.account_id, MasterDataAccepted(record_id=u.record_id, entity=state)))
+            d.outcome = "repeat_accepted"
+        elif u.record_id in conflicted:
+            row = conflicted[u.record_id]
+            d.emit(DOWNLOAD_EXCHANGE, till_direct_routing_key(u.account_id, u.till_id),
+                   _download(u.account_id, MasterDataConflict(
+                       record_id=u.record_id, entity_kind=record.entity_kind, entity_key=record.entity_key,
+                       base_version=record.base_version, reason=row["reason"],
+                       current=state_from_row(row) if row["exists"] else None)))
+            d.outcome = "repeat_conflict"
+        else:
+            fresh.append(d)
+    return fresh
+
+
+_ENTITIES = """
+select * from masterdata_entities
+where account_id = $1 and (entity_kind, entity_key) in (select * from unnest($2::text[], $3::text[]))
+for update
+"""
+
+_UPSERT_ENTITIES = """
+insert into masterdata_entities
+    (account_id, entity_kind, entity_key, category, version, deleted, data, feed_seq, record_id, till_id)
+select $1, * from unnest($2::text[], $3::text[], $4::text[], $5::bigint[], $6::boolean[], $7::jsonb[],
+                         $8::bigint[], $9::uuid[], $10::uuid[])
+on conflict (account_id, entity_kind, entity_key) do update set
+    category = excluded.category, version = excluded.version, deleted = excluded.deleted, data = excluded.data,
+    feed_seq = excluded.feed_seq, record_id = excluded.record_id, till_id = excluded.till_id, changed_at = now()
+"""
+
+_INSERT_FEED = """
+insert into masterdata_feed
+    (account_id, feed_seq, prev_feed_seq, category, entity_kind, entity_key, version, deleted, data, record_id, till_id)
+select $1, * from unnest($2::bigint[], $3::bigint[], $4::text[], $5::text[], $6::text[], $7::bigint[], $8::boolean[],
+                         $9::jsonb[], $10::uuid[], $11::uuid[])
+"""
+
+
+async def _judge_account(account_id: UUID, deliveries: list[Delivery[Upload]], conn: asyncpg.Connection) -> None:
+    # The account's feed row is locked first: one judge per account at a time, so
+    # feed_seq stays gapless and the category heads consistent.
+    last_feed_seq = await conn.fetchval(
+        """
+        insert into account_feeds as f (account_id, last_feed_seq) values ($1, 0)
+        on conflict (account_id) do update set last_feed_seq = f.last_feed_seq
+        returning last_feed_seq
+        """,
+        account_id,
+    )
+    heads = {r["category"]: r["last_feed_seq"] for r in await conn.fetch(
+        "select category, last_feed_seq from feed_category_heads where account_id = $1", account_id)}
+    records = [d.body.record for d in deliveries]
+    current: dict[tuple[str, str], EntityState] = {
+        (r["entity_kind"], r["entity_key"]): state_from_row(r)
+        for r in await conn.fetch(
+            _ENTITIES, account_id, [r.entity_kind for r in records], [r.entity_key for r in records]  # type: ignore[union-attr]
+        )
+    }
+    feed: list[tuple[EntityState, int, str]] = []
+    conflicts: list[tuple[Any, ...]] = []
+    for d in deliveries:
+        u = d.body
+        record = u.record
+        assert isinstance(record, MasterDataRecord)
+        key = (record.entity_kind, record.entity_key)
+        now = current.get(key)
+        reason = judge(record, now)
+        direct = till_direct_routing_key(account_id, u.till_id)
+        if reason is not None:
+            conflicts.append((u.record_id, account_id, u.till_id, record.entity_kind, record.entity_key,
+                              record.base_version, record.base_record_id, now.version if now else None, reason))
+            d.emit(DOWNLOAD_EXCHANGE, direct, _download(account_id, MasterDataConflict(
+                record_id=u.record_id, entity_kind=record.entity_kind, entity_key=record.entity_key,
+                base_version=record.base_version, reason=reason, current=now)))
+            d.outcome = "conflict"
+            d.log["reason"] = reason
+            continue
+        last_feed_seq += 1
+        category = record.category
+        prev = heads.get(category, 0)
+        heads[category] = last_feed_seq
+        state = EntityState(
+            entity_kind=record.entity_kind, entity_key=record.entity_key, version=(now.version + 1) if now else 1,
+            deleted=record.deleted, data=record.data, feed_seq=last_feed_seq, record_id=u.record_id, till_id=u.till_id,
+        )
+        current[key] = state
+        feed.append((state, prev, category))
+        d.emit(DOWNLOAD_EXCHANGE, download_routing_key(account_id, category),
+               _download(account_id, FeedEntry(category=category, prev_feed_seq=prev, entity=state)))
+        d.emit(DOWNLOAD_EXCHANGE, direct, _download(account_id, MasterDataAccepted(record_id=u.record_id, entity=state)))
+        d.outcome = "accepted"
+        d.log["version"] = state.version
+    if feed:
+        await conn.execute("update account_feeds set last_feed_seq = $2 where account_id = $1", account_id, last_feed_seq)
+        await conn.execute(
+            """
+            insert into feed_category_heads (account_id, category, last_feed_seq)
+            select $1, * from unnest($2::text[], $3::bigint[])
+            on conflict (account_id, category) do update set last_feed_seq = excluded.last_feed_seq
+            """,
+            account_id, list(heads), list(heads.values()),
+        )
+        latest = {(s.entity_kind, s.entity_key): s for s, _, _ in feed}.values()
+        datas = [s.data.model_dump(mode="json") if s.data else None for s in latest]
+        await conn.execute(
+            _UPSERT_ENTITIES, account_id, [s.entity_kind for s in latest], [s.entity_key for s in latest],
+            [ENTITY_CATEGORY[s.entity_kind] for s in latest], [s.version for s in latest], [s.deleted for s in latest],
+            datas, [s.feed_seq for s in latest], [s.record_id for s in latest], [s.till_id for s in latest],
+        )
+        await conn.execute(
+            _INSERT_FEED, account_id, [s.feed_seq for s, _, _ in feed], [p for _, p, _ in feed], [c for _, _, c in feed],
+            [s.entity_kind for s, _, _ in feed], [s.entity_key for s, _, _ in feed], [s.version for s, _, _ in feed],
+            [s.deleted for s, _, _ in feed], [s.data.model_dump(mode="json") if s.data else None for s, _, _ in feed],
+            [s.record_id for s, _, _ in feed], [s.till_id for s, _, _ in feed],
+        )
+    if conflicts:
+        await conn.executemany(
+            """
+            insert into masterdata_conflicts
+                (record_id, account_id, till_id, entity_kind, entity_key, base_version, base_record_id, current_version, reason)
+            values ($1, $2, $3, $4, $5, $6, $7, $8, $9)
+            on conflict (record_id) do nothing
+            """,
+            conflicts,
+        )
+
+
+# ---------------------------------------------------------------------------
+# Catch-up
+
+
+def catchup_problem(delivery: Delivery[CatchUpRequest]) -> str | None:
+    """Why a catch-up request cannot be from the till it names, or None."""
+    request = delivery.body
+    expected_user = till_broker_user(request.till_id)
+    if delivery.user_id != expected_user:
+        return f"user_id {delivery.user_id!r} is not the till's broker user {expected_user!r}"
+    expected_key = catchup_routing_key(request.account_id, request.till_id)
+    if delivery.routing_key != expected_key:
+        return f"routing key {delivery.routing_key!r} does not match the request ({expected_key!r})"
+    return None
+
+
+def catchup_log_context(request: CatchUpRequest) -> dict[str, Any]:
+    return {
+        "account_id": str(request.account_id),
+        "till_id": str(request.till_id),
+        "request_id": str(request.request_id),
+        "since": dict(request.since),
+    }
+
+
+async def serve_catchups(
+    deliveries: list[Delivery[CatchUpRequest]], conn: asyncpg.Connection, page_size: int = CATCHUP_PAGE_SIZE
+) -> None:
+    """Consume-adapter handler: answer catch-up requests with compacted pages.
+
+    All pages of one request are read in one REPEATABLE READ snapshot, so the last
+    page's ``head_feed_seq`` is exactly where the till's state now stands; entries
+    accepted later reach the till as feed entries after it.
+    """
+    await conn.execute("set transaction isolation level repeatable read, read only")
+    for d in deliveries:
+        request = d.body
+        problem = catchup_problem(d)
+        if problem:
+            d.refuse(problem, outcome="wrong_sender")
+            continue
+        known = await conn.fetchval(
+            "select true from tills where till_id = $1 and account_id = $2", request.till_id, request.account_id
+        )
+        if not known:
+            d.refuse(f"till {request.till_id} is not a till of account {request.account_id}", outcome="unknown_till")
+            continue
+        direct = till_direct_routing_key(request.account_id, request.till_id)
+        sent = 0
+        for category, since in request.since.items():
+            total = await conn.fetchval(
+                "select count(*) from masterdata_entities where account_id = $1 and category = $2 and feed_seq > $3",
+                request.account_id, category, since,
+            )
+            head = await conn.fetchval(
+                "select last_feed_seq from feed_category_heads where account_id = $1 and category = $2",
+                request.account_id, category,
+            ) or 0
+            cursor, page = since, 1
+            while True:
+                rows = await conn.fetch(
+                    """
+                    select * from masterdata_entities
+                    where account_id = $1 and category = $2 and feed_seq > $3
+                    order by feed_seq limit $4
+                    """,
+                    request.account_id, category, cursor, page_size,
+                )
+                done = len(rows) < page_size
+                entries = tuple(state_from_row(r) for r in rows)
+                d.emit(DOWNLOAD_EXCHANGE, direct, _download(request.account_id, CatchUpPage(
+                    request_id=request.request_id, category=category, page=page, total_entries=total,
+                    entries=entries, done=done, head_feed_seq=max(head, since))))
+                sent += len(entries)
+                if done:
+                    break
+                cursor = rows[-1]["feed_seq"]
+                page += 1
+        d.outcome = "served"
+        d.log["entries"] = sent
