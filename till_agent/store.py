@@ -740,11 +740,7 @@ class TillStore:
                 return "resubmitted"
             cloud = current.data.model_dump(mode="json") if current.data is not None else None
             if row.deleted == current.deleted and row.data == cloud:
-                self._write_cloud_state(current)
-                self._db.execute(
-                    "delete from masterdata_differences where entity_kind = ? and entity_key = ?",
-                    (row.entity_kind, row.entity_key),
-                )
+                self._write_cloud_state(current)  # a difference listed earlier stays for the owner
                 return "adopted"
             merged = rebase(row.base_data if row.version is not None else None, None if row.deleted else row.data, cloud)
             if merged is not None and merged != cloud:
