@@ -158,3 +158,21 @@ def sell(till: Till, count: int = 1, unit_price: int = 250) -> None:
             cashier=Cashier(cashier_id="1", name="Anna"),
             at=now,
         )
+
+
+async def take_dead_letters(env: Environment, queue: str) -> list:  # type: ignore[type-arg]
+    """Take (ack) every message now in the dead-letter queue of service queue ``queue``."""
+    import aio_pika
+
+    from shared.topology import dead_letter_queue_name
+
+    connection = await aio_pika.connect(env.settings.amqp_url)
+    try:
+        channel = await connection.channel()
+        dlq = await channel.get_queue(dead_letter_queue_name(queue))
+        taken = []
+        while (message := await dlq.get(fail=False, no_ack=True)) is not None:
+            taken.append(message)
+        return taken
+    finally:
+        await connection.close()

@@ -13,8 +13,8 @@ import pytest
 from shared.amqp import ORIGINAL_USER_HEADER, REASON_HEADER
 from shared.fiscal import PaymentType, VatKey
 from shared.models import Cashier, Upload
-from shared.topology import ARCHIVE_WRITER_QUEUE, UPLOAD_EXCHANGE, dead_letter_queue_name, upload_routing_key
-from tests.support import STRONG_PASSWORD, new_account_name, new_till, wait_until
+from shared.topology import ARCHIVE_WRITER_QUEUE, UPLOAD_EXCHANGE, upload_routing_key
+from tests.support import STRONG_PASSWORD, new_account_name, new_till, take_dead_letters, wait_until
 from till_agent.booking import SaleLine, closed_receipt
 
 pytestmark = pytest.mark.integration
@@ -86,16 +86,7 @@ async def archived(env, record_id):  # type: ignore[no-untyped-def]
 
 async def dead_letters(env) -> list[aio_pika.abc.AbstractIncomingMessage]:  # type: ignore[no-untyped-def]
     """Take every message now in the archive writer's dead-letter queue."""
-    connection = await aio_pika.connect(env.settings.amqp_url)
-    try:
-        channel = await connection.channel()
-        queue = await channel.get_queue(dead_letter_queue_name(ARCHIVE_WRITER_QUEUE))
-        taken = []
-        while (message := await queue.get(fail=False, no_ack=True)) is not None:
-            taken.append(message)
-        return taken
-    finally:
-        await connection.close()
+    return await take_dead_letters(env, ARCHIVE_WRITER_QUEUE)
 
 
 async def wait_for_dead_letter(env, predicate, what: str):  # type: ignore[no-untyped-def]
