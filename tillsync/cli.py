@@ -30,7 +30,7 @@ from shared.broker_admin import BrokerAdmin, BrokerAdminError
 from shared.consumer import validation_summary
 from shared.fiscal import PaymentType, VatKey
 from shared.logging import configure_logging
-from shared.models import MAX_CENTS, MAX_QUANTITY, Article, Cashier, CustomSyncFlags, SyncMode
+from shared.models import ENTITY_ADAPTER, ENTITY_KINDS, MAX_CENTS, MAX_QUANTITY, Article, Cashier, CustomSyncFlags, SyncMode
 from shared.settings import BrokerSettings
 from shared.topology import TOPOLOGY, dead_letter_queue_name, definitions
 from tillsync.bakery import BakeryFormatError, read_export
@@ -316,16 +316,23 @@ def till_mode(
 @_friendly
 def till_add_article(
     article_nr: str = typer.Option(..., "--nr"),
-    text: str = typer.Option(...),
-    price_cents: int = typer.Option(..., help="gross unit price in cents"),
-    vat_key: int = typer.Option(1, help="DSFinV-K UST_SCHLUESSEL (1 = 19 %, 2 = 7 % ...)"),
+    text: Optional[str] = typer.Option(None, help="article text (required for a new article)"),
+    price_cents: Optional[int] = typer.Option(None, help="gross unit price in cents (required for a new article)"),
+    vat_key: Optional[int] = typer.Option(None, help="DSFinV-K UST_SCHLUESSEL (1 = 19 %, 2 = 7 % ...; new: 1)"),
+    group: Optional[str] = typer.Option(None, help="article group number"),
     data_dir: Optional[Path] = DataDir,
 ) -> None:
-    """Add or change an article in the till's master data."""
+    """Add an article, or change the given fields of an existing one."""
     till = _open_till(data_dir)
-    article = Article(article_nr=article_nr, text=text, unit_price=price_cents, vat_key=VatKey(vat_key))
-    till.save_entity(article, dt.datetime.now(dt.UTC))
-    out.print(f"article {article_nr} saved")
+    existing = till.store.entity("article", article_nr)
+    current = existing["data"] if existing and not existing["deleted"] else None
+    if current is None and (text is None or price_cents is None):
+        raise ValueError(f"article {article_nr} is new: give --text and --price-cents")
+    fields = dict(current or {"article_nr": article_nr, "vat_key": 1})
+    fields.update({k: v for k, v in (("text", text), ("unit_price", price_cents), ("vat_key", vat_key),
+                                    ("article_group_nr", group)) if v is not None})
+    till.save_entity(Article.model_validate(fields), dt.datetime.now(dt.UTC))
+    out.print(f"article {article_nr} {'changed' if current else 'saved'}")
 
 
 @till_app.command("import-articles")
@@ -403,48 +410,198 @@ def till_close_day(
     out.print(f"Z-report {report.z_nr} for {business_day}: {report.receipt_count} receipts, {report.total / 100:.2f} EUR")
 
 
+@till_app.command("sync")
+@_friendly
+def till_sync(
+    timeout: float = typer.Option(120.0, help="give up after this many seconds"),
+    data_dir: Optional[Path] = DataDir,
+) -> None:
+    """Sync now: catch up on the other tills' master data and upload the outbox.
+
+    Shows progress bars; exits 1 if the till is not caught up or records remain."""
+    till = _open_till(data_dir)
+    identity = till.store.identity()
+    pending, _ = till.store.outbox_counts()
+    if not identity.signed_in:
+        raise RuntimeError(f"this till is signed out; {pending} records wait for the next sign-in")
+    enabled, mode, _ = till.store.sync_settings()
+    if not enabled:
+        raise RuntimeError(f"the sync switch is off; {pending} records wait. Turn it on: `tillsync till mode {mode} --sync`")
+    categories = till.store.participating_categories()
+
+    def done() -> bool:
+        status = till.status()
+        feed = till.relay.feed.status()
+        return (
+            status.pending - status.held == 0
+            and not feed.catching_up
+            and all(till.store.caught_up(c) for c in categories)
+        )
+
+    async def body() -> Any:
+        till.start_sync()
+        columns = (TextColumn("{task.description}"), BarColumn(), TextColumn("{task.fields[info]}", markup=False), TimeElapsedColumn())
+        with Progress(*columns, console=out) as progress:
+            upload = progress.add_task("Uploading", total=max(pending, 1), info="")
+            download = progress.add_task("Master data", total=None, info="", visible=bool(categories))
+            deadline = asyncio.get_running_loop().time() + timeout
+            while True:
+                await asyncio.sleep(0.1)
+                last = till.status()
+                feed = till.relay.feed.status()
+                received = sum(r for r, _ in feed.catching_up.values())
+                total = sum(t or 0 for _, t in feed.catching_up.values())
+                progress.update(
+                    upload, total=max(pending, last.pending, 1), completed=max(pending, last.pending) - last.pending,
+                    info=f"{last.pending} pending ({last.held} held by the upload switches), "
+                    f"{last.rate_per_second:.0f}/s {last.state} {last.detail}",
+                )
+                progress.update(
+                    download, total=total or None, completed=received,
+                    info=f"catching up on {', '.join(feed.catching_up)}" if feed.catching_up else "up to date",
+                )
+                hopeless = last.state == "offline" and "credentials refused" in last.detail
+                if done() or hopeless or asyncio.get_running_loop().time() > deadline:
+                    break
+        await till.stop_sync()
+        return last
+
+    last = asyncio.run(body())
+    if not done():
+        hint = "; sign in again" if "credentials refused" in last.detail else ""
+        behind = [c for c in categories if not till.store.caught_up(c)]
+        raise RuntimeError(
+            f"not in sync: {last.pending - last.held} records to upload, master data behind in "
+            f"{', '.join(behind) or 'nothing'} ({last.state}: {last.detail}){hint}"
+        )
+    differences = len(till.differences())
+    out.print(
+        f"in sync: all records uploaded{f' ({last.held} held by the upload switches)' if last.held else ''}"
+        + (f"; master data up to date ({', '.join(categories)})" if categories else "")
+        + (f"; {differences} master-data differences to decide: `tillsync till differences`" if differences else "")
+    )
+
+
 @till_app.command("upload")
 @_friendly
 def till_upload(
     timeout: float = typer.Option(120.0, help="give up after this many seconds"),
     data_dir: Optional[Path] = DataDir,
 ) -> None:
-    """Upload the outbox now, with a progress bar; exit 1 if records remain."""
+    """Same as `till sync`: upload the outbox (and catch up on master data)."""
+    till_sync(timeout=timeout, data_dir=data_dir)
+
+
+ENTITY_KIND_HELP = "article, article_group, customer, cashier, discount, payment_type, vat_rate or shared_setting"
+
+
+@till_app.command("masterdata")
+@_friendly
+def till_masterdata(
+    kind: str = typer.Argument("article", help=ENTITY_KIND_HELP),
+    data_dir: Optional[Path] = DataDir,
+) -> None:
+    """List the till's master data of one kind with the cloud version each is based on."""
+    if kind not in ENTITY_KINDS:
+        raise ValueError(f"unknown kind {kind!r}; one of: {ENTITY_KIND_HELP}")
     till = _open_till(data_dir)
-    pending, _ = till.store.outbox_counts()
-    if not till.store.identity().signed_in:
-        raise RuntimeError(f"this till is signed out; {pending} records wait for the next sign-in")
-    if pending == 0:
-        out.print("nothing to upload")
+    rows = till.store.masterdata(kind)
+    table = Table(title=f"{kind}: {len(rows)}")
+    table.add_column("key")
+    table.add_column("data")
+    table.add_column("version", justify="right")
+    table.add_column("state")
+    for data in rows:
+        key = ENTITY_ADAPTER.validate_python(data).key
+        entity = till.store.entity(kind, key) or {}
+        state = "waiting for the cloud" if entity.get("pending") else "changed here, not shared" if entity.get("dirty") else ""
+        shown = {k: v for k, v in data.items() if k != "entity"}
+        table.add_row(key, json.dumps(shown, ensure_ascii=False), str(entity.get("version") or "-"), state)
+    out.print(table)
+
+
+@till_app.command("delete")
+@_friendly
+def till_delete(
+    kind: str = typer.Argument(..., help=ENTITY_KIND_HELP),
+    key: str = typer.Argument(..., help="the entity's key, e.g. the article number"),
+    data_dir: Optional[Path] = DataDir,
+) -> None:
+    """Delete a master-data entity (a tombstone: no till can bring it back by mistake)."""
+    if kind not in ENTITY_KINDS:
+        raise ValueError(f"unknown kind {kind!r}; one of: {ENTITY_KIND_HELP}")
+    till = _open_till(data_dir)
+    entity = till.store.entity(kind, key)
+    if entity is None or entity["deleted"]:
+        raise TillStoreError(f"there is no {kind} {key!r} on this till")
+    till.delete_entity(kind, key, dt.datetime.now(dt.UTC))
+    out.print(f"{kind} {key} deleted")
+
+
+@till_app.command("setting")
+@_friendly
+def till_setting(
+    key: str = typer.Argument(..., help="e.g. receipt.footer (shared) or printer.model (stays on this till)"),
+    value: str = typer.Argument(...),
+    data_dir: Optional[Path] = DataDir,
+) -> None:
+    """Save a setting. Printer, display and default stock location settings stay on this till."""
+    till = _open_till(data_dir)
+    shared = till.save_setting(key, value, dt.datetime.now(dt.UTC))
+    out.print(f"setting {key} saved " + ("(shared with the account's tills)" if shared else "(local to this till, never uploaded)"))
+
+
+def _short(data: dict[str, Any] | None, deleted: bool, other: dict[str, Any] | None) -> str:
+    """The fields of ``data`` that differ from ``other`` (all if ``other`` is None)."""
+    if deleted or data is None:
+        return "(deleted)"
+    fields = {k: v for k, v in data.items() if k != "entity" and (other is None or other.get(k) != v)}
+    return json.dumps(fields, ensure_ascii=False)
+
+
+@till_app.command("differences")
+@_friendly
+def till_differences(data_dir: Optional[Path] = DataDir) -> None:
+    """List the master data whose value on this till differs from the cloud's.
+
+    The till uses the cloud's value until you decide: `tillsync till resolve`."""
+    till = _open_till(data_dir)
+    differences = till.differences()
+    if not differences:
+        out.print("no differences: this till's master data agrees with the cloud")
         return
+    table = Table(title=f"{len(differences)} master-data differences (the cloud's value is in use)")
+    for column in ("kind", "key", "this till", "cloud", "why"):
+        table.add_column(column)
+    for d in differences:
+        table.add_row(
+            d.entity_kind, d.entity_key, _short(d.local_data, d.local_deleted, d.cloud_data),
+            _short(d.cloud_data, d.cloud_deleted, d.local_data) + f" v{d.cloud_version or '-'}", d.reason,
+        )
+    out.print(table)
+    out.print("decide with: tillsync till resolve --keep cloud|till (KIND KEY | --all)")
 
-    async def body() -> Any:
-        till.start_sync()
-        last = till.status()
-        with Progress(
-            TextColumn("Uploading"), BarColumn(), TextColumn("{task.fields[info]}", markup=False), TimeElapsedColumn(), console=out
-        ) as progress:
-            task = progress.add_task("upload", total=pending, info="")
-            deadline = asyncio.get_running_loop().time() + timeout
-            while True:
-                last = till.status()
-                progress.update(
-                    task,
-                    completed=pending - last.pending,
-                    info=f"{last.pending} pending, {last.rate_per_second:.0f}/s {last.state} {last.detail}",
-                )
-                hopeless = last.state == "offline" and "credentials refused" in last.detail
-                if last.pending == 0 or hopeless or asyncio.get_running_loop().time() > deadline:
-                    break
-                await asyncio.sleep(0.1)
-        await till.stop_sync()
-        return last
 
-    last = asyncio.run(body())
-    if last.pending:
-        hint = "; sign in again" if "credentials refused" in last.detail else ""
-        raise RuntimeError(f"{last.pending} records still pending ({last.state}: {last.detail}){hint}")
-    out.print("all records uploaded")
+@till_app.command("resolve")
+@_friendly
+def till_resolve(
+    kind: Optional[str] = typer.Argument(None, help=ENTITY_KIND_HELP),
+    key: Optional[str] = typer.Argument(None),
+    keep: str = typer.Option(..., help="cloud: drop this till's value; till: upload it as a new change"),
+    all_: bool = typer.Option(False, "--all", help="decide every listed difference the same way"),
+    data_dir: Optional[Path] = DataDir,
+) -> None:
+    """Decide listed master-data differences: keep the cloud's value or upload the till's."""
+    if keep not in ("cloud", "till"):
+        raise ValueError("--keep must be 'cloud' or 'till'")
+    if all_ == (kind is not None):
+        raise ValueError("name one entity (KIND KEY) or give --all")
+    if kind is not None and key is None:
+        raise ValueError("give the key of the entity after its kind")
+    till = _open_till(data_dir)
+    count = till.resolve(keep, dt.datetime.now(dt.UTC), kind, key)
+    what = "kept the cloud's value" if keep == "cloud" else "queued this till's value as a new change (sync to upload)"
+    out.print(f"{count} difference(s) settled: {what}")
 
 
 @till_app.command("status")
@@ -455,6 +612,7 @@ def till_status(data_dir: Optional[Path] = DataDir) -> None:
     identity = till.store.identity()
     enabled, mode, _ = till.store.sync_settings()
     pending, sent = till.store.outbox_counts()
+    held = till.store.held_by_switches()
     table = Table(show_header=False)
     for key, value in (
         ("till", f"{identity.till_name} ({identity.serial_number})"),
@@ -462,7 +620,12 @@ def till_status(data_dir: Optional[Path] = DataDir) -> None:
         ("till id", str(identity.till_id or "-")),
         ("signed in", "yes" if identity.signed_in else "no"),
         ("sync", f"{'on' if enabled else 'off'}, mode {mode}"),
-        ("outbox", f"{pending} pending, {sent} sent"),
+        ("outbox", f"{pending} pending, {sent} sent" + (f", {held} held by the upload switches" if held else "")),
+        ("master data", ", ".join(f"{n} {kind}" for kind, n in sorted(till.store.masterdata_counts().items())) or "none"),
+        ("master-data sync", ", ".join(
+            f"{c} at feed {till.store.feed_position(c)}{'' if till.store.caught_up(c) else ' (not caught up)'}"
+            for c in till.store.participating_categories()) or "none (mode does not receive master data)"),
+        ("differences", f"{len(till.differences())} to decide" if till.differences() else "none"),
     ):
         table.add_row(key, value)
     out.print(table)
