@@ -808,6 +808,10 @@ class TillStore:
             "pending": row.pending_record_id is not None, "dirty": row.dirty,
         }
 
+    def pending_masterdata(self) -> int:
+        """Entities with a change of this till still waiting for the cloud's verdict."""
+        return self._db.execute("select count(*) from masterdata where pending_record_id is not null").fetchone()[0]
+
     def masterdata_counts(self) -> dict[str, int]:
         """Live entities per kind."""
         rows = self._db.execute("select entity_kind, count(*) as n from masterdata where not deleted group by entity_kind")

@@ -1,11 +1,15 @@
 """The main job: a bakery's real sales replayed through two tills into the archive.
 
 Steps: prepare database and broker (``tillsync setup``); start the services (unless
-they run already, e.g. under docker compose); create an account; sign in two tills;
-till 1 records the master data derived from the file; both tills replay the tickets
-(rules in ``tillsync.bakery``) and close each business day with a Z-report; till 2 is
-offline for the middle part of the replay and catches up afterwards; wait until
-every outbox is empty and every record is archived; compare archive and input.
+they run already, e.g. under docker compose); create an account; sign in two tills in
+mode ``archive_masterdata``; till 1 records the master data derived from the file and
+till 2 receives it; both tills replay the tickets (rules in ``tillsync.bakery``) and
+close each business day with a Z-report; till 2 is offline for the middle part of the
+replay and catches up afterwards. While it is offline both tills change the same two
+articles: on one, different fields (rebased automatically when till 2 is back), on
+the other the same price (the cloud's value is kept and till 2 lists the difference).
+Finally wait until every outbox is empty, every record is archived and both tills
+hold the same master data; compare archive and input.
 """
 
 from __future__ import annotations
@@ -36,6 +40,7 @@ from tillsync.setup import SetupSettings, setup
 from till_agent.booking import SaleLine
 from till_agent.store import TillStore
 from till_agent.till import Till, TillSettings
+from shared.models import SyncMode
 
 OFFLINE_FROM = 0.30  # till 2 goes offline at 30 % of the replay ...
 OFFLINE_UNTIL = 0.60  # ... and comes back at 60 %
@@ -71,6 +76,9 @@ class DemoReport:
     archived_total_cents: int
     offline_till: str
     receipts_recorded_offline: int
+    masterdata_same_on_all_tills: bool
+    masterdata_rebased: int
+    masterdata_differences_listed: int
     seconds: float
     run_dir: str
     ok: bool = field(init=False)
@@ -83,6 +91,7 @@ class DemoReport:
             and self.content_mismatches == 0
             and self.receipts_archived == self.receipts_in_input
             and self.input_total_cents == self.archived_total_cents
+            and self.masterdata_same_on_all_tills
         )
 
     def as_json(self) -> str:
@@ -150,14 +159,20 @@ async def run_demo(
         await tills[0].create_account(account_name, password)
         for till in tills:
             await till.sign_in(account_name, password)
+            await till.set_sync_mode(True, SyncMode.ARCHIVE_MASTERDATA)
             till.start_sync()
-        console.print(f"Account {account_name}: 2 tills signed in, mode archive")
-        _import_masterdata(tills[0], export)
+        console.print(f"Account {account_name}: 2 tills signed in, mode archive_masterdata")
+        entities = _import_masterdata(tills[0], export)
+        await _wait(lambda: tills[1].store.masterdata_state_hash() == tills[0].store.masterdata_state_hash()
+                    and tills[0].status().pending == 0, settings.drain_timeout_seconds, "till 2 receiving the master data")
+        console.print(f"Till 1 recorded {entities} master-data entities; till 2 received them through the cloud")
         ticket_receipts, offline_count = await _replay(export, tills, console)
         await _drain(tills, settings.drain_timeout_seconds, console)
+        same = await _masterdata_settled(tills, settings.drain_timeout_seconds, console)
         expected = {till.store.identity().till_id: till.store.recorded() for till in tills}
         report = await _verify(
-            settings, export, tills, expected, ticket_receipts, account_name, offline_count, started, run_dir, console
+            settings, export, tills, expected, ticket_receipts, account_name, offline_count, started, run_dir, console,
+            same,
         )
         for till in tills:
             await till.stop_sync()
@@ -171,16 +186,58 @@ async def run_demo(
             process.stop()
 
 
-def _import_masterdata(till: Till, export: BakeryExport) -> None:
+def _import_masterdata(till: Till, export: BakeryExport) -> int:
     at = min(t.at for t in export.tickets) - dt.timedelta(hours=1)
-    for entity in (
-        *VAT_RATES,
-        *PAYMENT_TYPES.values(),
-        *CASHIERS.values(),
-        *ARTICLE_GROUPS.values(),
-        *export.articles.values(),
-    ):
+    entities = (*VAT_RATES, *PAYMENT_TYPES.values(), *CASHIERS.values(), *ARTICLE_GROUPS.values(), *export.articles.values())
+    for entity in entities:
         till.save_entity(entity, at)
+    return len(entities)
+
+
+async def _wait(predicate: Callable[[], bool], timeout_seconds: float, what: str) -> None:
+    deadline = time.monotonic() + timeout_seconds
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise DemoError(f"timed out after {timeout_seconds:.0f} s waiting for {what}")
+        await asyncio.sleep(0.1)
+
+
+def _change_articles_while_offline(tills: list[Till], export: BakeryExport, at: dt.datetime, console: Console) -> None:
+    """Both tills change the same two articles while till 2 is offline (see module docstring)."""
+    online, offline = tills
+    first, second = sorted(export.articles.values(), key=lambda a: a.article_nr)[:2]
+    online.save_entity(first.model_copy(update={"unit_price": first.unit_price + 10}), at)
+    offline.save_entity(first.model_copy(update={"text": f"{first.text} BIO"[:200]}), at)
+    online.save_entity(second.model_copy(update={"unit_price": second.unit_price + 20}), at)
+    offline.save_entity(second.model_copy(update={"unit_price": second.unit_price + 30}), at)
+    console.print(
+        f"While till 2 is offline: till 1 raises the prices of {first.article_nr} and {second.article_nr}; "
+        f"till 2 renames {first.article_nr} and sets another price for {second.article_nr}"
+    )
+
+
+async def _masterdata_settled(tills: list[Till], timeout_seconds: float, console: Console) -> bool:
+    """Wait until both tills hold the same master data with nothing pending; report what happened."""
+    def settled() -> bool:
+        return all(
+            t.status().pending == 0 and not t.relay.feed.status().catching_up and not t.store.pending_masterdata()
+            for t in tills
+        ) and len({t.store.masterdata_state_hash() for t in tills}) == 1
+
+    try:
+        await _wait(settled, min(timeout_seconds, 60.0), "the master data to settle")
+    except DemoError:
+        console.print("The tills' master data did not settle within 60 s")
+        return False
+    console.print("Master data: equal on both tills")
+    for i, till in enumerate(tills, 1):
+        outcomes = till.relay.feed.status().outcomes
+        differences = till.differences()
+        console.print(
+            f"  till {i}: {outcomes.get('rebased', 0)} change(s) rebased, {len(differences)} difference(s) listed"
+            + "".join(f"\n    {d.entity_kind} {d.entity_key}: {d.reason}" for d in differences)
+        )
+    return True
 
 
 async def _replay(export: BakeryExport, tills: list[Till], console: Console) -> tuple[dict[int, tuple[int, UUID]], int]:
@@ -201,6 +258,7 @@ async def _replay(export: BakeryExport, tills: list[Till], console: Console) -> 
             for ticket in tickets:
                 if index == offline_from:
                     await offline.stop_sync()
+                    _change_articles_while_offline(tills, export, ticket.at.astimezone(dt.UTC), progress.console)
                     pending_at_start = offline.store.outbox_counts()[0]
                     progress.console.print(
                         f"Till 2 goes offline at ticket {index + 1} and keeps selling "
@@ -271,6 +329,7 @@ async def _verify(
     started: float,
     run_dir: Path,
     console: Console,
+    masterdata_same: bool,
 ) -> DemoReport:
     account_id = tills[0].store.identity().account_id
     expected_ids = {record_id: kind for records in expected.values() for record_id, _, kind in records}
@@ -313,6 +372,9 @@ async def _verify(
         archived_total_cents=sum(r["payload"]["record"]["total"] for r in zreports),
         offline_till="Kasse 2",
         receipts_recorded_offline=offline_count,
+        masterdata_same_on_all_tills=masterdata_same,
+        masterdata_rebased=sum(t.relay.feed.status().outcomes.get("rebased", 0) for t in tills),
+        masterdata_differences_listed=sum(len(t.differences()) for t in tills),
         seconds=round(time.monotonic() - started, 1),
         run_dir=str(run_dir),
     )

@@ -29,6 +29,9 @@ async def test_a_business_day_is_archived_equal_to_the_input(fresh_env, service_
     assert report.ok
     assert report.receipts_in_input == len(export.tickets) > 100
     assert report.missing == 0 and report.duplicates == 0
+    # both tills edited the same two articles while till 2 was offline: one rebased, one listed
+    assert report.masterdata_same_on_all_tills
+    assert (report.masterdata_rebased, report.masterdata_differences_listed) == (1, 1)
 
     # Independently of the demo's own check: compare the archive with the input file.
     conn = await fresh_env.db()
@@ -61,5 +64,7 @@ async def test_a_business_day_is_archived_equal_to_the_input(fresh_env, service_
     zreports = [r["payload"]["record"] for r in rows if r["kind"] == "zreport"]
     assert len(zreports) == 2 and sum(z["total"] for z in zreports) == sum(t.total for t in export.tickets)
     masterdata = [r["payload"]["record"] for r in rows if r["kind"] == "masterdata"]
-    assert {m["data"]["text"] for m in masterdata if m["entity_kind"] == "article"} == set(export.articles)
+    # every article of the input, plus the rename made on till 2 while it was offline
+    renamed = {f"{a.text} BIO" for a in sorted(export.articles.values(), key=lambda a: a.article_nr)[:1]}
+    assert {m["data"]["text"] for m in masterdata if m["entity_kind"] == "article"} == set(export.articles) | renamed
 
