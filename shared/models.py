@@ -571,7 +571,9 @@ class CatchUpRequest(WireModel):
     """A till asks for every master-data change after ``since[category]`` (a feed_seq).
 
     Published on ``till.upload`` with routing key ``<account_id>.<till_id>.catchup``.
-    The answer is a series of ``CatchUpPage`` messages per category on the till's queue.
+    The answer is the verdicts on ``verdicts_for`` already judged (a verdict published
+    while the till's queue was unbound is not lost), then a series of ``CatchUpPage``
+    messages per category on the till's queue.
     """
 
     schema_version: Literal[1] = SCHEMA_VERSION
@@ -579,6 +581,11 @@ class CatchUpRequest(WireModel):
     account_id: UUID
     till_id: UUID
     since: dict[MasterDataCategory, Count] = Field(min_length=1)
+    verdicts_for: tuple[UUID, ...] = Field(
+        default=(),
+        max_length=1000,
+        description="the till's uploaded changes still without a verdict; the cloud sends the verdicts again",
+    )
 
 
 class CatchUpPage(WireModel):

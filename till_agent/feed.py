@@ -154,6 +154,7 @@ class FeedClient:
             account_id=identity.account_id,
             till_id=identity.till_id,
             since={c: self._store.feed_position(c) for c in categories},  # type: ignore[misc]
+            verdicts_for=tuple(self._store.awaiting_verdicts()),
         )
         for c in categories:
             self._catching_up[c] = CatchUpProgress(request.request_id)

@@ -808,6 +808,17 @@ class TillStore:
             "pending": row.pending_record_id is not None, "dirty": row.dirty,
         }
 
+    def awaiting_verdicts(self, limit: int = 1000) -> list[UUID]:
+        """Shared changes uploaded (confirmed by the broker) whose verdict has not arrived."""
+        rows = self._db.execute(
+            """
+            select m.pending_record_id from masterdata m join outbox o on o.record_id = m.pending_record_id
+            where o.sent_at is not null order by o.till_seq limit ?
+            """,
+            (limit,),
+        )
+        return [UUID(r[0]) for r in rows]
+
     def pending_masterdata(self) -> int:
         """Entities with a change of this till still waiting for the cloud's verdict."""
         return self._db.execute("select count(*) from masterdata where pending_record_id is not null").fetchone()[0]

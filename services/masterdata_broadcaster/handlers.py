@@ -112,7 +112,8 @@ class _Till:
 async def broadcast_masterdata(deliveries: list[Delivery[Upload]], conn: asyncpg.Connection) -> None:
     """Consume-adapter handler: judge a batch of master-data uploads in upload order."""
     candidates: list[Delivery[Upload]] = []
-    seen: set[UUID] = set()
+    seen: dict[UUID, Delivery[Upload]] = {}
+    repeats: list[Delivery[Upload]] = []
     for d in deliveries:
         problem = sender_problem(d)
         record = d.body.record
@@ -123,12 +124,21 @@ async def broadcast_masterdata(deliveries: list[Delivery[Upload]], conn: asyncpg
         elif not record.shared:
             d.outcome = "archived_only"
         elif d.body.record_id in seen:
-            d.outcome = "duplicate"
+            repeats.append(d)  # the same change twice in one batch: judged once, answered twice
         else:
-            seen.add(d.body.record_id)
+            seen[d.body.record_id] = d
             candidates.append(d)
-    if not candidates:
-        return
+    if candidates:
+        await _judge(candidates, conn)
+    for d in repeats:
+        first = seen[d.body.record_id]
+        d.outgoing = list(first.outgoing)
+        d.outcome = f"repeat_{first.outcome}"
+        if first.refused:
+            d.refuse(first.refused, outcome=d.outcome)
+
+
+async def _judge(candidates: list[Delivery[Upload]], conn: asyncpg.Connection) -> None:
     tills = {
         r["till_id"]: _Till(
             r["account_id"], SyncMode(r["sync_mode"]), CustomSyncFlags.model_validate(r["custom_flags"]) if r["custom_flags"] else None
@@ -167,10 +177,10 @@ async def _repeats(deliveries: list[Delivery[Upload]], conn: asyncpg.Connection)
     ids = [d.body.record_id for d in deliveries]
     accepted = {r["record_id"]: r for r in await conn.fetch("select * from masterdata_feed where record_id = any($1::uuid[])", ids)}
     conflicted = {
-        r["record_id"]: r
+        r["conflict_record_id"]: r
         for r in await conn.fetch(
             """
-            select c.record_id, c.reason, c.base_version, e.entity_kind is not null as exists, e.*
+            select c.record_id as conflict_record_id, c.reason, c.base_version, e.entity_kind is not null as exists, e.*
             from masterdata_conflicts c
             left join masterdata_entities e
               on e.account_id = c.account_id and e.entity_kind = c.entity_kind and e.entity_key = c.entity_key
@@ -343,6 +353,35 @@ def catchup_log_context(request: CatchUpRequest) -> dict[str, Any]:
     }
 
 
+async def _resend_verdicts(d: Delivery[CatchUpRequest], conn: asyncpg.Connection, direct: str) -> None:
+    """Send again the verdicts on the till's changes it names (only its own records)."""
+    request = d.body
+    if not request.verdicts_for:
+        return
+    ids = list(request.verdicts_for)
+    for row in await conn.fetch(
+        "select * from masterdata_feed where record_id = any($1::uuid[]) and till_id = $2 and account_id = $3",
+        ids, request.till_id, request.account_id,
+    ):
+        d.emit(DOWNLOAD_EXCHANGE, direct, _download(request.account_id, MasterDataAccepted(record_id=row["record_id"], entity=state_from_row(row))))
+    for row in await conn.fetch(
+        """
+        select c.record_id as conflict_record_id, c.reason, c.base_version, c.entity_kind as conflict_kind,
+               c.entity_key as conflict_key,
+               e.entity_kind is not null as exists, e.*
+        from masterdata_conflicts c
+        left join masterdata_entities e
+          on e.account_id = c.account_id and e.entity_kind = c.entity_kind and e.entity_key = c.entity_key
+        where c.record_id = any($1::uuid[]) and c.till_id = $2 and c.account_id = $3
+        """,
+        ids, request.till_id, request.account_id,
+    ):
+        d.emit(DOWNLOAD_EXCHANGE, direct, _download(request.account_id, MasterDataConflict(
+            record_id=row["conflict_record_id"], entity_kind=row["conflict_kind"], entity_key=row["conflict_key"],
+            base_version=row["base_version"], reason=row["reason"],
+            current=state_from_row(row) if row["exists"] else None)))
+
+
 async def serve_catchups(
     deliveries: list[Delivery[CatchUpRequest]], conn: asyncpg.Connection, page_size: int = CATCHUP_PAGE_SIZE
 ) -> None:
@@ -366,6 +405,7 @@ async def serve_catchups(
             d.refuse(f"till {request.till_id} is not a till of account {request.account_id}", outcome="unknown_till")
             continue
         direct = till_direct_routing_key(request.account_id, request.till_id)
+        await _resend_verdicts(d, conn, direct)
         sent = 0
         for category, since in request.since.items():
             total = await conn.fetchval(

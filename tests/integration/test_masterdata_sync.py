@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 from pathlib import Path
 from uuid import UUID
 
+import aio_pika
 import pytest
 
 from shared.fiscal import VatKey
 from shared.models import Article, Customer, SyncMode
+from shared.topology import DOWNLOAD_EXCHANGE, till_direct_routing_key, till_queue_name
 from tests.support import STRONG_PASSWORD, Environment, new_account_name, new_till, sell, wait_until
 from till_agent.till import Till
 
@@ -327,3 +330,46 @@ def caught_up_to(till: Till, heads: dict[str, int]) -> bool:
 
 async def _head_is(env: Environment, account_id: UUID, head: int) -> bool:
     return await feed_head(env, account_id) == head
+
+
+async def test_a_verdict_lost_while_the_till_queue_was_unbound_is_sent_again(
+    services, env: Environment, tmp_path: Path
+) -> None:
+    account = await new_account(env, tmp_path)
+    first = await join(env, tmp_path, account, SyncMode.ARCHIVE_MASTERDATA, "Kasse 1")
+    second = await join(env, tmp_path, account, SyncMode.ARCHIVE_MASTERDATA, "Kasse 2")
+    try:
+        first.save_entity(bread("V1", 100), now())
+        await wait_until(lambda: price_of(second, "V1") == 100, what="the article on the second till")
+        await second.stop_sync()
+        first.save_entity(bread("V1", 110), now())
+        await wait_until(lambda: first.store.entity("article", "V1")["version"] == 2, what="version 2 accepted")
+        refused, _ = second.store.save_masterdata("article", "V1", bread("V1", 120), now())
+        identity = second.store.identity()
+        direct = till_direct_routing_key(identity.account_id, identity.till_id)
+        connection = await aio_pika.connect(env.settings.amqp_url)
+        try:
+            channel = await connection.channel()
+            queue = await channel.get_queue(till_queue_name(identity.till_id), ensure=False)
+            await queue.unbind(DOWNLOAD_EXCHANGE, routing_key=direct)  # the verdict will find no queue
+            second.start_sync()
+            await wait_until(lambda: _conflict_recorded(env, refused), what="the conflict judged")
+            await asyncio.sleep(0.5)
+            assert second.store.entity("article", "V1")["pending"] and second.differences() == []
+            await queue.bind(DOWNLOAD_EXCHANGE, routing_key=direct)
+        finally:
+            await connection.close()
+        await second.stop_sync()
+        second.start_sync()  # the catch-up request names the change without a verdict
+        await wait_until(lambda: second.differences(), what="the conflict listed after the verdict was sent again")
+        assert price_of(second, "V1") == 110 and not second.store.entity("article", "V1")["pending"]
+    finally:
+        await stop(first, second)
+
+
+async def _conflict_recorded(env: Environment, record_id: UUID) -> bool:
+    conn = await env.db()
+    try:
+        return bool(await conn.fetchval("select 1 from masterdata_conflicts where record_id = $1", record_id))
+    finally:
+        await conn.close()

@@ -168,3 +168,60 @@ async def test_a_catch_up_request_naming_another_till_is_refused(services, env: 
         assert "is not the till's broker user" in letters[0].headers["x-tillsync-reason"]
     finally:
         await stop(asker, victim)
+
+
+async def _take_downloads(env: Environment, till: Till) -> list:  # type: ignore[type-arg]
+    from shared.models import DOWNLOAD_ADAPTER
+    from shared.topology import till_queue_name
+
+    connection = await aio_pika.connect(env.settings.amqp_url)
+    try:
+        channel = await connection.channel()
+        queue = await channel.get_queue(till_queue_name(till.store.identity().till_id), ensure=False)
+        taken = []
+        while (message := await queue.get(fail=False, no_ack=True)) is not None:
+            taken.append(DOWNLOAD_ADAPTER.validate_json(message.body).message)
+        return taken
+    finally:
+        await connection.close()
+
+
+async def test_a_repeated_change_is_judged_once_and_its_verdict_sent_again(services, env: Environment, tmp_path: Path) -> None:
+    account = await new_account(env, tmp_path)
+    till = await join(env, tmp_path, account, SyncMode.ARCHIVE_MASTERDATA, "Kasse 1", start=False)
+    identity = till.store.identity()
+    key = upload_routing_key(identity.account_id, identity.till_id, "masterdata")
+
+    def upload(nr: str, seq: int) -> tuple[str, bytes]:
+        record_id = str(uuid.uuid4())
+        body = {
+            "record_id": record_id, "account_id": str(identity.account_id), "till_id": str(identity.till_id),
+            "till_seq": seq, "recorded_at": now().isoformat(),
+            "record": {"kind": "masterdata", "entity_kind": "article", "entity_key": nr, "shared": True,
+                       "data": bread(nr).model_dump(mode="json")},
+        }
+        return record_id, json.dumps(body).encode()
+
+    accepted_id, accepted = upload("D1", 1)
+    conflict_id, conflicting = upload("D1", 2)  # a second "new" D1: its key exists by then
+    for body in (accepted, conflicting, accepted, conflicting):
+        await _publish_as(env, till, body, key)
+    verdicts: list = []  # type: ignore[type-arg]
+
+    async def four_verdicts() -> bool:
+        verdicts.extend(m for m in await _take_downloads(env, till) if m.type != "feed_entry")
+        return len(verdicts) >= 4
+
+    await wait_until(four_verdicts, what="a verdict for each delivery")
+    assert sorted((v.type, str(v.record_id)) for v in verdicts) == sorted(
+        [("masterdata_accepted", accepted_id)] * 2 + [("masterdata_conflict", conflict_id)] * 2
+    )
+    conflict = next(v for v in verdicts if v.type == "masterdata_conflict")
+    assert conflict.current.version == 1 and str(conflict.current.record_id) == accepted_id
+    conn = await env.db()
+    try:
+        assert await conn.fetchval("select count(*) from masterdata_feed where account_id = $1", identity.account_id) == 1
+        assert await conn.fetchval("select count(*) from masterdata_conflicts where account_id = $1", identity.account_id) == 1
+    finally:
+        await conn.close()
+    till.close()
