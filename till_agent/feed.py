@@ -38,6 +38,8 @@ from till_agent.store import Identity, TillStore
 
 log = structlog.get_logger()
 
+BATCH = 200  # queued messages applied in one store transaction at most
+
 
 @dataclass
 class CatchUpProgress:
@@ -97,25 +99,52 @@ class FeedClient:
         self._refresh.set()
 
     async def run(self, connection: AbstractConnection, identity: Identity, queue_name: str) -> None:
-        """Consume the till's queue until cancelled or the connection fails (raises then)."""
+        """Consume the till's queue until cancelled or the connection fails (raises then).
+
+        Messages that are waiting are applied together, up to ``BATCH`` in one store
+        transaction, and acked together after it committed.
+        """
         self._identity = identity
+        self._reset()
+        channel = await connection.channel(publisher_confirms=True)
+        await channel.set_qos(prefetch_count=2 * BATCH)
+        self._exchange = await channel.get_exchange(UPLOAD_EXCHANGE, ensure=False)
+        queue = await channel.get_queue(queue_name, ensure=False)
+        inbox: asyncio.Queue[AbstractIncomingMessage] = asyncio.Queue()
+        await self._ask(self._store.participating_categories())
+        watcher = asyncio.create_task(self._watch(), name="feed-watch")
+        await queue.consume(inbox.put)
+        try:
+            while True:
+                batch = [await inbox.get()]
+                while len(batch) < BATCH and not inbox.empty():
+                    batch.append(inbox.get_nowait())
+                if watcher.done():
+                    watcher.result()
+                await self._handle_batch(batch)
+        finally:
+            watcher.cancel()
+
+    def _reset(self) -> None:
         self._catching_up.clear()
         self._buffer.clear()
         self._gap_since.clear()
-        channel = await connection.channel(publisher_confirms=True)
-        await channel.set_qos(prefetch_count=100)
-        self._exchange = await channel.get_exchange(UPLOAD_EXCHANGE, ensure=False)
-        queue = await channel.get_queue(queue_name, ensure=False)
-        await self._ask(self._store.participating_categories())
-        watcher = asyncio.create_task(self._watch(), name="feed-watch")
+
+    async def _handle_batch(self, batch: list[AbstractIncomingMessage]) -> None:
+        new_records = False
         try:
-            async with queue.iterator() as messages:
-                async for message in messages:
-                    await self._handle(message)
-                    if watcher.done():
-                        watcher.result()
-        finally:
-            watcher.cancel()
+            with self._store.batch():
+                for message in batch:
+                    new_records = self._handle(message) or new_records
+        except Exception:
+            # nothing of the batch was stored; the feed is the full copy, so start over from
+            # the stored positions (the catch-up also asks for the verdicts again)
+            log.exception("download_batch_failed", size=len(batch))
+            self._reset()
+            await self._ask(self._store.participating_categories())
+        await batch[-1].ack(multiple=True)
+        if new_records:
+            self._on_new_records()
 
     async def _watch(self) -> None:
         """Every 0.25 s: ask for categories with a lasting gap, a stalled or a new catch-up."""
@@ -175,32 +204,29 @@ class FeedClient:
     def _count(self, outcome: str) -> None:
         self._outcomes[outcome] = self._outcomes.get(outcome, 0) + 1
 
-    async def _handle(self, message: AbstractIncomingMessage) -> None:
+    def _handle(self, message: AbstractIncomingMessage) -> bool:
+        """Apply one message (inside the batch's transaction); True if records were queued."""
         try:
             download = DOWNLOAD_ADAPTER.validate_json(message.body)
         except ValidationError as exc:
             log.warning("download_unreadable", message_id=message.message_id, error=str(exc)[:500])
-            await message.ack()
-            return
+            return False
         till_id = self._identity.till_id if self._identity else None
         body = download.message
-        new_records = 0
         if isinstance(body, FeedEntry):
             self._on_entry(body, till_id)
         elif isinstance(body, CatchUpPage):
-            new_records = self._on_page(body, till_id)
+            return self._on_page(body, till_id) > 0
         elif isinstance(body, MasterDataAccepted):
             self._count(self._store.apply_accepted(body.entity))
         elif isinstance(body, MasterDataConflict):
             outcome = self._store.apply_conflict(body)
             self._count(outcome)
-            new_records = outcome in ("rebased", "resubmitted")
             log.info("masterdata_conflict", entity_kind=body.entity_kind, entity_key=body.entity_key, outcome=outcome, reason=body.reason)
+            return outcome in ("rebased", "resubmitted")
         elif isinstance(body, MasterDataNotShared):
             self._count(self._store.apply_not_shared(body.record_id))
-        await message.ack()
-        if new_records:
-            self._on_new_records()
+        return False
 
     def _on_entry(self, entry: FeedEntry, till_id: uuid.UUID | None) -> None:
         c = entry.category

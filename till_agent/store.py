@@ -252,6 +252,12 @@ class TillStore:
     def close(self) -> None:
         self._db.close()
 
+    @contextmanager
+    def batch(self) -> Iterator[None]:
+        """Run several store calls in one transaction (all or nothing, one disk sync)."""
+        with _transaction(self._db):
+            yield
+
     # -- settings -----------------------------------------------------------
 
     def _get(self, key: str) -> str | None:
@@ -922,6 +928,10 @@ class TillStore:
 
 @contextmanager
 def _transaction(db: sqlite3.Connection) -> Iterator[None]:
+    """One SQLite transaction; inside an open one (``TillStore.batch``) it is part of that."""
+    if db.in_transaction:
+        yield
+        return
     db.execute("begin immediate")
     try:
         yield
