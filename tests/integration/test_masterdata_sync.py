@@ -120,14 +120,21 @@ async def archived_articles(env: Environment, nr: str) -> list[dict]:
     return [r["record"] for r in rows]
 
 
-async def test_edits_on_different_fields_while_offline_are_rebased(services, env: Environment, tmp_path: Path) -> None:
+async def two_tills_sharing(env: Environment, tmp_path: Path, article: Article) -> tuple[Till, Till]:
+    """Two master-data tills of a new account that both know ``article`` (version 1); the
+    second is then taken offline."""
     account = await new_account(env, tmp_path)
     online = await join(env, tmp_path, account, SyncMode.ARCHIVE_MASTERDATA, "Kasse 1")
     offline = await join(env, tmp_path, account, SyncMode.ARCHIVE_MASTERDATA, "Kasse 2")
+    online.save_entity(article, now())
+    await wait_until(lambda: price_of(offline, article.article_nr) == article.unit_price, what="the article on the second till")
+    await offline.stop_sync()
+    return online, offline
+
+
+async def test_edits_on_different_fields_while_offline_are_rebased(services, env: Environment, tmp_path: Path) -> None:
+    online, offline = await two_tills_sharing(env, tmp_path, bread("R1", 250, "Brot"))
     try:
-        online.save_entity(bread("R1", 250, "Brot"), now())
-        await wait_until(lambda: price_of(offline, "R1") == 250, what="the article on the second till")
-        await offline.stop_sync()
         online.save_entity(bread("R1", 270, "Brot"), now())  # the price, online
         offline.save_entity(bread("R1", 250, "Bauernbrot"), now())  # the text, offline
         await wait_until(lambda: online.status().pending == 0, what="the online change uploaded")
@@ -152,13 +159,8 @@ async def test_edits_on_different_fields_while_offline_are_rebased(services, env
 async def test_edits_of_the_same_field_keep_the_cloud_value_and_list_the_difference(
     services, env: Environment, tmp_path: Path
 ) -> None:
-    account = await new_account(env, tmp_path)
-    online = await join(env, tmp_path, account, SyncMode.ARCHIVE_MASTERDATA, "Kasse 1")
-    offline = await join(env, tmp_path, account, SyncMode.ARCHIVE_MASTERDATA, "Kasse 2")
+    online, offline = await two_tills_sharing(env, tmp_path, bread("P1", 250))
     try:
-        online.save_entity(bread("P1", 250), now())
-        await wait_until(lambda: price_of(offline, "P1") == 250, what="the article on the second till")
-        await offline.stop_sync()
         online.save_entity(bread("P1", 280), now())
         lost_edit = offline.save_entity(bread("P1", 300), now())
         await wait_until(lambda: online.status().pending == 0, what="the online change uploaded")
@@ -335,13 +337,8 @@ async def _head_is(env: Environment, account_id: UUID, head: int) -> bool:
 async def test_a_verdict_lost_while_the_till_queue_was_unbound_is_sent_again(
     services, env: Environment, tmp_path: Path
 ) -> None:
-    account = await new_account(env, tmp_path)
-    first = await join(env, tmp_path, account, SyncMode.ARCHIVE_MASTERDATA, "Kasse 1")
-    second = await join(env, tmp_path, account, SyncMode.ARCHIVE_MASTERDATA, "Kasse 2")
+    first, second = await two_tills_sharing(env, tmp_path, bread("V1", 100))
     try:
-        first.save_entity(bread("V1", 100), now())
-        await wait_until(lambda: price_of(second, "V1") == 100, what="the article on the second till")
-        await second.stop_sync()
         first.save_entity(bread("V1", 110), now())
         await wait_until(lambda: first.store.entity("article", "V1")["version"] == 2, what="version 2 accepted")
         refused, _ = second.store.save_masterdata("article", "V1", bread("V1", 120), now())
