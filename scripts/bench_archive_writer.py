@@ -109,7 +109,8 @@ async def _round(base: ServiceSettings, uploads: int, batch_size: int) -> float:
         await admin.delete_user(till_broker_user(till_id)) if "till_id" in locals() else None
         await admin.delete_vhost(vhost)
         await admin.close()
-        server = await asyncpg.connect(base.database_url)
+        # through the server's ``postgres`` database: the configured one may not exist
+        server = await asyncpg.connect(urlunsplit(urlsplit(base.database_url)._replace(path="/postgres")))
         try:
             await server.execute(f'drop database if exists "{database}" with (force)')
         finally:

@@ -75,6 +75,30 @@ async def dead_letter(
     )
 
 
+class Publisher:
+    """Publishes wire models as persistent JSON messages on a channel with publisher
+    confirms; ``publish()`` returns once the broker confirmed. Not mandatory: for
+    download messages nobody bound (a till with sync off) is not an error."""
+
+    def __init__(self, channel: AbstractChannel) -> None:
+        self._channel = channel
+        self._exchanges: dict[str, aio_pika.abc.AbstractExchange] = {}
+
+    async def publish(self, exchange: str, routing_key: str, body: BaseModel) -> None:
+        if exchange not in self._exchanges:
+            self._exchanges[exchange] = await self._channel.get_exchange(exchange, ensure=False)
+        await self._exchanges[exchange].publish(
+            aio_pika.Message(
+                body.model_dump_json().encode(),
+                content_type="application/json",
+                type=getattr(getattr(body, "message", body), "type", None),
+                delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+            ),
+            routing_key=routing_key,
+            mandatory=False,
+        )
+
+
 class RpcTimeout(TimeoutError):
     """No reply arrived in time; the request may or may not have been handled."""
 

@@ -34,7 +34,7 @@ import structlog
 from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, AbstractQueue
 from pydantic import BaseModel, TypeAdapter, ValidationError
 
-from shared.amqp import dead_letter
+from shared.amqp import Publisher, dead_letter
 from shared.topology import DELIVERY_LIMIT
 
 M = TypeVar("M")
@@ -140,6 +140,7 @@ class ConsumeAdapter(Generic[M]):
         self._concurrency = concurrency
         self._redact = redact
         self._error_reply = error_reply
+        self._publisher = Publisher(publish_channel)
         self._inbox: asyncio.Queue[AbstractIncomingMessage] = asyncio.Queue()
         self._workers: list[asyncio.Task[None]] = []
         self._consumer_tag: str | None = None
@@ -275,28 +276,9 @@ class ConsumeAdapter(Generic[M]):
         with sync off) is not an error; tills repair what they miss from the feed.
         """
         messages = [item for d in deliveries for item in d.outgoing]
-        if not messages:
-            return
-        exchanges: dict[str, aio_pika.abc.AbstractExchange] = {}
-        for name, _, _ in messages:
-            if name not in exchanges:
-                exchanges[name] = await self._publish_channel.get_exchange(name, ensure=False)
-        # started in order on one channel, so the broker receives them in order
-        await asyncio.gather(
-            *(
-                exchanges[name].publish(
-                    aio_pika.Message(
-                        body.model_dump_json().encode(),
-                        content_type="application/json",
-                        type=getattr(getattr(body, "message", body), "type", None),
-                        delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
-                    ),
-                    routing_key=key,
-                    mandatory=False,
-                )
-                for name, key, body in messages
-            )
-        )
+        if messages:
+            # started in order on one channel, so the broker receives them in order
+            await asyncio.gather(*(self._publisher.publish(name, key, body) for name, key, body in messages))
 
     async def _dead_letter(self, message: AbstractIncomingMessage, reason: str) -> None:
         body = self._redact(message.body) if self._redact else None

@@ -31,6 +31,7 @@ from pydantic import (
     Field,
     SecretStr,
     StrictInt,
+    StringConstraints,
     TypeAdapter,
     field_serializer,
     model_validator,
@@ -75,15 +76,18 @@ _CONTROL_CHARACTERS = {chr(c) for c in range(0x20) if chr(c) not in "\t\n\r"} | 
 def printable(text: str) -> str:
     """Return ``text``; raises ``ValueError`` if it has control characters (NUL and the like),
     which can be neither archived (PostgreSQL refuses NUL) nor printed."""
+    if text.isprintable():  # the common case, checked in C
+        return text
     bad = sorted({f"U+{ord(c):04X}" for c in text if c in _CONTROL_CHARACTERS})
     if bad:
         raise ValueError(f"contains control characters ({', '.join(bad)})")
     return text
 
 
+# Length and pattern are checked first, in pydantic's core, then ``printable``.
 Text = Annotated[str, AfterValidator(printable)]
-Name = Annotated[Text, Field(min_length=1, max_length=200)]
-Key = Annotated[Text, Field(min_length=1, max_length=100, pattern=r"^\S(.*\S)?$")]
+Name = Annotated[str, StringConstraints(min_length=1, max_length=200), AfterValidator(printable)]
+Key = Annotated[str, StringConstraints(min_length=1, max_length=100, pattern=r"^\S(.*\S)?$"), AfterValidator(printable)]
 
 
 def _reveal(self: Any, secret: SecretStr) -> str:

@@ -19,13 +19,15 @@ again (tills apply them idempotently).
 
 from __future__ import annotations
 
-from collections import defaultdict
+import asyncio
+from collections import defaultdict, deque
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Awaitable, Callable
 from uuid import UUID
 
 import asyncpg
 import structlog
+from pydantic import BaseModel
 
 from shared.consumer import Delivery
 from shared.models import (
@@ -353,6 +355,10 @@ def catchup_log_context(request: CatchUpRequest) -> dict[str, Any]:
     }
 
 
+Publish = Callable[[str, str, BaseModel], Awaitable[None]]
+PAGES_IN_FLIGHT = 4  # catch-up pages published and not yet confirmed, at most
+
+
 async def _resend_verdicts(d: Delivery[CatchUpRequest], conn: asyncpg.Connection, direct: str) -> None:
     """Send again the verdicts on the till's changes it names (only its own records)."""
     request = d.body
@@ -383,13 +389,20 @@ async def _resend_verdicts(d: Delivery[CatchUpRequest], conn: asyncpg.Connection
 
 
 async def serve_catchups(
-    deliveries: list[Delivery[CatchUpRequest]], conn: asyncpg.Connection, page_size: int = CATCHUP_PAGE_SIZE
+    deliveries: list[Delivery[CatchUpRequest]],
+    conn: asyncpg.Connection,
+    publish: Publish,
+    page_size: int = CATCHUP_PAGE_SIZE,
 ) -> None:
     """Consume-adapter handler: answer catch-up requests with compacted pages.
 
     All pages of one request are read in one REPEATABLE READ snapshot, so the last
     page's ``head_feed_seq`` is exactly where the till's state now stands; entries
-    accepted later reach the till as feed entries after it.
+    accepted later reach the till as feed entries after it. Pages are published while
+    the next is read (``publish`` with confirms, at most ``PAGES_IN_FLIGHT`` unconfirmed),
+    so the till applies page 1 while page 2 is built and no request is held in memory
+    whole. The handler only reads; a redelivered request sends its pages again, which
+    tills apply idempotently.
     """
     await conn.execute("set transaction isolation level repeatable read, read only")
     for d in deliveries:
@@ -406,35 +419,43 @@ async def serve_catchups(
             continue
         direct = till_direct_routing_key(request.account_id, request.till_id)
         await _resend_verdicts(d, conn, direct)
+        in_flight: deque[asyncio.Task[None]] = deque()
         sent = 0
-        for category, since in request.since.items():
-            total = await conn.fetchval(
-                "select count(*) from masterdata_entities where account_id = $1 and category = $2 and feed_seq > $3",
-                request.account_id, category, since,
-            )
-            head = await conn.fetchval(
-                "select last_feed_seq from feed_category_heads where account_id = $1 and category = $2",
-                request.account_id, category,
-            ) or 0
-            cursor, page = since, 1
-            while True:
-                rows = await conn.fetch(
-                    """
-                    select * from masterdata_entities
-                    where account_id = $1 and category = $2 and feed_seq > $3
-                    order by feed_seq limit $4
-                    """,
-                    request.account_id, category, cursor, page_size,
+        try:
+            for category, since in request.since.items():
+                total = await conn.fetchval(
+                    "select count(*) from masterdata_entities where account_id = $1 and category = $2 and feed_seq > $3",
+                    request.account_id, category, since,
                 )
-                done = len(rows) < page_size
-                entries = tuple(state_from_row(r) for r in rows)
-                d.emit(DOWNLOAD_EXCHANGE, direct, _download(request.account_id, CatchUpPage(
-                    request_id=request.request_id, category=category, page=page, total_entries=total,
-                    entries=entries, done=done, head_feed_seq=max(head, since))))
-                sent += len(entries)
-                if done:
-                    break
-                cursor = rows[-1]["feed_seq"]
-                page += 1
+                head = await conn.fetchval(
+                    "select last_feed_seq from feed_category_heads where account_id = $1 and category = $2",
+                    request.account_id, category,
+                ) or 0
+                cursor, page = since, 1
+                while True:
+                    rows = await conn.fetch(
+                        """
+                        select * from masterdata_entities
+                        where account_id = $1 and category = $2 and feed_seq > $3
+                        order by feed_seq limit $4
+                        """,
+                        request.account_id, category, cursor, page_size,
+                    )
+                    done = len(rows) < page_size
+                    message = _download(request.account_id, CatchUpPage(
+                        request_id=request.request_id, category=category, page=page, total_entries=total,
+                        entries=tuple(state_from_row(r) for r in rows), done=done, head_feed_seq=max(head, since)))
+                    if len(in_flight) >= PAGES_IN_FLIGHT:
+                        await in_flight.popleft()
+                    in_flight.append(asyncio.ensure_future(publish(DOWNLOAD_EXCHANGE, direct, message)))
+                    sent += len(rows)
+                    if done:
+                        break
+                    cursor = rows[-1]["feed_seq"]
+                    page += 1
+            await asyncio.gather(*in_flight)
+        finally:
+            for task in in_flight:
+                task.cancel()
         d.outcome = "served"
         d.log["entries"] = sent

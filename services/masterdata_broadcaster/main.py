@@ -14,7 +14,7 @@ from services.masterdata_broadcaster.handlers import (
     catchup_log_context,
     serve_catchups,
 )
-from shared.amqp import connect
+from shared.amqp import Publisher, connect
 from shared.consumer import ConsumeAdapter
 from shared.db import create_pool
 from shared.logging import configure_logging
@@ -61,7 +61,9 @@ async def main(settings: BroadcasterSettings, stop: asyncio.Event) -> None:
             publish_channel=publish_channel,
             queue=await catchup_channel.get_queue(MASTERDATA_CATCHUP_QUEUE, ensure=True),
             adapter=CATCHUP_ADAPTER,
-            handler=functools.partial(serve_catchups, page_size=settings.catchup_page_size),
+            handler=functools.partial(
+                serve_catchups, publish=Publisher(publish_channel).publish, page_size=settings.catchup_page_size
+            ),
             pool=pool,
             log_context=catchup_log_context,
             concurrency=settings.catchup_concurrency,
