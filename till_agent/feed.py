@@ -110,18 +110,25 @@ class FeedClient:
         await channel.set_qos(prefetch_count=2 * BATCH)
         self._exchange = await channel.get_exchange(UPLOAD_EXCHANGE, ensure=False)
         queue = await channel.get_queue(queue_name, ensure=False)
-        inbox: asyncio.Queue[AbstractIncomingMessage] = asyncio.Queue()
+        inbox: asyncio.Queue[AbstractIncomingMessage | None] = asyncio.Queue()
+        channel.close_callbacks.add(lambda *_: inbox.put_nowait(None))  # wake up and fail
         await self._ask(self._store.participating_categories())
         watcher = asyncio.create_task(self._watch(), name="feed-watch")
         await queue.consume(inbox.put)
         try:
             while True:
-                batch = [await inbox.get()]
+                getting = asyncio.ensure_future(inbox.get())
+                await asyncio.wait({getting, watcher}, return_when=asyncio.FIRST_COMPLETED)
+                if watcher.done():
+                    getting.cancel()
+                    watcher.result()  # raises what stopped it
+                first = await getting
+                batch = [first]
                 while len(batch) < BATCH and not inbox.empty():
                     batch.append(inbox.get_nowait())
-                if watcher.done():
-                    watcher.result()
-                await self._handle_batch(batch)
+                if any(m is None for m in batch):
+                    raise ConnectionError("the download channel was closed")
+                await self._handle_batch(batch)  # type: ignore[arg-type]
         finally:
             watcher.cancel()
 
