@@ -359,9 +359,9 @@ Publish = Callable[[str, str, BaseModel], Awaitable[None]]
 PAGES_IN_FLIGHT = 4  # catch-up pages published and not yet confirmed, at most
 
 
-async def _resend_verdicts(d: Delivery[CatchUpRequest], conn: asyncpg.Connection, direct: str) -> None:
-    """Send again the verdicts on the till's changes it names (only its own records)."""
-    request = d.body
+async def _resend_verdicts(request: CatchUpRequest, conn: asyncpg.Connection, direct: str, publish: Publish) -> None:
+    """Send again the verdicts on the till's changes it names (only its own records),
+    before the pages: a till applies a verdict on its own change before later states."""
     if not request.verdicts_for:
         return
     ids = list(request.verdicts_for)
@@ -369,7 +369,8 @@ async def _resend_verdicts(d: Delivery[CatchUpRequest], conn: asyncpg.Connection
         "select * from masterdata_feed where record_id = any($1::uuid[]) and till_id = $2 and account_id = $3",
         ids, request.till_id, request.account_id,
     ):
-        d.emit(DOWNLOAD_EXCHANGE, direct, _download(request.account_id, MasterDataAccepted(record_id=row["record_id"], entity=state_from_row(row))))
+        await publish(DOWNLOAD_EXCHANGE, direct, _download(request.account_id, MasterDataAccepted(
+            record_id=row["record_id"], entity=state_from_row(row))))
     for row in await conn.fetch(
         """
         select c.record_id as conflict_record_id, c.reason, c.base_version, c.entity_kind as conflict_kind,
@@ -382,7 +383,7 @@ async def _resend_verdicts(d: Delivery[CatchUpRequest], conn: asyncpg.Connection
         """,
         ids, request.till_id, request.account_id,
     ):
-        d.emit(DOWNLOAD_EXCHANGE, direct, _download(request.account_id, MasterDataConflict(
+        await publish(DOWNLOAD_EXCHANGE, direct, _download(request.account_id, MasterDataConflict(
             record_id=row["conflict_record_id"], entity_kind=row["conflict_kind"], entity_key=row["conflict_key"],
             base_version=row["base_version"], reason=row["reason"],
             current=state_from_row(row) if row["exists"] else None)))
@@ -418,7 +419,7 @@ async def serve_catchups(
             d.refuse(f"till {request.till_id} is not a till of account {request.account_id}", outcome="unknown_till")
             continue
         direct = till_direct_routing_key(request.account_id, request.till_id)
-        await _resend_verdicts(d, conn, direct)
+        await _resend_verdicts(request, conn, direct, publish)
         in_flight: deque[asyncio.Task[None]] = deque()
         sent = 0
         try:
