@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any, Callable, Optional, TypeVar
 
 import aio_pika
+import asyncpg
 import typer
 from pydantic import ValidationError
 from rich.console import Console
@@ -31,7 +32,7 @@ from shared.consumer import validation_summary
 from shared.fiscal import PaymentType, VatKey
 from shared.logging import configure_logging
 from shared.models import ENTITY_ADAPTER, ENTITY_KINDS, MAX_CENTS, MAX_QUANTITY, Article, Cashier, CustomSyncFlags, SyncMode
-from shared.settings import BrokerSettings
+from shared.settings import BrokerSettings, ServiceSettings
 from shared.topology import TOPOLOGY, dead_letter_queue_name, definitions
 from tillsync.bakery import BakeryFormatError, read_export
 from tillsync.demo import DemoError, DemoSettings, run_demo, summary_table
@@ -221,6 +222,52 @@ def dead_letters(
                             out.print(f"  - {message_id}: {reason}")
         finally:
             await connection.close()
+
+    asyncio.run(body())
+
+
+@ops_app.command("masterdata-conflicts")
+@_friendly
+def masterdata_conflicts(
+    account_name: Optional[str] = typer.Argument(None, help="only this account (default: all)"),
+    limit: int = typer.Option(20, help="show the newest N conflicts"),
+) -> None:
+    """Show the master-data changes the cloud did not apply, newest first, with the reason.
+
+    The records themselves are in the archive; each till lists its own as differences."""
+    settings = ServiceSettings()
+
+    async def body() -> None:
+        conn = await asyncpg.connect(settings.database_url)
+        try:
+            rows = await conn.fetch(
+                """
+                select c.detected_at, a.account_name, t.till_name, t.serial_number, c.entity_kind, c.entity_key,
+                       c.base_version, c.current_version, c.reason, count(*) over () as total
+                from masterdata_conflicts c
+                join accounts a using (account_id)
+                left join tills t using (till_id)
+                where $1::text is null or a.account_name = lower($1::text)
+                order by c.detected_at desc limit $2
+                """,
+                account_name, limit,
+            )
+        finally:
+            await conn.close()
+        if not rows:
+            out.print("no master-data conflicts" + (f" for {account_name}" if account_name else ""))
+            return
+        table = Table(title=f"master-data conflicts: {rows[0]['total']} (newest {len(rows)})")
+        for column in ("when (UTC)", "account", "till", "entity", "based on", "cloud had", "reason"):
+            table.add_column(column)
+        for r in rows:
+            table.add_row(
+                r["detected_at"].strftime("%Y-%m-%d %H:%M:%S"), r["account_name"],
+                f"{r['till_name']} ({r['serial_number']})", f"{r['entity_kind']} {r['entity_key']}",
+                str(r["base_version"] if r["base_version"] is not None else "new"),
+                str(r["current_version"] or "-"), r["reason"],
+            )
+        out.print(table)
 
     asyncio.run(body())
 

@@ -9,10 +9,12 @@ from uuid import UUID
 
 import aio_pika
 import pytest
+from typer.testing import CliRunner
 
 from shared.fiscal import VatKey
 from shared.models import Article, Customer, SyncMode
 from shared.topology import DOWNLOAD_EXCHANGE, till_direct_routing_key, till_queue_name
+from tillsync.cli import app
 from tests.support import STRONG_PASSWORD, Environment, new_account_name, new_till, sell, wait_until
 from till_agent.till import Till
 
@@ -160,6 +162,7 @@ async def test_edits_of_the_same_field_keep_the_cloud_value_and_list_the_differe
     services, env: Environment, tmp_path: Path
 ) -> None:
     online, offline = await two_tills_sharing(env, tmp_path, bread("P1", 250))
+    account = offline.store.identity().account_name
     try:
         online.save_entity(bread("P1", 280), now())
         lost_edit = offline.save_entity(bread("P1", 300), now())
@@ -179,6 +182,14 @@ async def test_edits_of_the_same_field_keep_the_cloud_value_and_list_the_differe
             await conn.close()
         assert conflict["entity_key"] == "P1" and conflict["current_version"] == 2
         assert lost_edit.base_version == 1
+        # the owner and the on-call engineer see it on the command line
+        env_vars = {"TILLSYNC_DATABASE_URL": env.settings.database_url, "COLUMNS": "250"}
+        listed = await asyncio.to_thread(
+            CliRunner().invoke, app, ["till", "differences", "--data-dir", str(offline.store.data_dir)], env=env_vars
+        )
+        assert listed.exit_code == 0 and "P1" in listed.output and '"unit_price": 300' in listed.output, listed.output
+        ops = await asyncio.to_thread(CliRunner().invoke, app, ["ops", "masterdata-conflicts", account], env=env_vars)
+        assert ops.exit_code == 0 and "article P1" in ops.output and "version 2" in ops.output, ops.output
         # the owner chooses the till's price: it becomes a new change on top of the cloud's
         assert offline.resolve("till", now(), "article", "P1") == 1
         await wait_until(lambda: price_of(online, "P1") == 300, what="the owner's choice on the other till")
