@@ -259,15 +259,33 @@ def test_every_queue_is_bound_somewhere() -> None:
     assert set(QUEUES) <= destinations
 
 
-def test_uploads_of_every_kind_reach_the_archive_writer() -> None:
-    from shared.topology import ARCHIVE_WRITER_QUEUE
+def _topic_matches(pattern: str, key: str) -> bool:
+    regex = "^" + re.escape(pattern).replace(r"\#", ".*").replace(r"\*", "[^.]+") + "$"
+    return re.match(regex, key) is not None
 
-    keys = [b.routing_key for b in TOPOLOGY.bindings if b.source == UPLOAD_EXCHANGE and b.destination == ARCHIVE_WRITER_QUEUE]
 
-    def topic_matches(pattern: str, key: str) -> bool:
-        regex = "^" + re.escape(pattern).replace(r"\#", ".*").replace(r"\*", "[^.]+") + "$"
-        return re.match(regex, key) is not None
+def _receivers(key: str) -> set[str]:
+    return {b.destination for b in TOPOLOGY.bindings if b.source == UPLOAD_EXCHANGE and _topic_matches(b.routing_key, key)}
 
-    for kind in ("masterdata", "receipt", "zreport"):
-        key = upload_routing_key(ACCOUNT, TILL, kind)  # type: ignore[arg-type]
-        assert any(topic_matches(p, key) for p in keys), kind
+
+def test_uploads_reach_the_services_that_need_them() -> None:
+    from shared.topology import ARCHIVE_WRITER_QUEUE, MASTERDATA_BROADCASTER_QUEUE, MASTERDATA_CATCHUP_QUEUE, catchup_routing_key
+
+    assert _receivers(upload_routing_key(ACCOUNT, TILL, "masterdata")) == {ARCHIVE_WRITER_QUEUE, MASTERDATA_BROADCASTER_QUEUE}
+    assert _receivers(upload_routing_key(ACCOUNT, TILL, "receipt")) == {ARCHIVE_WRITER_QUEUE}
+    assert _receivers(upload_routing_key(ACCOUNT, TILL, "zreport")) == {ARCHIVE_WRITER_QUEUE}
+    # a catch-up request is not a record: it does not reach the archive
+    assert _receivers(catchup_routing_key(ACCOUNT, TILL)) == {MASTERDATA_CATCHUP_QUEUE}
+
+
+def test_master_data_changes_are_judged_by_one_consumer_at_a_time() -> None:
+    from shared.topology import MASTERDATA_BROADCASTER_QUEUE
+
+    [queue] = [q for q in TOPOLOGY.queues if q.name == MASTERDATA_BROADCASTER_QUEUE]
+    assert queue.arguments["x-single-active-consumer"] is True
+
+
+def test_a_till_may_publish_its_catch_up_requests() -> None:
+    from shared.topology import catchup_routing_key
+
+    assert re.match(till_permissions(ACCOUNT, TILL).topic_write, catchup_routing_key(ACCOUNT, TILL))
