@@ -97,7 +97,7 @@ def validation_summary(exc: ValidationError, limit: int = 10) -> str:
     parts = []
     for error in exc.errors()[:limit]:
         location = ".".join(str(p) for p in error["loc"]) or "message"
-        parts.append(f"{location}: {error['msg']}")
+        parts.append(f"{location}: {error['msg'].removeprefix('Value error, ')}")
     more = f" (+{exc.error_count() - limit} more)" if exc.error_count() > limit else ""
     return "; ".join(parts) + more
 
@@ -191,12 +191,15 @@ class ConsumeAdapter(Generic[M]):
             except Exception:
                 # e.g. the channel closed under us: give the messages back so they do not
                 # sit unacked; those already settled make the nack fail harmlessly
-                self._log.exception("batch_failed", size=len(batch))
                 for message in batch:
                     try:
                         await message.nack(requeue=True)
                     except Exception:
                         pass
+                try:
+                    self._log.exception("batch_failed", size=len(batch))
+                except Exception:  # not even logging works: keep consuming regardless
+                    pass
 
     async def _process(self, messages: list[AbstractIncomingMessage]) -> None:
         started = time.monotonic()

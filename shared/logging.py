@@ -25,6 +25,17 @@ def _redact_secrets(_logger: Any, _method: str, event_dict: dict[str, Any]) -> d
     return event_dict
 
 
+class _CurrentStderr:
+    """Writes to whatever ``sys.stderr`` is at the time of writing (a stream captured at
+    configuration time may be closed later, e.g. by a test runner)."""
+
+    def write(self, text: str) -> int:
+        return sys.stderr.write(text)
+
+    def flush(self) -> None:
+        sys.stderr.flush()
+
+
 def configure_logging(level: str = "INFO", fmt: str = "auto") -> None:
     """Configure structlog and the standard library logging for this process.
 
@@ -34,7 +45,7 @@ def configure_logging(level: str = "INFO", fmt: str = "auto") -> None:
     use_json = fmt == "json" or (fmt == "auto" and not sys.stderr.isatty())
     renderer: Any = structlog.processors.JSONRenderer() if use_json else structlog.dev.ConsoleRenderer()
     numeric_level = logging.getLevelNamesMapping().get(level.upper(), logging.INFO)
-    logging.basicConfig(level=max(numeric_level, logging.WARNING), stream=sys.stderr, force=True)
+    logging.basicConfig(level=max(numeric_level, logging.WARNING), stream=_CurrentStderr(), force=True)
     structlog.configure(
         processors=[
             structlog.contextvars.merge_contextvars,
@@ -45,7 +56,7 @@ def configure_logging(level: str = "INFO", fmt: str = "auto") -> None:
             renderer,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(numeric_level),
-        logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
+        logger_factory=structlog.PrintLoggerFactory(file=_CurrentStderr()),  # type: ignore[arg-type]
         cache_logger_on_first_use=False,
     )
 

@@ -18,6 +18,7 @@ Message kinds:
 from __future__ import annotations
 
 import datetime as dt
+import unicodedata
 from decimal import Decimal
 from enum import StrEnum
 from typing import Annotated, Any, Literal, Union
@@ -30,6 +31,7 @@ from pydantic import (
     ConfigDict,
     Field,
     SecretStr,
+    StrictBool,
     StrictInt,
     StringConstraints,
     TypeAdapter,
@@ -85,9 +87,28 @@ def printable(text: str) -> str:
 
 
 # Length and pattern are checked first, in pydantic's core, then ``printable``.
+def single_line(text: str) -> str:
+    """Return ``text``; raises ``ValueError`` for control characters (tab and line breaks
+    too) and invisible format characters (e.g. U+202E right-to-left override, U+200B zero
+    width space), which make names and keys look like others."""
+    if text.isprintable() and text.isascii():  # the common case, checked in C
+        return text
+    bad = sorted({f"U+{ord(c):04X}" for c in text if unicodedata.category(c) in ("Cc", "Cf")})
+    if bad:
+        raise ValueError(f"contains control characters or invisible characters ({', '.join(bad)})")
+    return text
+
+
+def trimmed(text: str) -> str:
+    """Return ``text``; raises ``ValueError`` if it starts or ends with whitespace."""
+    if text != text.strip():
+        raise ValueError("must not start or end with whitespace")
+    return text
+
+
 Text = Annotated[str, AfterValidator(printable)]
-Name = Annotated[str, StringConstraints(min_length=1, max_length=200), AfterValidator(printable)]
-Key = Annotated[str, StringConstraints(min_length=1, max_length=100, pattern=r"^\S(.*\S)?$"), AfterValidator(printable)]
+Name = Annotated[str, StringConstraints(min_length=1, max_length=200), AfterValidator(single_line)]
+Key = Annotated[str, StringConstraints(min_length=1, max_length=100), AfterValidator(single_line), AfterValidator(trimmed)]
 
 
 def _reveal(self: Any, secret: SecretStr) -> str:
@@ -109,17 +130,17 @@ class SyncMode(StrEnum):
 
 
 class CustomSyncFlags(WireModel):
-    """Per-category switches of the ``custom`` mode (*Individuell*)."""
+    """Per-category switches of the ``custom`` mode (*Individuell*); JSON true/false only."""
 
-    upload_masterdata: bool = True
-    upload_receipts: bool = True
-    upload_zreports: bool = True
-    download_articles: bool = False
-    download_customers: bool = False
-    download_cashiers: bool = False
-    download_other_masterdata: bool = False
-    download_receipts: bool = False
-    download_zreports: bool = False
+    upload_masterdata: StrictBool = True
+    upload_receipts: StrictBool = True
+    upload_zreports: StrictBool = True
+    download_articles: StrictBool = False
+    download_customers: StrictBool = False
+    download_cashiers: StrictBool = False
+    download_other_masterdata: StrictBool = False
+    download_receipts: StrictBool = False
+    download_zreports: StrictBool = False
 
 
 # ---------------------------------------------------------------------------
@@ -231,8 +252,9 @@ LOCAL_ONLY_SETTING_PREFIXES: tuple[str, ...] = ("printer.", "display.", "stock.d
 
 def is_local_only_setting(setting_key: str) -> bool:
     """True for the printer setup (``printer.*``), display settings (``display.*``) and the
-    default stock location (``stock.default_location``): settings that stay on one till."""
-    return any(setting_key == p.rstrip(".") or setting_key.startswith(p) for p in LOCAL_ONLY_SETTING_PREFIXES)
+    default stock location (``stock.default_location``), in any case: settings that stay on one till."""
+    key = setting_key.strip().lower()
+    return any(key == p.rstrip(".") or key.startswith(p) for p in LOCAL_ONLY_SETTING_PREFIXES)
 
 
 class SharedSetting(WireModel):

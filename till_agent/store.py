@@ -495,8 +495,10 @@ class TillStore:
         Only the entity, key, data and deletion of ``record`` are used; its base and
         ``shared`` are set by ``save_masterdata``. Returns the new ``record_id``.
         """
-        saved = self.save_masterdata(record.entity_kind, record.entity_key, None if record.deleted else record.data, recorded_at)
-        return saved[0]
+        with _transaction(self._db):
+            return self._save_masterdata(
+                record.entity_kind, record.entity_key, None if record.deleted else record.data, recorded_at
+            )[0]
 
     # -- master data ------------------------------------------------------------
 
@@ -507,23 +509,27 @@ class TillStore:
 
     def save_masterdata(
         self, entity_kind: str, entity_key: str, data: Any | None, recorded_at: dt.datetime
-    ) -> tuple[UUID, MasterDataRecord]:
+    ) -> tuple[UUID, MasterDataRecord] | None:
         """Record a change of one entity (``data`` an entity model, or None to delete it).
 
         If the till takes part in master-data sync for the entity's kind, the change is
         offered to the cloud (``shared``) based on the version the till knows, or on its
         own change still awaiting a verdict; otherwise it is archived only and the entity
-        is marked as changed locally. Returns ``(record_id, record)``. Raises
-        ``TillStoreError`` for deleting an entity the till does not have.
+        is marked as changed locally. Returns ``(record_id, record)``, or None if ``data``
+        equals the till's current value (no new version). Raises ``TillStoreError`` for
+        deleting an entity the till does not have.
         """
         with _transaction(self._db):
+            row = self._md_row(entity_kind, entity_key)
+            if data is not None and row is not None and not row.deleted and row.data == data.model_dump(mode="json"):
+                return None
             return self._save_masterdata(entity_kind, entity_key, data, recorded_at)
 
     def _save_masterdata(
         self, entity_kind: str, entity_key: str, data: Any | None, recorded_at: dt.datetime, base: _Row | None = None
     ) -> tuple[UUID, MasterDataRecord]:
         row = base or self._md_row(entity_kind, entity_key)
-        if data is None and row is None:
+        if data is None and (row is None or (row.deleted and base is None)):
             raise TillStoreError(f"there is no {entity_kind} {entity_key!r} to delete")
         category = ENTITY_CATEGORY[entity_kind]
         shared = category in self.participating_categories()
@@ -589,6 +595,18 @@ class TillStore:
         )
 
     def _note_difference(self, row: _Row, state: EntityState | None, reason: str) -> None:
+        """List the till's value of ``row`` against the cloud's ``state`` for the owner."""
+        self._list_difference(
+            row.entity_kind, row.entity_key, row.data, row.deleted,
+            state.version if state else None,
+            state.data.model_dump(mode="json") if state and state.data is not None else None,
+            state.deleted if state else True, reason,
+        )
+
+    def _list_difference(
+        self, entity_kind: str, entity_key: str, local_data: dict[str, Any] | None, local_deleted: bool,
+        cloud_version: int | None, cloud_data: dict[str, Any] | None, cloud_deleted: bool, reason: str,
+    ) -> None:
         self._db.execute(
             """
             insert into masterdata_differences (entity_kind, entity_key, local_data, local_deleted, cloud_version,
@@ -600,10 +618,8 @@ class TillStore:
                 detected_at = excluded.detected_at
             """,
             (
-                row.entity_kind, row.entity_key, _dumps(row.data), int(row.deleted),
-                state.version if state else None,
-                _dumps(state.data.model_dump(mode="json")) if state and state.data is not None else None,
-                int(state.deleted) if state else 1, reason, dt.datetime.now(dt.UTC).isoformat(),
+                entity_kind, entity_key, _dumps(local_data), int(local_deleted), cloud_version, _dumps(cloud_data),
+                int(cloud_deleted), reason, dt.datetime.now(dt.UTC).isoformat(),
             ),
         )
 
@@ -686,22 +702,71 @@ class TillStore:
             return self._submit_dirty(page.category)
 
     def _submit_dirty(self, category: str) -> int:
-        """Offer the entities changed while the till did not take part in ``category`` to the
-        cloud, based on the version the till knows (a conflict if the cloud moved on)."""
+        """Settle the entities changed here while the till did not take part in ``category``.
+
+        One the cloud has (the till knows its version) is listed as a difference and the
+        cloud's value is used again: a change made outside master-data sync is never
+        pushed to the other tills without the owner's choice (``resolve_difference``).
+        One the cloud has never had is offered as a new entity (it overwrites nothing; if
+        another till created the key meanwhile, the cloud refuses it and it is listed).
+        Returns the number of records queued.
+        """
         if category not in self.participating_categories():
             return 0
         rows = self._db.execute(
             "select entity_kind, entity_key from masterdata where dirty = 1 and category = ?", (category,)
         ).fetchall()
         now = dt.datetime.now(dt.UTC)
+        queued = 0
         for r in rows:
             row = self._md_row(r["entity_kind"], r["entity_key"])
             assert row is not None
-            data = None if row.deleted else ENTITY_ADAPTER.validate_python(row.data)
-            if data is None and row.version is None:
-                continue  # created and deleted locally, never known to the cloud: nothing to share
-            self._save_masterdata(row.entity_kind, row.entity_key, data, now, base=row)
-        return len(rows)
+            if row.version is not None:
+                cloud_deleted = row.base_data is None
+                if row.deleted != cloud_deleted or row.data != row.base_data:
+                    self._list_difference(
+                        row.entity_kind, row.entity_key, row.data, row.deleted, row.version, row.base_data, cloud_deleted,
+                        "changed on this till while its sync mode did not share this kind of master data; "
+                        "the account's value is used until you decide",
+                    )
+                self._db.execute(
+                    "update masterdata set data = base_data, deleted = ?, dirty = 0 where entity_kind = ? and entity_key = ?",
+                    (int(cloud_deleted), row.entity_kind, row.entity_key),
+                )
+                continue
+            if row.deleted:
+                self._db.execute(
+                    "update masterdata set dirty = 0 where entity_kind = ? and entity_key = ?", (row.entity_kind, row.entity_key)
+                )
+                continue  # created and deleted here, never known to the cloud: nothing to share
+            self._save_masterdata(row.entity_kind, row.entity_key, ENTITY_ADAPTER.validate_python(row.data), now, base=row)
+            queued += 1
+        return queued
+
+    def import_masterdata(self, entity: Any, recorded_at: dt.datetime) -> str:
+        """Take one entity of a bulk import (e.g. an article list) without overwriting.
+
+        Returns ``created`` (new key: recorded like ``save_masterdata``), ``unchanged``
+        (equal to the till's current value) or ``listed``: the till already has this key
+        (live, or deleted) with another value, and shares its kind with the account, so
+        the imported value is listed as a difference instead of replacing newer data or
+        bringing a deleted entity back. A till that does not share the kind records it
+        as a local change (listed when it joins master-data sync).
+        """
+        with _transaction(self._db):
+            row = self._md_row(entity.entity, entity.key)
+            data = entity.model_dump(mode="json")
+            if row is not None and not row.deleted and row.data == data:
+                return "unchanged"
+            if row is None or ENTITY_CATEGORY[entity.entity] not in self.participating_categories():
+                self._save_masterdata(entity.entity, entity.key, entity, recorded_at, base=row)
+                return "created" if row is None else "changed"
+            self._list_difference(
+                row.entity_kind, row.entity_key, data, False, row.version, row.data, row.deleted,
+                "the imported value differs from the account's current one (deleted there)" if row.deleted
+                else "the imported value differs from the account's current one",
+            )
+            return "listed"
 
     def apply_accepted(self, state: EntityState) -> str:
         """The cloud accepted this till's change ``state.record_id`` as ``state.version``."""

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 from pathlib import Path
+from typing import Iterable
 from uuid import UUID
 
 import aio_pika
@@ -229,21 +230,39 @@ class Till:
         self.relay.wake()
         return report
 
-    def save_entity(self, entity: MasterDataEntity, at: dt.datetime) -> MasterDataRecord:
-        """Record a new or changed master-data entity (based on the version the till knows).
+    def save_entity(self, entity: MasterDataEntity, at: dt.datetime) -> MasterDataRecord | None:
+        """Record a new or changed master-data entity (based on the version the till knows);
+        None if it equals the till's current value (nothing recorded).
 
         A ``SharedSetting`` with a local-only key (printer, display, default stock
         location) is refused by the model with ``ValueError``; use ``save_setting``.
         """
-        _, record = self.store.save_masterdata(entity.entity, entity.key, entity, at)
+        saved = self.store.save_masterdata(entity.entity, entity.key, entity, at)
         self.relay.wake()
-        return record
+        return saved[1] if saved else None
 
     def delete_entity(self, entity_kind: str, entity_key: str, at: dt.datetime) -> MasterDataRecord:
-        """Record the deletion (tombstone) of a master-data entity; ``TillStoreError`` if unknown."""
-        _, record = self.store.save_masterdata(entity_kind, entity_key, None, at)
+        """Record the deletion (tombstone) of a master-data entity; ``TillStoreError`` if unknown
+        or already deleted."""
+        saved = self.store.save_masterdata(entity_kind, entity_key, None, at)
+        assert saved is not None
         self.relay.wake()
-        return record
+        return saved[1]
+
+    def import_entities(self, entities: Iterable[MasterDataEntity], at: dt.datetime) -> dict[str, int]:
+        """Take a bulk import (e.g. an article list) without overwriting the account's data.
+
+        Returns counts per outcome: ``created``, ``changed`` (only where the till does not
+        share the kind), ``unchanged`` and ``listed`` (differs from the current value: see
+        ``differences()``; ``resolve(keep="till")`` applies it). Rule: ``TillStore.import_masterdata``.
+        """
+        counts: dict[str, int] = {}
+        with self.store.batch():
+            for entity in entities:
+                outcome = self.store.import_masterdata(entity, at)
+                counts[outcome] = counts.get(outcome, 0) + 1
+        self.relay.wake()
+        return counts
 
     def save_setting(self, key: str, value: str, at: dt.datetime) -> bool:
         """Save a setting: local-only ones (``printer.*``, ``display.*``,

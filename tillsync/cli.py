@@ -11,6 +11,7 @@ import datetime as dt
 import functools
 import json
 import logging
+import re
 import signal
 import sys
 from decimal import Decimal, InvalidOperation
@@ -97,7 +98,7 @@ def _friendly(func: F) -> F:
             raise
         except _KNOWN_ERRORS as exc:
             if isinstance(exc, ValidationError):
-                message = f"invalid {exc.title}: {validation_summary(exc)}"
+                message = f"invalid {_words(exc.title)}: {validation_summary(exc)}"
             elif isinstance(exc, OSError) and exc.strerror:
                 message = f"{exc.strerror}: {exc.filename}" if exc.filename else exc.strerror
             else:
@@ -109,6 +110,11 @@ def _friendly(func: F) -> F:
             raise typer.Exit(1) from None
 
     return wrapper  # type: ignore[return-value]
+
+
+def _words(model_name: str) -> str:
+    """``SharedSetting`` → ``shared setting``: a model's name as the user's words."""
+    return re.sub(r"(?<=[a-z])(?=[A-Z])", " ", model_name).lower()
 
 
 def _read_password(password_stdin: bool, confirm: bool) -> str:
@@ -348,15 +354,38 @@ def till_mode(
     mode: SyncMode = typer.Argument(..., help="archive, archive_masterdata, archive_masterdata_receipts or custom"),
     sync: bool = typer.Option(True, "--sync/--no-sync", help="the sync switch"),
     custom: Optional[str] = typer.Option(
-        None, help='custom flags as JSON, e.g. \'{"download_articles": true}\' (only with mode custom)'
+        None, help='custom switches as JSON, e.g. \'{"download_articles": true}\'; switches not named keep their value'
     ),
     data_dir: Optional[Path] = DataDir,
 ) -> None:
     """Set the till's sync switch and sync mode."""
-    flags = CustomSyncFlags.model_validate_json(custom) if custom else (CustomSyncFlags() if mode == SyncMode.CUSTOM else None)
     till = _open_till(data_dir)
+    if custom and mode != SyncMode.CUSTOM:
+        raise ValueError("--custom is only for mode custom")
+    flags = None
+    if mode == SyncMode.CUSTOM:
+        # switches not named keep their current value (or the default when the till was not custom yet)
+        _, current_mode, current_json = till.store.sync_settings()
+        current = CustomSyncFlags.model_validate_json(current_json) if current_mode == "custom" and current_json else CustomSyncFlags()
+        try:
+            given = json.loads(custom) if custom else {}
+        except ValueError as exc:
+            raise ValueError(f"--custom is not valid JSON: {exc}") from None
+        if not isinstance(given, dict):
+            raise ValueError('--custom must be a JSON object, e.g. \'{"download_articles": true}\'')
+        unknown = sorted(set(given) - set(CustomSyncFlags.model_fields))
+        if unknown:
+            raise ValueError(f"unknown switch(es) {', '.join(unknown)}; known: {', '.join(CustomSyncFlags.model_fields)}")
+        flags = CustomSyncFlags.model_validate({**current.model_dump(), **given})
     result = asyncio.run(till.set_sync_mode(sync, mode, flags))
-    out.print(f"sync {'on' if result.sync_enabled else 'off'}, mode {result.sync_mode.value}")
+    out.print(f"sync {'on' if result.sync_enabled else 'off'}, mode {result.sync_mode.value}" + _switches(result.custom))
+
+
+def _switches(flags: CustomSyncFlags | None) -> str:
+    if flags is None:
+        return ""
+    on = [name for name, value in flags.model_dump().items() if value]
+    return f" (switched on: {', '.join(on) or 'none'})"
 
 
 @till_app.command("add-article")
@@ -367,19 +396,25 @@ def till_add_article(
     price_cents: Optional[int] = typer.Option(None, help="gross unit price in cents (required for a new article)"),
     vat_key: Optional[int] = typer.Option(None, help="DSFinV-K UST_SCHLUESSEL (1 = 19 %, 2 = 7 % ...; new: 1)"),
     group: Optional[str] = typer.Option(None, help="article group number"),
+    restore: bool = typer.Option(False, "--restore", help="bring back an article that was deleted"),
     data_dir: Optional[Path] = DataDir,
 ) -> None:
     """Add an article, or change the given fields of an existing one."""
     till = _open_till(data_dir)
     existing = till.store.entity("article", article_nr)
+    if existing and existing["deleted"] and not restore:
+        raise ValueError(f"article {article_nr} was deleted; give --restore to bring it back")
     current = existing["data"] if existing and not existing["deleted"] else None
     if current is None and (text is None or price_cents is None):
         raise ValueError(f"article {article_nr} is new: give --text and --price-cents")
     fields = dict(current or {"article_nr": article_nr, "vat_key": 1})
     fields.update({k: v for k, v in (("text", text), ("unit_price", price_cents), ("vat_key", vat_key),
                                     ("article_group_nr", group)) if v is not None})
-    till.save_entity(Article.model_validate(fields), dt.datetime.now(dt.UTC))
-    out.print(f"article {article_nr} {'changed' if current else 'saved'}")
+    record = till.save_entity(Article.model_validate(fields), dt.datetime.now(dt.UTC))
+    if record is None:
+        out.print(f"article {article_nr} unchanged")
+    else:
+        out.print(f"article {article_nr} {'changed' if current else 'restored' if existing else 'saved'}")
 
 
 @till_app.command("import-articles")
@@ -391,10 +426,13 @@ def till_import_articles(
     """Import the articles of a bakery export as master data (rules: README, 'Demo data')."""
     till = _open_till(data_dir)
     export = read_export(path)
-    now = dt.datetime.now(dt.UTC)
-    for article in export.articles.values():
-        till.save_entity(article, now)
-    out.print(f"{len(export.articles)} articles imported")
+    counts = till.import_entities(export.articles.values(), dt.datetime.now(dt.UTC))
+    out.print(
+        f"{len(export.articles)} articles read: {counts.get('created', 0)} new, {counts.get('unchanged', 0)} unchanged"
+        + (f", {counts['changed']} changed" if counts.get("changed") else "")
+        + (f", {counts['listed']} differ from the account's current value and are listed, not applied "
+           "(`tillsync till differences`)" if counts.get("listed") else "")
+    )
 
 
 @till_app.command("sell")
@@ -483,6 +521,7 @@ def till_sync(
             status.pending - status.held == 0
             and not feed.catching_up
             and all(till.store.caught_up(c) for c in categories)
+            and till.store.pending_masterdata() == 0
         )
 
     async def body() -> Any:
@@ -516,11 +555,18 @@ def till_sync(
     last = asyncio.run(body())
     if not done():
         hint = "; sign in again" if "credentials refused" in last.detail else ""
-        behind = [c for c in categories if not till.store.caught_up(c)]
-        raise RuntimeError(
-            f"not in sync: {last.pending - last.held} records to upload, master data behind in "
-            f"{', '.join(behind) or 'nothing'} ({last.state}: {last.detail}){hint}"
-        )
+        problems = []
+        if last.pending - last.held:
+            problems.append(f"{last.pending - last.held} records not uploaded ({last.state}{': ' + last.detail if last.detail else ''}){hint}")
+        behind = [c for c in categories if not till.store.caught_up(c) or c in till.relay.feed.status().catching_up]
+        if behind:
+            problems.append(f"the master-data download of {', '.join(behind)} got no complete answer")
+        waiting = till.store.pending_masterdata()
+        if waiting:
+            problems.append(f"{waiting} master-data changes of this till await the cloud's verdict")
+        if behind or waiting:
+            problems.append("is the master-data broadcaster running? (run `tillsync till sync` again later)")
+        raise RuntimeError("not in sync: " + "; ".join(problems))
     differences = len(till.differences())
     out.print(
         f"in sync: all records uploaded{f' ({last.held} held by the upload switches)' if last.held else ''}"
@@ -594,8 +640,13 @@ def till_setting(
 ) -> None:
     """Save a setting. Printer, display and default stock location settings stay on this till."""
     till = _open_till(data_dir)
-    shared = till.save_setting(key, value, dt.datetime.now(dt.UTC))
-    out.print(f"setting {key} saved " + ("(shared with the account's tills)" if shared else "(local to this till, never uploaded)"))
+    uploaded = till.save_setting(key, value, dt.datetime.now(dt.UTC))
+    if not uploaded:
+        out.print(f"setting {key} saved (local to this till, never uploaded)")
+    elif "masterdata_other" in till.store.participating_categories():
+        out.print(f"setting {key} saved (shared with the account's tills that receive other master data)")
+    else:
+        out.print(f"setting {key} saved (archived; not shared: this till's sync mode does not share other master data)")
 
 
 def _short(data: dict[str, Any] | None, deleted: bool, other: dict[str, Any] | None) -> str:
@@ -657,16 +708,17 @@ def till_status(data_dir: Optional[Path] = DataDir) -> None:
     """Show the till's identity, sync settings and outbox."""
     till = _open_till(data_dir)
     identity = till.store.identity()
-    enabled, mode, _ = till.store.sync_settings()
+    enabled, mode, custom_json = till.store.sync_settings()
     pending, sent = till.store.outbox_counts()
     held = till.store.held_by_switches()
+    flags = CustomSyncFlags.model_validate_json(custom_json) if mode == "custom" and custom_json else None
     table = Table(show_header=False)
     for key, value in (
         ("till", f"{identity.till_name} ({identity.serial_number})"),
         ("account", identity.account_name or "-"),
         ("till id", str(identity.till_id or "-")),
         ("signed in", "yes" if identity.signed_in else "no"),
-        ("sync", f"{'on' if enabled else 'off'}, mode {mode}"),
+        ("sync", f"{'on' if enabled else 'off'}, mode {mode}" + _switches(flags)),
         ("outbox", f"{pending} pending, {sent} sent" + (f", {held} held by the upload switches" if held else "")),
         ("master data", ", ".join(f"{n} {kind}" for kind, n in sorted(till.store.masterdata_counts().items())) or "none"),
         ("master-data sync", ", ".join(

@@ -16,6 +16,7 @@ from shared.models import Article, Customer, SyncMode
 from shared.topology import DOWNLOAD_EXCHANGE, till_direct_routing_key, till_queue_name
 from tillsync.cli import app
 from tests.support import STRONG_PASSWORD, Environment, new_account_name, new_till, sell, wait_until
+from till_agent.store import TillStore
 from till_agent.till import Till
 
 pytestmark = pytest.mark.integration
@@ -381,3 +382,55 @@ async def _conflict_recorded(env: Environment, record_id: UUID) -> bool:
         return bool(await conn.fetchval("select 1 from masterdata_conflicts where record_id = $1", record_id))
     finally:
         await conn.close()
+
+
+async def test_an_import_or_a_detour_through_archive_mode_never_overwrites_the_account(
+    services, env: Environment, tmp_path: Path
+) -> None:
+    account = await new_account(env, tmp_path)
+    first = await join(env, tmp_path, account, SyncMode.ARCHIVE_MASTERDATA, "Kasse 1")
+    second = await join(env, tmp_path, account, SyncMode.ARCHIVE_MASTERDATA, "Kasse 2")
+    old_list = [bread(f"I{i}", 100 + i) for i in range(5)]
+    try:
+        first.import_entities(old_list, now())
+        await wait_until(lambda: len(second.store.masterdata("article")) == 5, what="the list on the second till")
+        second.save_entity(bread("I1", 130), now())
+        second.delete_entity("article", "I2", now())
+        await wait_until(lambda: price_of(first, "I1") == 130 and price_of(first, "I2") is None, what="the changes on till 1")
+        # till 1 imports the old list again: nothing is overwritten, nothing comes back
+        assert first.import_entities(old_list, now()) == {"listed": 2, "unchanged": 3}
+        # till 1 takes a detour through archive mode and changes things there
+        await first.set_sync_mode(True, SyncMode.ARCHIVE)
+        first.save_entity(bread("I3", 999), now())
+        first.delete_entity("article", "I4", now())
+        await first.set_sync_mode(True, SyncMode.ARCHIVE_MASTERDATA)
+        await wait_until(lambda: {d.entity_key for d in first.differences()} == {"I1", "I2", "I3", "I4"},
+                         what="the import and the detour listed on till 1")
+        await wait_until(lambda: first.status().pending == 0 and not first.store.pending_masterdata(), what="till 1 settled")
+        assert price_of(first, "I3") == 103 and price_of(first, "I4") == 104
+        assert [price_of(second, f"I{i}") for i in range(5)] == [100, 130, None, 103, 104]
+        account_id = first.store.identity().account_id
+        assert {key: v for (_, key), (v, _, _) in (await cloud_entities(env, account_id)).items()} == {
+            "I0": 1, "I1": 2, "I2": 2, "I3": 1, "I4": 1
+        }
+    finally:
+        await stop(first, second)
+
+
+async def test_till_sync_ends_only_when_the_cloud_has_judged_every_change(services, env: Environment, tmp_path: Path) -> None:
+    account = await new_account(env, tmp_path)
+    till = await join(env, tmp_path, account, SyncMode.ARCHIVE_MASTERDATA, "Kasse 1", start=False)
+    till.import_entities([bread(f"J{i}", 100 + i) for i in range(300)], now())
+    data_dir = till.store.data_dir
+    till.close()
+    result = await asyncio.to_thread(
+        CliRunner().invoke, app, ["till", "sync", "--data-dir", str(data_dir)],
+        env={"TILLSYNC_CLOUD_AMQP_URL": env.signup_url, "COLUMNS": "200"},
+    )
+    assert result.exit_code == 0 and "in sync" in result.output, result.output
+    store = TillStore(data_dir)
+    try:
+        assert store.pending_masterdata() == 0
+        assert {store.entity("article", f"J{i}")["version"] for i in range(300)} == {1}
+    finally:
+        store.close()

@@ -88,3 +88,26 @@ def test_article_with_an_empty_text_fails_cleanly(till_dir: Path) -> None:
     _fails_cleanly(
         ["till", "add-article", "--nr", "9", "--text", "", "--price-cents", "1", "--data-dir", str(till_dir)], "text"
     )
+
+
+def test_a_deleted_article_comes_back_only_with_restore(till_dir: Path) -> None:
+    assert runner.invoke(app, ["till", "delete", "article", "1", "--data-dir", str(till_dir)]).exit_code == 0
+    _fails_cleanly(["till", "add-article", "--nr", "1", "--price-cents", "99", "--data-dir", str(till_dir)], "--restore")
+    restored = runner.invoke(
+        app, ["till", "add-article", "--nr", "1", "--text", "Brezel", "--price-cents", "99", "--restore", "--data-dir", str(till_dir)]
+    )
+    assert restored.exit_code == 0 and "article 1 restored" in restored.output
+
+
+def test_saving_an_article_unchanged_says_so(till_dir: Path) -> None:
+    result = runner.invoke(app, ["till", "add-article", "--nr", "1", "--price-cents", "95", "--data-dir", str(till_dir)])
+    assert result.exit_code == 0 and "article 1 unchanged" in result.output
+
+
+@pytest.mark.parametrize(
+    ("custom", "expected"),
+    [('{"download_articles": "yes"}', "valid boolean"), ('{"nope": true}', "unknown switch"), ("[1]", "JSON object"),
+     ("{", "not valid JSON")],
+)
+def test_bad_custom_switches_are_refused_before_any_request(till_dir: Path, custom: str, expected: str) -> None:
+    _fails_cleanly(["till", "mode", "custom", "--custom", custom, "--data-dir", str(till_dir)], expected)

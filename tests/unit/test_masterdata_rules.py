@@ -123,7 +123,9 @@ def test_custom_upload_switches_choose_the_uploaded_kinds() -> None:
     assert upload_kinds(SyncMode.CUSTOM, CustomSyncFlags(upload_receipts=False)) == ("masterdata", "zreport")
 
 
-@pytest.mark.parametrize("key", ["printer.model", "printer.port", "display.brightness", "stock.default_location"])
+@pytest.mark.parametrize(
+    "key", ["printer.model", "printer.port", "display.brightness", "stock.default_location", "Printer.Model", "STOCK.Default_Location"]
+)
 def test_local_only_settings_cannot_be_shared(key: str) -> None:
     assert is_local_only_setting(key)
     with pytest.raises(ValueError, match="local to one till"):
@@ -250,15 +252,23 @@ def test_a_deletion_in_the_cloud_is_kept_against_a_local_edit(store: TillStore) 
 
 
 def test_entities_changed_outside_master_data_sync_are_listed_or_shared_after_the_catch_up(store: TillStore) -> None:
+    store.apply_feed_entry(entry(state(1, bread(500, nr="A5"), feed_seq=1, key="A5"), prev=0), None)
+    store.apply_feed_entry(entry(state(1, bread(600, nr="A6"), feed_seq=2, key="A6"), prev=1), None)
     store.save_sync_mode(True, SyncMode.ARCHIVE.value, None)
     store.save_masterdata("article", "A1", bread(100), T0)  # differs from the cloud
     store.save_masterdata("article", "A2", bread(200, nr="A2"), T0)  # same as the cloud
     store.save_masterdata("article", "A3", bread(300, nr="A3"), T0)  # unknown to the cloud
+    store.save_masterdata("article", "A5", bread(555, nr="A5"), T0)  # known, unchanged in the cloud since
+    store.save_masterdata("article", "A6", None, T0)  # deleted here only
+    outbox = store.outbox_counts()[0]
     store.save_sync_mode(True, SyncMode.ARCHIVE_MASTERDATA.value, None)
     store.start_receiving(["articles"])
     shared = store.apply_catchup_page(page([state(4, bread(150), feed_seq=3), state(1, bread(200, nr="A2"), feed_seq=4, key="A2")], head=4), None)
-    assert shared == 1  # A3 is offered to the cloud as a new entity
-    assert [d.entity_key for d in store.differences()] == ["A1"]
+    assert shared == 1 and store.outbox_counts()[0] == outbox + 1  # only A3 is offered, as a new entity
+    # changes made outside master-data sync are listed, never pushed: the account's value is used
+    assert [d.entity_key for d in store.differences()] == ["A1", "A5", "A6"]
+    assert data(store, "A5")["data"]["unit_price"] == 500 and data(store, "A6")["deleted"] is False
+    assert store.differences()[2].local_deleted is True
     assert data(store)["data"]["unit_price"] == 150 and data(store, "A2")["version"] == 1
     offered = store.unsent(10)[-1]
     assert '"entity_key":"A3"' in offered.body and '"shared":true' in offered.body
@@ -275,3 +285,42 @@ def test_the_state_hash_covers_versions_and_tombstones(store: TillStore, tmp_pat
         assert store.masterdata_state_hash() != other.masterdata_state_hash()
     finally:
         other.close()
+
+
+def test_an_import_on_a_sharing_till_lists_differences_instead_of_overwriting(store: TillStore) -> None:
+    store.apply_feed_entry(entry(state(2, bread(130, nr="A1"), feed_seq=1, key="A1"), prev=0), None)
+    store.apply_feed_entry(entry(state(3, None, feed_seq=2, key="A2"), prev=1), None)  # deleted in the account
+    store.apply_feed_entry(entry(state(1, bread(300, nr="A3"), feed_seq=3, key="A3"), prev=2), None)
+    outbox = store.outbox_counts()[0]
+    outcomes = [store.import_masterdata(a, T0) for a in (bread(115, nr="A1"), bread(120, nr="A2"), bread(300, nr="A3"), bread(9, nr="A4"))]
+    assert outcomes == ["listed", "listed", "unchanged", "created"]
+    assert store.outbox_counts()[0] == outbox + 1  # only the new A4
+    assert data(store, "A1")["data"]["unit_price"] == 130 and data(store, "A2")["deleted"] is True
+    listed = {d.entity_key: d for d in store.differences()}
+    assert listed["A1"].local_data["unit_price"] == 115 and listed["A2"].cloud_deleted
+    # the owner may still apply the imported price
+    store.resolve_difference("article", "A1", "till", T0)
+    assert data(store, "A1")["data"]["unit_price"] == 115 and '"base_version":2' in store.unsent(10)[-1].body
+
+
+def test_saving_the_same_value_again_records_nothing(store: TillStore) -> None:
+    assert store.save_masterdata("article", "A1", bread(), T0) is not None
+    before = store.outbox_counts()
+    assert store.save_masterdata("article", "A1", bread(), T0) is None
+    assert store.outbox_counts() == before
+    store.save_masterdata("article", "A1", None, T0)
+    with pytest.raises(TillStoreError, match="no article 'A1' to delete"):
+        store.save_masterdata("article", "A1", None, T0)
+
+
+@pytest.mark.parametrize("text", ["Brot\tfrisch", "Brot\nfrisch", "Brot\u202e", "Br\u200bot"])
+def test_names_and_keys_are_single_visible_lines(text: str) -> None:
+    with pytest.raises(ValueError, match="control characters or invisible characters"):
+        bread(text=text)
+    with pytest.raises(ValueError, match="control characters or invisible characters"):
+        bread(nr=text)
+
+
+def test_custom_switches_are_strict_booleans() -> None:
+    with pytest.raises(ValueError, match="valid boolean"):
+        CustomSyncFlags.model_validate_json('{"download_articles": "yes"}')
