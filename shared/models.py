@@ -247,14 +247,15 @@ class VatRate(WireModel):
 
 # Settings that describe one till's own hardware and place never leave the till
 # (DESIGN.md §1.3): the till agent keeps them local and the cloud refuses them.
-LOCAL_ONLY_SETTING_PREFIXES: tuple[str, ...] = ("printer.", "display.", "stock.default_location")
+LOCAL_ONLY_SETTING_PREFIXES: tuple[str, ...] = ("printer.", "display.")
+LOCAL_ONLY_SETTING_KEYS: tuple[str, ...] = ("stock.default_location",)
 
 
 def is_local_only_setting(setting_key: str) -> bool:
     """True for the printer setup (``printer.*``), display settings (``display.*``) and the
     default stock location (``stock.default_location``), in any case: settings that stay on one till."""
     key = setting_key.strip().lower()
-    return any(key == p.rstrip(".") or key.startswith(p) for p in LOCAL_ONLY_SETTING_PREFIXES)
+    return key in LOCAL_ONLY_SETTING_KEYS or any(key.startswith(p) for p in LOCAL_ONLY_SETTING_PREFIXES)
 
 
 class SharedSetting(WireModel):
@@ -704,6 +705,8 @@ class SignIn(WireModel):
     password: SecretStr
     serial_number: Key
     till_name: Name
+    installation_id: UUID | None = Field(default=None, description="the till's local store, made at `till init`")
+    replace: bool = Field(default=False, description="this installation replaces a signed-in one of the same serial")
 
     reveal_password = field_serializer("password", when_used="json")(_reveal)
 
@@ -795,6 +798,7 @@ class ErrorCode(StrEnum):
     ACCOUNT_EXISTS = "account_exists"
     WRONG_CREDENTIALS = "wrong_credentials"
     TOO_MANY_ATTEMPTS = "too_many_attempts"
+    TILL_IN_USE = "till_in_use"
     UNKNOWN_TILL = "unknown_till"
     INTERNAL = "internal"
 

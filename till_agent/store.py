@@ -49,7 +49,7 @@ from shared.models import (
     is_local_only_setting,
 )
 from shared.topology import masterdata_categories, upload_kinds
-from till_agent.masterdata import rebase
+from till_agent.masterdata import changed_fields, rebase
 
 STORE_FILE = "till.sqlite3"
 
@@ -78,6 +78,7 @@ create table if not exists masterdata_differences (
     cloud_deleted integer not null,
     reason        text not null,
     detected_at   text not null,
+    fields        text,
     primary key (entity_kind, entity_key)
 );
 create table if not exists local_settings (key text primary key, value text not null);
@@ -117,6 +118,7 @@ _ADDED_COLUMNS = (
     ("masterdata", "dirty", "integer not null default 0"),
     ("masterdata", "category", "text"),
     ("outbox", "md_category", "text"),
+    ("masterdata_differences", "fields", "text"),
 )
 
 RECORD_ADAPTER: TypeAdapter[RecordBody] = TypeAdapter(RecordBody)
@@ -204,6 +206,10 @@ class TillStore:
     def _upgrade(self) -> None:
         """Bring a store made by an earlier release up to this schema."""
         self._db.executescript(_SCHEMA)
+        self._db.execute(
+            "insert into settings (key, value) values ('installation_id', ?) on conflict (key) do nothing",
+            (str(uuid.uuid4()),),
+        )
         for table, column, declaration in _ADDED_COLUMNS:
             columns = {r["name"] for r in self._db.execute(f"pragma table_info({table})")}
             if column not in columns:
@@ -244,6 +250,7 @@ class TillStore:
                     ("last_receipt_number", "0"),
                     ("last_z_nr", "0"),
                     ("signed_in", "0"),
+                    ("installation_id", str(uuid.uuid4())),
                 ],
             )
         db.close()
@@ -340,6 +347,10 @@ class TillStore:
             ):
                 if server_value > int(self._get(key) or 0):
                     self._set(**{key: str(server_value)})
+
+    def installation_id(self) -> UUID:
+        """This local store's own id (made at ``till init``), told to the cloud at sign-in."""
+        return UUID(self._get("installation_id"))
 
     def queue_name(self) -> str:
         """The till's download queue as the cloud named it at sign-in."""
@@ -523,6 +534,10 @@ class TillStore:
             row = self._md_row(entity_kind, entity_key)
             if data is not None and row is not None and not row.deleted and row.data == data.model_dump(mode="json"):
                 return None
+            # the owner's new value settles a listed difference of this entity
+            self._db.execute(
+                "delete from masterdata_differences where entity_kind = ? and entity_key = ?", (entity_kind, entity_key)
+            )
             return self._save_masterdata(entity_kind, entity_key, data, recorded_at)
 
     def _save_masterdata(
@@ -593,6 +608,7 @@ class TillStore:
                 dt.datetime.now(dt.UTC).isoformat(), data, pending_record_id, state.category,
             ),
         )
+        self._refresh_difference(state.entity_kind, state.entity_key, state.version, _loads(data))
 
     def _note_difference(self, row: _Row, state: EntityState | None, reason: str) -> None:
         """List the till's value of ``row`` against the cloud's ``state`` for the owner."""
@@ -607,20 +623,49 @@ class TillStore:
         self, entity_kind: str, entity_key: str, local_data: dict[str, Any] | None, local_deleted: bool,
         cloud_version: int | None, cloud_data: dict[str, Any] | None, cloud_deleted: bool, reason: str,
     ) -> None:
+        # the fields the till's value differs in (None: all, when one side is deleted)
+        fields = (
+            None if local_deleted or cloud_deleted or local_data is None or cloud_data is None
+            else sorted(changed_fields(cloud_data, local_data))
+        )
         self._db.execute(
             """
             insert into masterdata_differences (entity_kind, entity_key, local_data, local_deleted, cloud_version,
-                cloud_data, cloud_deleted, reason, detected_at)
-            values (?, ?, ?, ?, ?, ?, ?, ?, ?)
+                cloud_data, cloud_deleted, reason, detected_at, fields)
+            values (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
             on conflict (entity_kind, entity_key) do update set local_data = excluded.local_data,
                 local_deleted = excluded.local_deleted, cloud_version = excluded.cloud_version,
                 cloud_data = excluded.cloud_data, cloud_deleted = excluded.cloud_deleted, reason = excluded.reason,
-                detected_at = excluded.detected_at
+                detected_at = excluded.detected_at, fields = excluded.fields
             """,
             (
                 entity_kind, entity_key, _dumps(local_data), int(local_deleted), cloud_version, _dumps(cloud_data),
-                int(cloud_deleted), reason, dt.datetime.now(dt.UTC).isoformat(),
+                int(cloud_deleted), reason, dt.datetime.now(dt.UTC).isoformat(), _dumps(fields),
             ),
+        )
+
+    def _refresh_difference(self, entity_kind: str, entity_key: str, version: int, data: dict[str, Any] | None) -> None:
+        """Keep a listed difference's cloud side current (it shows what the owner decides
+        against); drop it once the cloud holds the till's listed value."""
+        diff = self._db.execute(
+            "select * from masterdata_differences where entity_kind = ? and entity_key = ?", (entity_kind, entity_key)
+        ).fetchone()
+        if diff is None or (diff["cloud_version"] is not None and diff["cloud_version"] >= version):
+            return
+        local, fields = _loads(diff["local_data"]), _loads(diff["fields"])
+        if bool(diff["local_deleted"]) == (data is None) and (
+            data is None or (fields is not None and all(data.get(f) == (local or {}).get(f) for f in fields)) or data == local
+        ):
+            self._db.execute(
+                "delete from masterdata_differences where entity_kind = ? and entity_key = ?", (entity_kind, entity_key)
+            )
+            return
+        self._db.execute(
+            """
+            update masterdata_differences set cloud_version = ?, cloud_data = ?, cloud_deleted = ?
+            where entity_kind = ? and entity_key = ?
+            """,
+            (version, _dumps(data), int(data is None), entity_kind, entity_key),
         )
 
     def _is_own_record(self, record_id: UUID) -> bool:
@@ -661,6 +706,7 @@ class TillStore:
             "update masterdata set version = ?, base_data = ?, pending_record_id = ? where entity_kind = ? and entity_key = ?",
             (state.version, base, pending, state.entity_kind, state.entity_key),
         )
+        self._refresh_difference(state.entity_kind, state.entity_key, state.version, _loads(base))
         return "accepted"
 
     def feed_position(self, category: str) -> int:
@@ -855,10 +901,20 @@ class TillStore:
             )
             if keep == "cloud":
                 return None
-            data = None if diff["local_deleted"] else ENTITY_ADAPTER.validate_python(_loads(diff["local_data"]))
             row = self._md_row(entity_kind, entity_key)
-            if data is None and (row is None or row.deleted):
-                return None  # deleted on both sides already
+            local, fields = _loads(diff["local_data"]), _loads(diff["fields"])
+            if diff["local_deleted"]:
+                if row is None or row.deleted:
+                    return None  # deleted on both sides already
+                data = None
+            elif fields is None or row is None or row.deleted or row.data is None:
+                data = ENTITY_ADAPTER.validate_python(local)  # the till's whole value
+            else:
+                # only the fields listed, on top of the entity as it is now (newer changes of
+                # other fields stay)
+                data = ENTITY_ADAPTER.validate_python({**row.data, **{f: local[f] for f in fields if f in local}})
+                if data.model_dump(mode="json") == row.data:
+                    return None
             record_id, _ = self._save_masterdata(entity_kind, entity_key, data, at, base=row)
             return record_id
 

@@ -127,11 +127,14 @@ class Till:
         assert isinstance(reply.reply, AccountCreated)
         return reply.reply
 
-    async def sign_in(self, account_name: str, password: str) -> SignedIn:
+    async def sign_in(self, account_name: str, password: str, replace: bool = False) -> SignedIn:
         """Sign this till in and keep its credentials.
 
-        Raises ``AccountError`` for wrong credentials (or too many attempts), and
-        ``RuntimeError`` for another account than the one this till belongs to.
+        ``replace``: this installation replaces another one of the same serial number
+        that is still signed in (a re-installed till). Raises ``AccountError`` for wrong
+        credentials (or too many attempts) or another signed-in installation (code
+        ``till_in_use``), and ``RuntimeError`` for another account than the one this
+        till belongs to.
         """
         identity = self.store.identity()
         if identity.account_name and identity.account_name != account_name.strip().lower():
@@ -146,6 +149,8 @@ class Till:
                 password=password,
                 serial_number=identity.serial_number,
                 till_name=identity.till_name,
+                installation_id=self.store.installation_id(),
+                replace=replace,
             )
         )
         signed_in = reply.reply
@@ -268,6 +273,8 @@ class Till:
         """Save a setting: local-only ones (``printer.*``, ``display.*``,
         ``stock.default_location``) stay on this till; any other is a shared setting.
         Returns True if the setting is shared (uploaded) and False if it stays local."""
+        if key != key.strip() or not key:
+            raise ValueError(f"setting key {key!r} must not be empty or start or end with whitespace")
         if is_local_only_setting(key):
             self.store.set_local_setting(key, value)
             return False

@@ -327,11 +327,14 @@ def till_create_account(
 def till_sign_in(
     account_name: str = typer.Argument(...),
     password_stdin: bool = typer.Option(False, help="read the password from stdin instead of prompting"),
+    replace: bool = typer.Option(
+        False, "--replace", help="this installation replaces another one of the same serial number that is still signed in"
+    ),
     data_dir: Optional[Path] = DataDir,
 ) -> None:
     """Sign this till in to an account."""
     till = _open_till(data_dir)
-    signed_in = asyncio.run(till.sign_in(account_name, _read_password(password_stdin, confirm=False)))
+    signed_in = asyncio.run(till.sign_in(account_name, _read_password(password_stdin, confirm=False), replace=replace))
     pending, _ = till.store.outbox_counts()
     out.print(
         f"signed in to {signed_in.account_name} as till {signed_in.till_id} (mode {signed_in.sync_mode.value}); "
@@ -521,7 +524,7 @@ def till_sync(
             status.pending - status.held == 0
             and not feed.catching_up
             and all(till.store.caught_up(c) for c in categories)
-            and till.store.pending_masterdata() == 0
+            and not till.store.awaiting_verdicts(1)
         )
 
     async def body() -> Any:
@@ -561,10 +564,10 @@ def till_sync(
         behind = [c for c in categories if not till.store.caught_up(c) or c in till.relay.feed.status().catching_up]
         if behind:
             problems.append(f"the master-data download of {', '.join(behind)} got no complete answer")
-        waiting = till.store.pending_masterdata()
+        waiting = len(till.store.awaiting_verdicts())
         if waiting:
             problems.append(f"{waiting} master-data changes of this till await the cloud's verdict")
-        if behind or waiting:
+        if (behind or waiting) and not last.pending - last.held:
             problems.append("is the master-data broadcaster running? (run `tillsync till sync` again later)")
         raise RuntimeError("not in sync: " + "; ".join(problems))
     differences = len(till.differences())
@@ -696,6 +699,8 @@ def till_resolve(
         raise ValueError("name one entity (KIND KEY) or give --all")
     if kind is not None and key is None:
         raise ValueError("give the key of the entity after its kind")
+    if kind is not None and kind not in ENTITY_KINDS:
+        raise ValueError(f"unknown kind {kind!r}; one of: {ENTITY_KIND_HELP}")
     till = _open_till(data_dir)
     count = till.resolve(keep, dt.datetime.now(dt.UTC), kind, key)
     what = "kept the cloud's value" if keep == "cloud" else "queued this till's value as a new change (sync to upload)"

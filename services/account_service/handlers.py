@@ -139,7 +139,9 @@ async def sign_in(cmd: SignIn, conn: asyncpg.Connection, deps: AccountDeps) -> A
     """Sign a till in: check the password, create its broker user, bind its queue.
 
     An unknown account name gets exactly the wrong-password answer. The same serial
-    number gets the same ``till_id`` again, with the archive's last ``till_seq``.
+    number gets the same ``till_id`` again, with the archive's last ``till_seq``; while
+    another installation (local store) of that serial is signed in, only with
+    ``replace`` (two live stores under one ``till_id`` would reuse ``till_seq``).
     """
     try:
         name = normalise_account_name(cmd.account_name)
@@ -185,16 +187,37 @@ async def sign_in(cmd: SignIn, conn: asyncpg.Connection, deps: AccountDeps) -> A
             account_id,
             await hash_password(cmd.password.get_secret_value()),
         )
+    existing = await conn.fetchrow(
+        "select till_name, signed_in, signed_in_at, installation_id from tills where account_id = $1 and serial_number = $2 for update",
+        account_id,
+        cmd.serial_number,
+    )
+    if (
+        existing is not None
+        and existing["signed_in"]
+        and not cmd.replace
+        and existing["installation_id"] is not None
+        and existing["installation_id"] != cmd.installation_id
+    ):
+        since = existing["signed_in_at"].strftime("%Y-%m-%d %H:%M UTC") if existing["signed_in_at"] else "earlier"
+        return _error(
+            ErrorCode.TILL_IN_USE,
+            f"another installation of till {cmd.serial_number} ({existing['till_name']}) is signed in to this account "
+            f"since {since}; sign it out first, or sign in with --replace if this installation replaces it "
+            "(the other one then loses its access and must not record anything more)",
+        )
     till = await conn.fetchrow(
         """
-        insert into tills (till_id, account_id, serial_number, till_name) values ($1, $2, $3, $4)
-        on conflict (account_id, serial_number) do update set till_name = excluded.till_name
+        insert into tills (till_id, account_id, serial_number, till_name, installation_id) values ($1, $2, $3, $4, $5)
+        on conflict (account_id, serial_number) do update set till_name = excluded.till_name,
+            installation_id = excluded.installation_id
         returning till_id, sync_enabled, sync_mode, custom_flags
         """,
         uuid.uuid4(),
         account_id,
         cmd.serial_number,
         cmd.till_name,
+        cmd.installation_id,
     )
     till_id: UUID = till["till_id"]
     secret = secrets.token_urlsafe(32)

@@ -113,7 +113,11 @@ async def test_same_serial_number_gets_the_same_till_and_continues_its_sequence(
     await wait_until(lambda: _eq(archived(), 6), what="6 archived records")
     # the till is re-installed: a new local store with the same serial number
     reinstalled = new_till(env, tmp_path / "reinstalled", serial="SERIAL-42")
-    again = await reinstalled.sign_in(name, STRONG_PASSWORD)
+    # the old installation never signed out: taking over needs the owner's word
+    with pytest.raises(AccountError, match="another installation of till SERIAL-42") as refused:
+        await reinstalled.sign_in(name, STRONG_PASSWORD)
+    assert refused.value.code == ErrorCode.TILL_IN_USE
+    again = await reinstalled.sign_in(name, STRONG_PASSWORD, replace=True)
     assert again.till_id == signed_in.till_id
     assert (again.last_till_seq, again.last_receipt_number, again.last_z_nr) == (6, 5, 1)
     receipt = reinstalled.sell(
@@ -228,3 +232,13 @@ async def test_clear_password_is_not_stored(env, services, tmp_path) -> None:  #
     finally:
         await conn.close()
     assert stored.startswith("$argon2id$") and STRONG_PASSWORD not in stored
+
+
+async def test_the_same_installation_may_sign_in_again_while_signed_in(env, services, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    name = new_account_name()
+    till = new_till(env, tmp_path, serial="SERIAL-77")
+    await till.create_account(name, STRONG_PASSWORD)
+    first = await till.sign_in(name, STRONG_PASSWORD)
+    again = await till.sign_in(name, STRONG_PASSWORD)  # e.g. the first reply was lost
+    assert again.till_id == first.till_id
+    till.close()

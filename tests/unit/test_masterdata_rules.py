@@ -132,7 +132,7 @@ def test_local_only_settings_cannot_be_shared(key: str) -> None:
         SharedSetting(setting_key=key, value="x")
 
 
-@pytest.mark.parametrize("key", ["receipt.footer", "printers", "stock.reorder_level", "displayname"])
+@pytest.mark.parametrize("key", ["receipt.footer", "printers", "printer", "stock.reorder_level", "displayname", "stock.default_locationx"])
 def test_other_settings_are_shared(key: str) -> None:
     assert not is_local_only_setting(key)
     assert SharedSetting(setting_key=key, value="x").key == key
@@ -324,3 +324,38 @@ def test_names_and_keys_are_single_visible_lines(text: str) -> None:
 def test_custom_switches_are_strict_booleans() -> None:
     with pytest.raises(ValueError, match="valid boolean"):
         CustomSyncFlags.model_validate_json('{"download_articles": "yes"}')
+
+
+def _listed_price_difference(store: TillStore) -> None:
+    """The till set 300 on version 1; the cloud kept another till's 280 (version 2)."""
+    store.apply_feed_entry(entry(state(1, bread(250, "Milch")), prev=0), None)
+    mine, _ = store.save_masterdata("article", "A1", bread(300, "Milch"), T0)
+    assert store.apply_conflict(conflict(mine, state(2, bread(280, "Milch"), feed_seq=2))) == "kept_cloud"
+
+
+def test_a_listed_difference_follows_the_cloud(store: TillStore) -> None:
+    _listed_price_difference(store)
+    store.apply_feed_entry(entry(state(3, None, feed_seq=3), prev=2), None)  # deleted on another till
+    [difference] = store.differences()
+    assert (difference.cloud_version, difference.cloud_deleted, difference.local_data["unit_price"]) == (3, True, 300)
+
+
+def test_keeping_the_till_value_takes_only_the_listed_fields(store: TillStore) -> None:
+    _listed_price_difference(store)
+    store.apply_feed_entry(entry(state(3, bread(280, "Vollmilch"), feed_seq=3), prev=2), None)  # renamed meanwhile
+    assert store.differences()[0].cloud_data["text"] == "Vollmilch"
+    store.resolve_difference("article", "A1", "till", T0)
+    assert data(store)["data"] == bread(300, "Vollmilch").model_dump(mode="json")
+    assert '"base_version":3' in store.unsent(10)[-1].body
+
+
+def test_a_listed_difference_ends_when_the_cloud_takes_the_value_or_the_owner_sets_one(store: TillStore) -> None:
+    _listed_price_difference(store)
+    store.apply_feed_entry(entry(state(3, bread(300, "Milch"), feed_seq=3), prev=2), None)  # another till set 300
+    assert store.differences() == []
+    _, _ = store.save_masterdata("article", "A1", bread(310, "Milch"), T0)
+    record = store.unsent(10)[-1]
+    store.apply_conflict(conflict(record.record_id, state(4, bread(320, "Milch"), feed_seq=4)))
+    assert [d.entity_key for d in store.differences()] == ["A1"]
+    store.save_masterdata("article", "A1", bread(330, "Milch"), T0)  # the owner's new value settles it
+    assert store.differences() == []
