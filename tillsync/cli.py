@@ -602,6 +602,7 @@ def till_masterdata(
         raise ValueError(f"unknown kind {kind!r}; one of: {ENTITY_KIND_HELP}")
     till = _open_till(data_dir)
     rows = till.store.masterdata(kind)
+    uploads = till.store.upload_kinds()
     table = Table(title=f"{kind}: {len(rows)}")
     table.add_column("key")
     table.add_column("data")
@@ -610,7 +611,10 @@ def till_masterdata(
     for data in rows:
         key = ENTITY_ADAPTER.validate_python(data).key
         entity = till.store.entity(kind, key) or {}
-        state = "waiting for the cloud" if entity.get("pending") else "changed here, not shared" if entity.get("dirty") else ""
+        state = (
+            ("kept in the outbox (upload switch off)" if "masterdata" not in uploads else "waiting for the cloud")
+            if entity.get("pending") else "changed here, not shared" if entity.get("dirty") else ""
+        )
         shown = {k: v for k, v in data.items() if k != "entity"}
         table.add_row(key, json.dumps(shown, ensure_ascii=False), str(entity.get("version") or "-"), state)
     out.print(table)
@@ -643,8 +647,11 @@ def till_setting(
 ) -> None:
     """Save a setting. Printer, display and default stock location settings stay on this till."""
     till = _open_till(data_dir)
+    before = till.store.entity("shared_setting", key)
     uploaded = till.save_setting(key, value, dt.datetime.now(dt.UTC))
-    if not uploaded:
+    if uploaded and before is not None and not before["deleted"] and before["data"]["value"] == value:
+        out.print(f"setting {key} unchanged")
+    elif not uploaded:
         out.print(f"setting {key} saved (local to this till, never uploaded)")
     elif "masterdata_other" in till.store.participating_categories():
         out.print(f"setting {key} saved (shared with the account's tills that receive other master data)")
