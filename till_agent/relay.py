@@ -35,7 +35,8 @@ log = structlog.get_logger()
 
 @dataclass(frozen=True)
 class RelayStatus:
-    """What the relay is doing: ``state`` in idle/uploading/offline/signed_out/sync_off/stopped.
+    """What the relay is doing: ``state`` in connecting/idle/uploading/offline/signed_out/sync_off/stopped
+    (``idle`` and ``uploading`` mean connected).
 
     ``pending`` counts every unsent record; ``held`` those kept back by the custom
     mode's upload switches (they wait until the switch is on again).
@@ -72,7 +73,7 @@ class OutboxRelay:
         self._poll = poll_seconds
         self._on_sent = on_sent
         self._wake = asyncio.Event()
-        self._state = ("idle", "")
+        self._state = ("connecting", "")
         self._sent_times: collections.deque[tuple[float, int]] = collections.deque()
         self._connection: AbstractConnection | None = None
         self.feed = FeedClient(store, on_new_records=self.wake)
@@ -104,6 +105,8 @@ class OutboxRelay:
                 await self._sleep(stop, 1.0)
                 continue
             url = amqp_url_with_credentials(self._broker_url, identity.broker_username, identity.broker_password)
+            if self._state[0] != "offline":
+                self._state = ("connecting", "")
             try:
                 self._connection = await aio_pika.connect(
                     url, client_properties={"connection_name": f"till {identity.serial_number}"}, timeout=10

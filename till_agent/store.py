@@ -144,6 +144,7 @@ class Difference:
     cloud_deleted: bool
     reason: str
     detected_at: dt.datetime
+    fields: tuple[str, ...] | None = None  # the fields the till's value differs in (None: all)
 
 
 @dataclass(frozen=True)
@@ -534,10 +535,18 @@ class TillStore:
             row = self._md_row(entity_kind, entity_key)
             if data is not None and row is not None and not row.deleted and row.data == data.model_dump(mode="json"):
                 return None
-            # the owner's new value settles a listed difference of this entity
-            self._db.execute(
-                "delete from masterdata_differences where entity_kind = ? and entity_key = ?", (entity_kind, entity_key)
-            )
+            # the owner's new value of a listed field (or a deletion) settles a listed difference
+            listed = self._db.execute(
+                "select fields from masterdata_differences where entity_kind = ? and entity_key = ?", (entity_kind, entity_key)
+            ).fetchone()
+            if listed is not None:
+                fields = _loads(listed["fields"])
+                new = data.model_dump(mode="json") if data is not None else None
+                now = row.data if row is not None and not row.deleted else None
+                if fields is None or new is None or now is None or any(new.get(f) != now.get(f) for f in fields):
+                    self._db.execute(
+                        "delete from masterdata_differences where entity_kind = ? and entity_key = ?", (entity_kind, entity_key)
+                    )
             return self._save_masterdata(entity_kind, entity_key, data, recorded_at)
 
     def _save_masterdata(
@@ -877,6 +886,7 @@ class TillStore:
             Difference(
                 r["entity_kind"], r["entity_key"], _loads(r["local_data"]), bool(r["local_deleted"]), r["cloud_version"],
                 _loads(r["cloud_data"]), bool(r["cloud_deleted"]), r["reason"], dt.datetime.fromisoformat(r["detected_at"]),
+                tuple(_loads(r["fields"])) if r["fields"] is not None else None,
             )
             for r in rows
         ]

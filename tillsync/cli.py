@@ -521,7 +521,8 @@ def till_sync(
         status = till.status()
         feed = till.relay.feed.status()
         return (
-            status.pending - status.held == 0
+            status.state == "idle"  # connected: an offline till is not in sync
+            and status.pending - status.held == 0
             and not feed.catching_up
             and all(till.store.caught_up(c) for c in categories)
             and not till.store.awaiting_verdicts(1)
@@ -550,15 +551,18 @@ def till_sync(
                     info=f"catching up on {', '.join(feed.catching_up)}" if feed.catching_up else "up to date",
                 )
                 hopeless = last.state == "offline" and "credentials refused" in last.detail
-                if done() or hopeless or asyncio.get_running_loop().time() > deadline:
+                finished = done()
+                if finished or hopeless or asyncio.get_running_loop().time() > deadline:
                     break
         await till.stop_sync()
-        return last
+        return last, finished
 
-    last = asyncio.run(body())
-    if not done():
+    last, finished = asyncio.run(body())
+    if not finished:
         hint = "; sign in again" if "credentials refused" in last.detail else ""
         problems = []
+        if last.state != "idle" and not last.pending - last.held:
+            problems.append(f"not connected ({last.state}: {last.detail}){hint}")
         if last.pending - last.held:
             problems.append(f"{last.pending - last.held} records not uploaded ({last.state}{': ' + last.detail if last.detail else ''}){hint}")
         behind = [c for c in categories if not till.store.caught_up(c) or c in till.relay.feed.status().catching_up]
@@ -659,12 +663,12 @@ def till_setting(
         out.print(f"setting {key} saved (archived; not shared: this till's sync mode does not share other master data)")
 
 
-def _short(data: dict[str, Any] | None, deleted: bool, other: dict[str, Any] | None) -> str:
-    """The fields of ``data`` that differ from ``other`` (all if ``other`` is None)."""
+def _short(data: dict[str, Any] | None, deleted: bool, fields: tuple[str, ...] | None) -> str:
+    """The listed ``fields`` of ``data`` (every field if None)."""
     if deleted or data is None:
         return "(deleted)"
-    fields = {k: v for k, v in data.items() if k != "entity" and (other is None or other.get(k) != v)}
-    return json.dumps(fields, ensure_ascii=False)
+    shown = {k: v for k, v in data.items() if k != "entity" and (fields is None or k in fields)}
+    return json.dumps(shown, ensure_ascii=False)
 
 
 @till_app.command("differences")
@@ -683,8 +687,8 @@ def till_differences(data_dir: Optional[Path] = DataDir) -> None:
         table.add_column(column)
     for d in differences:
         table.add_row(
-            d.entity_kind, d.entity_key, _short(d.local_data, d.local_deleted, d.cloud_data),
-            _short(d.cloud_data, d.cloud_deleted, d.local_data) + f" v{d.cloud_version or '-'}", d.reason,
+            d.entity_kind, d.entity_key, _short(d.local_data, d.local_deleted, d.fields),
+            _short(d.cloud_data, d.cloud_deleted, d.fields) + f" v{d.cloud_version or '-'}", d.reason,
         )
     out.print(table)
     out.print("decide with: tillsync till resolve --keep cloud|till (KIND KEY | --all)")

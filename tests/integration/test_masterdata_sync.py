@@ -434,3 +434,18 @@ async def test_till_sync_ends_only_when_the_cloud_has_judged_every_change(servic
         assert {store.entity("article", f"J{i}")["version"] for i in range(300)} == {1}
     finally:
         store.close()
+
+
+async def test_till_sync_of_a_replaced_installation_fails_and_says_why(services, env: Environment, tmp_path: Path) -> None:
+    account = await new_account(env, tmp_path)
+    old = await join(env, tmp_path, account, SyncMode.ARCHIVE_MASTERDATA, "Kasse 1", start=False)
+    serial = old.store.identity().serial_number
+    new = new_till(env, tmp_path / "new", serial=serial, name="Kasse 1")
+    await new.sign_in(account, STRONG_PASSWORD, replace=True)
+    result = await asyncio.to_thread(
+        CliRunner().invoke, app, ["till", "sync", "--timeout", "10", "--data-dir", str(old.store.data_dir)],
+        env={"TILLSYNC_CLOUD_AMQP_URL": env.signup_url, "COLUMNS": "200"},
+    )
+    assert result.exit_code == 1 and "not in sync" in result.output and "sign in again" in result.output, result.output
+    old.close()
+    new.close()

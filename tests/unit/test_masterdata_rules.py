@@ -359,3 +359,9 @@ def test_a_listed_difference_ends_when_the_cloud_takes_the_value_or_the_owner_se
     assert [d.entity_key for d in store.differences()] == ["A1"]
     store.save_masterdata("article", "A1", bread(330, "Milch"), T0)  # the owner's new value settles it
     assert store.differences() == []
+
+
+def test_editing_another_field_keeps_the_listed_difference(store: TillStore) -> None:
+    _listed_price_difference(store)
+    store.save_masterdata("article", "A1", bread(280, "Semmel"), T0)  # the text, not the listed price
+    assert [d.fields for d in store.differences()] == [("unit_price",)]
