@@ -176,3 +176,12 @@ async def take_dead_letters(env: Environment, queue: str) -> list:  # type: igno
         return taken
     finally:
         await connection.close()
+
+
+async def fetchval(env: Environment, query: str, *args: object) -> object:
+    """One value from this environment's database."""
+    conn = await env.db()
+    try:
+        return await conn.fetchval(query, *args)
+    finally:
+        await conn.close()

@@ -15,7 +15,7 @@ from shared.fiscal import VatKey
 from shared.models import Article, Customer, SyncMode
 from shared.topology import DOWNLOAD_EXCHANGE, till_direct_routing_key, till_queue_name
 from tillsync.cli import app
-from tests.support import STRONG_PASSWORD, Environment, new_account_name, new_till, sell, wait_until
+from tests.support import STRONG_PASSWORD, Environment, fetchval, new_account_name, new_till, sell, wait_until
 from till_agent.store import TillStore
 from till_agent.till import Till
 
@@ -284,11 +284,8 @@ async def test_switching_to_masterdata_mode_brings_the_current_master_data(servi
 
 
 async def feed_head(env: Environment, account_id: UUID) -> int:
-    conn = await env.db()
-    try:
-        return await conn.fetchval("select coalesce(max(last_feed_seq), 0) from account_feeds where account_id = $1", account_id) or 0
-    finally:
-        await conn.close()
+    query = "select coalesce(max(last_feed_seq), 0) from account_feeds where account_id = $1"
+    return int(await fetchval(env, query, account_id) or 0)  # type: ignore[arg-type]
 
 
 async def test_a_till_offline_during_10000_changes_ends_with_the_same_master_data(
@@ -377,11 +374,7 @@ async def test_a_verdict_lost_while_the_till_queue_was_unbound_is_sent_again(
 
 
 async def _conflict_recorded(env: Environment, record_id: UUID) -> bool:
-    conn = await env.db()
-    try:
-        return bool(await conn.fetchval("select 1 from masterdata_conflicts where record_id = $1", record_id))
-    finally:
-        await conn.close()
+    return bool(await fetchval(env, "select 1 from masterdata_conflicts where record_id = $1", record_id))
 
 
 async def test_an_import_or_a_detour_through_archive_mode_never_overwrites_the_account(
