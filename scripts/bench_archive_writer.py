@@ -18,20 +18,18 @@ import secrets
 import time
 import uuid
 from decimal import Decimal
-from urllib.parse import urlsplit, urlunsplit
 
 import aio_pika
 import asyncpg
 
 from services.archive_writer.main import ArchiveWriterSettings
 from services.archive_writer.main import main as archive_writer_main
-from shared.broker_admin import BrokerAdmin
 from shared.fiscal import PaymentType, VatKey
 from shared.logging import configure_logging
 from shared.models import Cashier, Upload
 from shared.settings import ServiceSettings, amqp_url_with_credentials
 from shared.topology import UPLOAD_EXCHANGE, till_broker_user, till_permissions, upload_routing_key
-from tillsync.setup import SetupSettings, setup
+from benchenv import throwaway_environment
 from till_agent.booking import SaleLine, closed_receipt
 
 
@@ -61,19 +59,12 @@ def _uploads(account_id: uuid.UUID, till_id: uuid.UUID, count: int) -> list[byte
 
 async def _round(base: ServiceSettings, uploads: int, batch_size: int) -> float:
     """Archive ``uploads`` waiting in the queue with ``batch_size``; return uploads per second."""
-    suffix = secrets.token_hex(4)
-    vhost, database = f"tillsync-bench-{suffix}", f"tillsync_bench_{suffix}"
-    amqp_url = urlunsplit(urlsplit(base.amqp_url)._replace(path="/" + vhost))
-    database_url = urlunsplit(urlsplit(base.database_url)._replace(path="/" + database))
-    settings = SetupSettings(amqp_url=amqp_url, management_url=base.management_url, database_url=database_url)
-    user, password = settings.management_credentials
-    admin = BrokerAdmin(settings.management_url, user, password)
-    try:
-        await setup(settings)
+    async with throwaway_environment(base) as (settings, admin):
+        amqp_url, database_url = settings.amqp_url, settings.database_url
         account_id, till_id = uuid.uuid4(), uuid.uuid4()
         secret = secrets.token_urlsafe(16)
         await admin.put_user(till_broker_user(till_id), secret)
-        await admin.grant_till(vhost, till_broker_user(till_id), till_permissions(account_id, till_id))
+        await admin.grant_till(settings.vhost, till_broker_user(till_id), till_permissions(account_id, till_id))
         connection = await aio_pika.connect(amqp_url_with_credentials(amqp_url, till_broker_user(till_id), secret))
         async with connection:
             channel = await connection.channel(publisher_confirms=True)
@@ -105,16 +96,6 @@ async def _round(base: ServiceSettings, uploads: int, batch_size: int) -> float:
         stop.set()
         await task
         return uploads / elapsed
-    finally:
-        await admin.delete_user(till_broker_user(till_id)) if "till_id" in locals() else None
-        await admin.delete_vhost(vhost)
-        await admin.close()
-        # through the server's ``postgres`` database: the configured one may not exist
-        server = await asyncpg.connect(urlunsplit(urlsplit(base.database_url)._replace(path="/postgres")))
-        try:
-            await server.execute(f'drop database if exists "{database}" with (force)')
-        finally:
-            await server.close()
 
 
 async def _main() -> None:

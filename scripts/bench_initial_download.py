@@ -33,7 +33,6 @@ import asyncio
 import cProfile
 import datetime as dt
 import resource
-import secrets
 import sys
 import tempfile
 import time
@@ -41,7 +40,6 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Awaitable, Callable
-from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
 
@@ -51,13 +49,12 @@ from services.archive_writer.main import ArchiveWriterSettings
 from services.archive_writer.main import main as archive_writer_main
 from services.masterdata_broadcaster.main import BroadcasterSettings
 from services.masterdata_broadcaster.main import main as broadcaster_main
-from shared.broker_admin import BrokerAdmin
 from shared.fiscal import VatKey
 from shared.logging import configure_logging
 from shared.models import Article, SyncMode
 from shared.settings import ServiceSettings, amqp_url_with_credentials
-from shared.topology import SIGNUP_USER, TILL_USER_PREFIX
-from tillsync.setup import SetupSettings, setup
+from shared.topology import SIGNUP_USER
+from benchenv import throwaway_environment
 from till_agent.store import TillStore
 from till_agent.till import Till, TillSettings
 
@@ -284,18 +281,14 @@ async def _download(cloud: _Cloud, newcomer: Till, articles: int, profile: str |
 
 async def _run(base: ServiceSettings, articles: int, target: float, profile: str | None) -> bool:
     """Seed, measure and print; return whether the state hashes matched."""
-    suffix = secrets.token_hex(4)
-    vhost, database = f"tillsync-bench-{suffix}", f"tillsync_bench_{suffix}"
-    amqp_url = urlunsplit(urlsplit(base.amqp_url)._replace(path="/" + vhost))
-    database_url = urlunsplit(urlsplit(base.database_url)._replace(path="/" + database))
-    settings = SetupSettings(amqp_url=amqp_url, management_url=base.management_url, database_url=database_url)
-    user, password = settings.management_credentials
-    admin = BrokerAdmin(settings.management_url, user, password)
     tills: list[Till] = []
     cloud: _Cloud | None = None
-    with tempfile.TemporaryDirectory(prefix="tillsync-bench-") as tmp:
+    async with throwaway_environment(base) as (settings, _admin):
+        amqp_url, database_url = settings.amqp_url, settings.database_url
+        suffix = settings.vhost.rsplit("-", 1)[-1]
+        tmp_dir = tempfile.TemporaryDirectory(prefix="tillsync-bench-")
+        tmp = tmp_dir.name
         try:
-            await setup(settings)
             cloud = _Cloud(amqp_url, base.management_url, database_url)
             await cloud.start()
             signup_url = amqp_url_with_credentials(amqp_url, SIGNUP_USER, settings.signup_password)
@@ -333,19 +326,7 @@ async def _run(base: ServiceSettings, articles: int, target: float, profile: str
                 till.close()
             if cloud is not None:
                 await cloud.close()
-            try:
-                for permission in await admin.vhost_permissions(vhost):
-                    if permission["user"].startswith(TILL_USER_PREFIX):
-                        await admin.delete_user(permission["user"])
-                await admin.delete_vhost(vhost)
-            finally:
-                await admin.close()
-                # through the server's ``postgres`` database, as ``shared.db.ensure_database`` does
-                server = await asyncpg.connect(urlunsplit(urlsplit(base.database_url)._replace(path="/postgres")))
-                try:
-                    await server.execute(f'drop database if exists "{database}" with (force)')
-                finally:
-                    await server.close()
+            tmp_dir.cleanup()
 
 
 async def _main() -> int:

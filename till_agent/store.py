@@ -16,6 +16,7 @@ position; differences the owner must decide on are kept in ``masterdata_differen
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import hashlib
 import json
@@ -862,7 +863,9 @@ class TillStore:
                         (row.entity_kind, row.entity_key),
                     )
                     return "adopted"
-                self._save_masterdata(row.entity_kind, row.entity_key, data, now, base=_Row(**{**row.__dict__, "version": None, "pending_record_id": None}))
+                self._save_masterdata(
+                    row.entity_kind, row.entity_key, data, now, base=dataclasses.replace(row, version=None, pending_record_id=None)
+                )
                 return "resubmitted"
             cloud = current.data.model_dump(mode="json") if current.data is not None else None
             if row.deleted == current.deleted and row.data == cloud:

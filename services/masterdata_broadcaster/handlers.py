@@ -50,10 +50,9 @@ from shared.topology import (
     catchup_routing_key,
     download_routing_key,
     masterdata_categories,
-    till_broker_user,
     till_direct_routing_key,
 )
-from shared.uploads import sender_problem
+from shared.uploads import sender_problem, till_sender_problem
 
 log = structlog.get_logger()
 
@@ -174,43 +173,55 @@ async def _judge(candidates: list[Delivery[Upload]], conn: asyncpg.Connection) -
         await _judge_account(account_id, group, conn)
 
 
-async def _repeats(deliveries: list[Delivery[Upload]], conn: asyncpg.Connection) -> list[Delivery[Upload]]:
-    """Send the messages of changes judged before again; return the deliveries not judged yet."""
-    ids = [d.body.record_id for d in deliveries]
-    accepted = {r["record_id"]: r for r in await conn.fetch("select * from masterdata_feed where record_id = any($1::uuid[])", ids)}
-    conflicted = {
-        r["conflict_record_id"]: r
+async def _earlier_verdicts(
+    conn: asyncpg.Connection, record_ids: list[UUID], till_id: UUID | None = None
+) -> tuple[dict[UUID, asyncpg.Record], dict[UUID, MasterDataConflict]]:
+    """The changes among ``record_ids`` judged before (of ``till_id`` only, if given):
+    the feed rows of the accepted ones and the conflict verdicts (with the entity's
+    current state) of the refused ones."""
+    accepted = {
+        r["record_id"]: r
+        for r in await conn.fetch(
+            "select * from masterdata_feed where record_id = any($1::uuid[]) and ($2::uuid is null or till_id = $2)",
+            record_ids, till_id,
+        )
+    }
+    conflicts = {
+        r["conflict_record_id"]: MasterDataConflict(
+            record_id=r["conflict_record_id"], entity_kind=r["conflict_kind"], entity_key=r["conflict_key"],
+            base_version=r["base_version"], reason=r["reason"], current=state_from_row(r) if r["exists"] else None,
+        )
         for r in await conn.fetch(
             """
-            select c.record_id as conflict_record_id, c.reason, c.base_version, e.entity_kind is not null as exists, e.*
+            select c.record_id as conflict_record_id, c.reason, c.base_version, c.entity_kind as conflict_kind,
+                   c.entity_key as conflict_key, e.entity_kind is not null as exists, e.*
             from masterdata_conflicts c
             left join masterdata_entities e
               on e.account_id = c.account_id and e.entity_kind = c.entity_kind and e.entity_key = c.entity_key
-            where c.record_id = any($1::uuid[])
+            where c.record_id = any($1::uuid[]) and ($2::uuid is null or c.till_id = $2)
             """,
-            ids,
+            record_ids, till_id,
         )
     }
+    return accepted, conflicts
+
+
+async def _repeats(deliveries: list[Delivery[Upload]], conn: asyncpg.Connection) -> list[Delivery[Upload]]:
+    """Send the messages of changes judged before again; return the deliveries not judged yet."""
+    accepted, conflicts = await _earlier_verdicts(conn, [d.body.record_id for d in deliveries])
     fresh = []
     for d in deliveries:
         u = d.body
-        record = u.record
-        assert isinstance(record, MasterDataRecord)
+        direct = till_direct_routing_key(u.account_id, u.till_id)
         if u.record_id in accepted:
             row = accepted[u.record_id]
             state = state_from_row(row)
             d.emit(DOWNLOAD_EXCHANGE, download_routing_key(u.account_id, row["category"]),
                    _download(u.account_id, FeedEntry(category=row["category"], prev_feed_seq=row["prev_feed_seq"], entity=state)))
-            d.emit(DOWNLOAD_EXCHANGE, till_direct_routing_key(u.account_id, u.till_id),
-                   _download(u.account_id, MasterDataAccepted(record_id=u.record_id, entity=state)))
+            d.emit(DOWNLOAD_EXCHANGE, direct, _download(u.account_id, MasterDataAccepted(record_id=u.record_id, entity=state)))
             d.outcome = "repeat_accepted"
-        elif u.record_id in conflicted:
-            row = conflicted[u.record_id]
-            d.emit(DOWNLOAD_EXCHANGE, till_direct_routing_key(u.account_id, u.till_id),
-                   _download(u.account_id, MasterDataConflict(
-                       record_id=u.record_id, entity_kind=record.entity_kind, entity_key=record.entity_key,
-                       base_version=record.base_version, reason=row["reason"],
-                       current=state_from_row(row) if row["exists"] else None)))
+        elif u.record_id in conflicts:
+            d.emit(DOWNLOAD_EXCHANGE, direct, _download(u.account_id, conflicts[u.record_id]))
             d.outcome = "repeat_conflict"
         else:
             fresh.append(d)
@@ -337,13 +348,7 @@ async def _judge_account(account_id: UUID, deliveries: list[Delivery[Upload]], c
 def catchup_problem(delivery: Delivery[CatchUpRequest]) -> str | None:
     """Why a catch-up request cannot be from the till it names, or None."""
     request = delivery.body
-    expected_user = till_broker_user(request.till_id)
-    if delivery.user_id != expected_user:
-        return f"user_id {delivery.user_id!r} is not the till's broker user {expected_user!r}"
-    expected_key = catchup_routing_key(request.account_id, request.till_id)
-    if delivery.routing_key != expected_key:
-        return f"routing key {delivery.routing_key!r} does not match the request ({expected_key!r})"
-    return None
+    return till_sender_problem(delivery, request.till_id, catchup_routing_key(request.account_id, request.till_id))
 
 
 def catchup_log_context(request: CatchUpRequest) -> dict[str, Any]:
@@ -364,29 +369,12 @@ async def _resend_verdicts(request: CatchUpRequest, conn: asyncpg.Connection, di
     before the pages: a till applies a verdict on its own change before later states."""
     if not request.verdicts_for:
         return
-    ids = list(request.verdicts_for)
-    for row in await conn.fetch(
-        "select * from masterdata_feed where record_id = any($1::uuid[]) and till_id = $2 and account_id = $3",
-        ids, request.till_id, request.account_id,
-    ):
+    accepted, conflicts = await _earlier_verdicts(conn, list(request.verdicts_for), request.till_id)
+    for record_id, row in accepted.items():
         await publish(DOWNLOAD_EXCHANGE, direct, _download(request.account_id, MasterDataAccepted(
-            record_id=row["record_id"], entity=state_from_row(row))))
-    for row in await conn.fetch(
-        """
-        select c.record_id as conflict_record_id, c.reason, c.base_version, c.entity_kind as conflict_kind,
-               c.entity_key as conflict_key,
-               e.entity_kind is not null as exists, e.*
-        from masterdata_conflicts c
-        left join masterdata_entities e
-          on e.account_id = c.account_id and e.entity_kind = c.entity_kind and e.entity_key = c.entity_key
-        where c.record_id = any($1::uuid[]) and c.till_id = $2 and c.account_id = $3
-        """,
-        ids, request.till_id, request.account_id,
-    ):
-        await publish(DOWNLOAD_EXCHANGE, direct, _download(request.account_id, MasterDataConflict(
-            record_id=row["conflict_record_id"], entity_kind=row["conflict_kind"], entity_key=row["conflict_key"],
-            base_version=row["base_version"], reason=row["reason"],
-            current=state_from_row(row) if row["exists"] else None)))
+            record_id=record_id, entity=state_from_row(row))))
+    for verdict in conflicts.values():
+        await publish(DOWNLOAD_EXCHANGE, direct, _download(request.account_id, verdict))
 
 
 async def serve_catchups(
