@@ -9,10 +9,13 @@ Message kinds:
 - account requests and replies (request/reply over RabbitMQ, ``AccountRequest`` /
   ``AccountReply``),
 - uploads from a till (``Upload``) whose ``record`` is a master-data change
-  (``MasterDataRecord``), a receipt state (``Receipt``) or a Z-report (``ZReport``),
-- a till's request to catch up on the master-data feed (``CatchUpRequest``),
-- messages to a till on ``till.download`` (``Download``): feed entries, catch-up pages
-  and the verdicts on its own master-data changes.
+  (``MasterDataRecord``), a receipt state (``Receipt``), a Z-report (``ZReport``) or
+  an event of a shared open receipt (``ReceiptEvent``),
+- a till's request to catch up on the master-data feed (``CatchUpRequest``) or on the
+  shared receipts (``ReceiptCatchUpRequest``),
+- messages to a till on ``till.download`` (``Download``): feed entries, catch-up pages,
+  the verdicts on its own master-data changes and receipt events, the receipt events
+  the router accepted, receipt snapshots, and other tills' receipts and Z-reports.
 """
 
 from __future__ import annotations
@@ -524,9 +527,151 @@ class ZReport(WireModel):
         return self
 
 
-RecordBody = Annotated[Union[MasterDataRecord, Receipt, ZReport], Field(discriminator="kind")]
-RecordKind = Literal["masterdata", "receipt", "zreport"]
-RECORD_KINDS: tuple[RecordKind, ...] = ("masterdata", "receipt", "zreport")
+# ---------------------------------------------------------------------------
+# Receipt handover: open receipts shared by the receipt-mode tills of an account
+#
+# An open receipt (e.g. a restaurant table) is a sequence of events. Any till whose
+# mode hands over receipts records events; the receipt handover router orders them:
+# each accepted event gets the receipt's next ``position`` (gapless from 1) and is
+# broadcast to those tills. Payment is optimistic (``ReceiptPaid.seen_position``); a
+# paid receipt is closed and immutable. Every event is also a record in the archive,
+# accepted or not.
+
+
+class HandoverLine(WireModel):
+    """A line of an open receipt. ``line_id`` is made by the till that enters it.
+    ``amount`` = quantity × unit_price in cents, half up (DSFinV-K lines.csv)."""
+
+    line_id: UUID
+    article_nr: Key = Field(description="ARTIKELNUMMER")
+    text: Name = Field(description="ARTIKELTEXT")
+    quantity: Quantity = Field(description="MENGE; negative for a return")
+    unit_price: Cents = Field(description="STK_BR, gross unit price in cents")
+    amount: Cents = Field(description="gross line amount in cents")
+    vat_key: VatKey = Field(description="UST_SCHLUESSEL")
+
+    @model_validator(mode="after")
+    def _amount_matches(self) -> HandoverLine:
+        if self.quantity == 0:
+            raise ValueError(f"line {self.line_id}: quantity must not be 0")
+        expected = line_amount(self.quantity, self.unit_price)
+        if self.amount != expected:
+            raise ValueError(
+                f"line {self.line_id}: amount {self.amount} != quantity {self.quantity} × unit_price "
+                f"{self.unit_price} = {expected}"
+            )
+        return self
+
+
+class ReceiptOpened(WireModel):
+    """First event of a shared receipt; ``table_nr`` (a customer with ``is_table``) or None.
+    An account has at most one open receipt per table."""
+
+    type: Literal["opened"] = "opened"
+    table_nr: Key | None = None
+    business_day: dt.date
+    opened_at: AwareDatetime = Field(description="BON_START")
+    cashier: Cashier
+
+
+class LineAdded(WireModel):
+    """A line booked onto the receipt."""
+
+    type: Literal["line_added"] = "line_added"
+    line: HandoverLine
+
+
+class LineVoided(WireModel):
+    """A standing line of the receipt taken off again (refers to the line it voids)."""
+
+    type: Literal["line_voided"] = "line_voided"
+    line_id: UUID
+
+
+class TableSet(WireModel):
+    """The receipt moves to another table (None: to no table)."""
+
+    type: Literal["table_set"] = "table_set"
+    table_nr: Key | None
+
+
+class CustomerSet(WireModel):
+    """The receipt is booked for a customer (None: for none)."""
+
+    type: Literal["customer_set"] = "customer_set"
+    customer_nr: Key | None
+
+
+class LinesMoved(WireModel):
+    """Split: standing lines move to another open receipt of the account. The router
+    appends ``LinesMovedIn`` (same ``record_id``) to the target receipt."""
+
+    type: Literal["lines_moved"] = "lines_moved"
+    line_ids: tuple[UUID, ...] = Field(min_length=1, max_length=1000)
+    to_receipt_id: UUID
+
+    @model_validator(mode="after")
+    def _distinct(self) -> LinesMoved:
+        if len(set(self.line_ids)) != len(self.line_ids):
+            raise ValueError("a line is named twice")
+        return self
+
+
+class ReceiptPaid(WireModel):
+    """Payment, closing the receipt (optimistic): accepted only if the receipt is still
+    at ``seen_position`` (no event arrived since the payer totalled it) and the
+    payments add up to the sum of its standing lines, ``total`` in cents."""
+
+    type: Literal["paid"] = "paid"
+    seen_position: Counter
+    total: Total
+    payments: tuple[Payment, ...] = Field(min_length=1, max_length=20)
+    closed_at: AwareDatetime = Field(description="BON_ENDE")
+
+    @model_validator(mode="after")
+    def _payments_add_up(self) -> ReceiptPaid:
+        paid = sum(p.amount for p in self.payments)
+        if paid != self.total:
+            raise ValueError(f"payments {paid} != total {self.total}")
+        return self
+
+
+class StandingLine(WireModel):
+    """A line with the till that entered it (lines keep their till when they move)."""
+
+    line: HandoverLine
+    till_id: UUID
+    till_name: str = ""
+
+
+class LinesMovedIn(WireModel):
+    """Made by the router on the target receipt of ``LinesMoved``; never uploaded."""
+
+    type: Literal["lines_moved_in"] = "lines_moved_in"
+    from_receipt_id: UUID
+    lines: tuple[StandingLine, ...] = Field(min_length=1)
+
+
+TillReceiptEvent = Annotated[
+    Union[ReceiptOpened, LineAdded, LineVoided, TableSet, CustomerSet, LinesMoved, ReceiptPaid],
+    Field(discriminator="type"),
+]
+ReceiptEventType = Literal[
+    "opened", "line_added", "line_voided", "table_set", "customer_set", "lines_moved", "paid", "lines_moved_in"
+]
+
+
+class ReceiptEvent(WireModel):
+    """A record: one event of the shared open receipt ``receipt_id``, made on a till."""
+
+    kind: Literal["receipt_event"] = "receipt_event"
+    receipt_id: UUID
+    event: TillReceiptEvent
+
+
+RecordBody = Annotated[Union[MasterDataRecord, Receipt, ZReport, ReceiptEvent], Field(discriminator="kind")]
+RecordKind = Literal["masterdata", "receipt", "zreport", "receipt_event"]
+RECORD_KINDS: tuple[RecordKind, ...] = ("masterdata", "receipt", "zreport", "receipt_event")
 
 
 class Upload(WireModel):
@@ -668,19 +813,130 @@ class MasterDataNotShared(WireModel):
     reason: str
 
 
+# ---------------------------------------------------------------------------
+# Receipt handover: what the router tells the tills
+
+
+class HandoverEvent(WireModel):
+    """An accepted event at its ``position`` on receipt ``receipt_id`` (gapless from 1).
+    ``record_id``/``till_id``/``till_name``: the uploaded record and the till that made it."""
+
+    receipt_id: UUID
+    position: Counter
+    record_id: UUID
+    till_id: UUID
+    till_name: str = ""
+    recorded_at: AwareDatetime
+    event: Annotated[
+        Union[ReceiptOpened, LineAdded, LineVoided, TableSet, CustomerSet, LinesMoved, ReceiptPaid, LinesMovedIn],
+        Field(discriminator="type"),
+    ]
+
+
+class ReceiptEventAccepted(WireModel):
+    """Broadcast to every till of the account that hands over receipts (the sender too)."""
+
+    type: Literal["receipt_event"] = "receipt_event"
+    event: HandoverEvent
+
+
+RefusalCode = Literal[
+    "table_taken",  # another receipt of the account is open for this table
+    "receipt_exists",  # the receipt id is taken
+    "unknown_receipt",  # never opened (or its opening was refused)
+    "receipt_closed",  # paid already: closed receipts are immutable
+    "stale_payment",  # events arrived after the position the payer saw
+    "payment_mismatch",  # payments do not add up to the receipt's total
+    "unknown_line",  # a void or move names a line that is not standing on the receipt
+    "duplicate_line",  # a line id already used
+    "bad_target",  # a move to a receipt that is not open (or to itself)
+    "not_taking_part",  # the till's sync mode does not hand over receipts
+]
+
+
+class ReceiptEventRefused(WireModel):
+    """Verdict to the sending till: its event ``record_id`` was not applied (it stays in
+    the archive). ``existing_receipt_id``: the receipt that holds the table
+    (``table_taken``) or the receipt's state; ``since``: the events after the position
+    a refused payment saw, so the till can re-total."""
+
+    type: Literal["receipt_event_refused"] = "receipt_event_refused"
+    record_id: UUID
+    receipt_id: UUID
+    event_type: ReceiptEventType
+    code: RefusalCode
+    reason: str
+    existing_receipt_id: UUID | None = None
+    since: tuple[HandoverEvent, ...] = ()
+
+
+class ReceiptCatchUpRequest(WireModel):
+    """A till asks for the state of shared receipts: every open receipt of the account
+    plus ``receipt_ids`` (those it still shows open), and the verdicts on its events
+    ``verdicts_for`` that it has not seen. Routing key ``<account_id>.<till_id>.receipt_catchup``."""
+
+    schema_version: Literal[1] = SCHEMA_VERSION
+    request_id: UUID
+    account_id: UUID
+    till_id: UUID
+    receipt_ids: tuple[UUID, ...] = Field(default=(), max_length=10_000)
+    verdicts_for: tuple[UUID, ...] = Field(default=(), max_length=10_000)
+
+
+class ReceiptSnapshot(WireModel):
+    """Answer to a catch-up: every accepted event of one receipt, in position order."""
+
+    type: Literal["receipt_snapshot"] = "receipt_snapshot"
+    request_id: UUID
+    receipt_id: UUID
+    status: Literal["open", "closed", "unknown"]
+    events: tuple[HandoverEvent, ...]
+
+
+class ReceiptCatchUpDone(WireModel):
+    """Last answer to a receipt catch-up: ``receipts`` snapshots were sent before it."""
+
+    type: Literal["receipt_catchup_done"] = "receipt_catchup_done"
+    request_id: UUID
+    receipts: Count
+
+
+class TillRecordShared(WireModel):
+    """A receipt state or Z-report another till of the account recorded, for the tills
+    whose mode receives receipts / Z-reports (DESIGN.md §1.3)."""
+
+    type: Literal["till_record"] = "till_record"
+    till_id: UUID
+    record_id: UUID
+    recorded_at: AwareDatetime
+    record: Annotated[Union[Receipt, ZReport], Field(discriminator="kind")]
+
+
 class Download(WireModel):
     """Envelope of every message a till receives on its queue ``till.<till_id>``."""
 
     schema_version: Literal[1] = SCHEMA_VERSION
     account_id: UUID
     message: Annotated[
-        Union[FeedEntry, CatchUpPage, MasterDataAccepted, MasterDataConflict, MasterDataNotShared],
+        Union[
+            FeedEntry,
+            CatchUpPage,
+            MasterDataAccepted,
+            MasterDataConflict,
+            MasterDataNotShared,
+            ReceiptEventAccepted,
+            ReceiptEventRefused,
+            ReceiptSnapshot,
+            ReceiptCatchUpDone,
+            TillRecordShared,
+        ],
         Field(discriminator="type"),
     ]
 
 
 DOWNLOAD_ADAPTER: TypeAdapter[Download] = TypeAdapter(Download)
 CATCHUP_ADAPTER: TypeAdapter[CatchUpRequest] = TypeAdapter(CatchUpRequest)
+RECEIPT_CATCHUP_ADAPTER: TypeAdapter[ReceiptCatchUpRequest] = TypeAdapter(ReceiptCatchUpRequest)
 
 
 # ---------------------------------------------------------------------------

@@ -8,9 +8,10 @@ format (exported to ``deploy/rabbitmq/definitions.json``; a test keeps them equa
 function from a till's sync mode to the bindings of its queue.
 
 Routing keys:
-- upload: ``<account_id>.<till_id>.<kind>`` with kind ``masterdata|receipt|zreport``
-  (records) or ``catchup`` (a till asking for the master-data feed); a till's topic
-  permission allows only its own ``<account_id>.<till_id>.`` prefix.
+- upload: ``<account_id>.<till_id>.<kind>`` with kind
+  ``masterdata|receipt|zreport|receipt_event`` (records), ``catchup`` (a till asking
+  for the master-data feed) or ``receipt_catchup`` (asking for the shared receipts);
+  a till's topic permission allows only its own ``<account_id>.<till_id>.`` prefix.
 - download: ``<account_id>.<category>`` for changes a whole account receives, and
   ``<account_id>.till.<till_id>`` for messages addressed to one till.
 """
@@ -36,6 +37,9 @@ ARCHIVE_WRITER_QUEUE = "archive-writer"
 MASTERDATA_BROADCASTER_QUEUE = "masterdata-broadcaster"
 MASTERDATA_CATCHUP_QUEUE = "masterdata-catchup"
 CATCHUP_KIND = "catchup"  # routing-key suffix of a till's catch-up request
+RECEIPT_ROUTER_QUEUE = "receipt-handover-router"
+RECEIPT_CATCHUP_QUEUE = "receipt-catchup"
+RECEIPT_CATCHUP_KIND = "receipt_catchup"  # routing-key suffix of a till's receipt catch-up request
 ACCOUNT_SERVICE_QUEUE = "account-service"
 ACCOUNT_SERVICE_ROUTING_KEY = ACCOUNT_SERVICE_QUEUE
 
@@ -170,6 +174,14 @@ TOPOLOGY = _merge(
     # its earlier one), so one broadcaster instance consumes at a time.
     service_queue(MASTERDATA_BROADCASTER_QUEUE, [(UPLOAD_EXCHANGE, "*.*.masterdata")], single_active_consumer=True),
     service_queue(MASTERDATA_CATCHUP_QUEUE, [(UPLOAD_EXCHANGE, f"*.*.{CATCHUP_KIND}")]),
+    # Events of a shared receipt are positioned in arrival order (the table race is
+    # decided by it), so one router instance consumes at a time.
+    service_queue(
+        RECEIPT_ROUTER_QUEUE,
+        [(UPLOAD_EXCHANGE, f"*.*.{kind}") for kind in ("receipt_event", "receipt", "zreport")],
+        single_active_consumer=True,
+    ),
+    service_queue(RECEIPT_CATCHUP_QUEUE, [(UPLOAD_EXCHANGE, f"*.*.{RECEIPT_CATCHUP_KIND}")]),
 )
 
 # Bindings of earlier releases that ``tillsync setup`` removes (the archive writer used
@@ -191,6 +203,11 @@ def upload_routing_key(account_id: UUID, till_id: UUID, kind: RecordKind) -> str
 def catchup_routing_key(account_id: UUID, till_id: UUID) -> str:
     """``<account_id>.<till_id>.catchup``: a till's catch-up request on ``till.upload``."""
     return f"{account_id}.{till_id}.{CATCHUP_KIND}"
+
+
+def receipt_catchup_routing_key(account_id: UUID, till_id: UUID) -> str:
+    """``<account_id>.<till_id>.receipt_catchup``: a till's request for the shared receipts."""
+    return f"{account_id}.{till_id}.{RECEIPT_CATCHUP_KIND}"
 
 
 def till_broker_user(till_id: UUID) -> str:
@@ -280,8 +297,20 @@ def upload_kinds(mode: SyncMode, custom: CustomSyncFlags | None) -> tuple[Record
     if mode != SyncMode.CUSTOM:
         return RECORD_KINDS
     flags = custom or CustomSyncFlags()
-    wanted = {"masterdata": flags.upload_masterdata, "receipt": flags.upload_receipts, "zreport": flags.upload_zreports}
+    wanted = {
+        "masterdata": flags.upload_masterdata,
+        "receipt": flags.upload_receipts,
+        "receipt_event": flags.upload_receipts,
+        "zreport": flags.upload_zreports,
+    }
     return tuple(k for k in RECORD_KINDS if wanted[k])
+
+
+def hands_over_receipts(mode: SyncMode, custom: CustomSyncFlags | None) -> bool:
+    """True if a till in ``mode`` takes part in shared open receipts: it receives the
+    other tills' receipts and uploads its own (``archive_masterdata_receipts``, or
+    ``custom`` with ``download_receipts`` and ``upload_receipts``)."""
+    return "receipts" in download_categories(mode, custom) and "receipt_event" in upload_kinds(mode, custom)
 
 
 def download_routing_key(account_id: UUID, category: DownloadCategory) -> str:

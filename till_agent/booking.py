@@ -17,6 +17,7 @@ from shared.fiscal import BusinessCase, PaymentType, VatKey, line_amount, split_
 from shared.models import (
     BusinessCaseTotal,
     Cashier,
+    HandoverLine,
     Payment,
     PaymentTotal,
     Receipt,
@@ -90,6 +91,49 @@ def closed_receipt(
         vat=vat_breakdown((line.vat_key, line.amount) for line in receipt_lines),
         total=total,
         payments=(Payment(payment_type=payment_type, payment_name=payment_name, amount=total),),
+    )
+
+
+def shared_closed_receipt(
+    *,
+    receipt_id: uuid.UUID,
+    receipt_number: int,
+    lines: list[HandoverLine],
+    payments: tuple[Payment, ...],
+    cashier: Cashier,
+    opened_at: dt.datetime,
+    closed_at: dt.datetime,
+    business_day: dt.date,
+) -> Receipt:
+    """The fiscal state of a paid shared receipt: its standing lines in receipt order,
+    numbered from 1 (POS_ZEILE), the VAT breakdown and the accepted payments.
+
+    Raises ``pydantic.ValidationError`` if the payments do not add up to the lines.
+    """
+    receipt_lines = tuple(
+        ReceiptLine(
+            line_no=i,
+            article_nr=line.article_nr,
+            text=line.text,
+            quantity=line.quantity,
+            unit_price=line.unit_price,
+            amount=line.amount,
+            vat_key=line.vat_key,
+        )
+        for i, line in enumerate(lines, start=1)
+    )
+    return Receipt(
+        receipt_id=receipt_id,
+        receipt_number=receipt_number,
+        status="closed",
+        business_day=business_day,
+        opened_at=opened_at,
+        closed_at=closed_at,
+        cashier=cashier,
+        lines=receipt_lines,
+        vat=vat_breakdown((line.vat_key, line.amount) for line in receipt_lines),
+        total=sum(line.amount for line in receipt_lines),
+        payments=payments,
     )
 
 

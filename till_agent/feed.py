@@ -9,6 +9,12 @@ waits in a small buffer, and if the missing entries do not arrive within
 (accepted, conflict, not shared) are applied as they come. Each message is acked after
 the store committed it; a message the till cannot read is logged and acked (the feed
 is the full copy, so nothing the cloud accepted is lost by it).
+
+Shared receipts (receipt handover): on every connect a till that hands over receipts
+asks the router for the state of the account's open receipts and the verdicts on its
+events sent meanwhile; accepted events are applied in position order per receipt, and
+an event beyond the next position makes the till ask for that receipt's snapshot.
+Refusals of its own events become notices; other tills' receipts and Z-reports are kept.
 """
 
 from __future__ import annotations
@@ -32,8 +38,14 @@ from shared.models import (
     MasterDataAccepted,
     MasterDataConflict,
     MasterDataNotShared,
+    ReceiptCatchUpDone,
+    ReceiptCatchUpRequest,
+    ReceiptEventAccepted,
+    ReceiptEventRefused,
+    ReceiptSnapshot,
+    TillRecordShared,
 )
-from shared.topology import UPLOAD_EXCHANGE, catchup_routing_key
+from shared.topology import UPLOAD_EXCHANGE, catchup_routing_key, receipt_catchup_routing_key
 from till_agent.store import Identity, TillStore
 
 log = structlog.get_logger()
@@ -58,6 +70,7 @@ class FeedStatus:
 
     catching_up: dict[str, tuple[int, int | None]]
     outcomes: dict[str, int]
+    receipts_catching_up: bool = False
 
 
 class FeedClient:
@@ -87,11 +100,15 @@ class FeedClient:
         self._exchange: aio_pika.abc.AbstractExchange | None = None
         self._identity: Identity | None = None
         self._refresh = asyncio.Event()
+        self._receipts_request: uuid.UUID | None = None
+        self._receipts_asked_at = 0.0
+        self._receipt_gaps: set[uuid.UUID] = set()
 
     def status(self) -> FeedStatus:
         return FeedStatus(
             {c: (p.received, p.total) for c, p in self._catching_up.items()},
             dict(self._outcomes),
+            self._receipts_request is not None,
         )
 
     def refresh(self) -> None:
@@ -113,6 +130,7 @@ class FeedClient:
         inbox: asyncio.Queue[AbstractIncomingMessage | None] = asyncio.Queue()
         channel.close_callbacks.add(lambda *_: inbox.put_nowait(None))  # wake up and fail
         await self._ask(self._store.participating_categories())
+        await self._ask_receipts()
         watcher = asyncio.create_task(self._watch(), name="feed-watch")
         await queue.consume(inbox.put)
         try:
@@ -136,6 +154,8 @@ class FeedClient:
         self._catching_up.clear()
         self._buffer.clear()
         self._gap_since.clear()
+        self._receipts_request = None
+        self._receipt_gaps.clear()
 
     async def _handle_batch(self, batch: list[AbstractIncomingMessage]) -> None:
         new_records = False
@@ -149,6 +169,7 @@ class FeedClient:
             log.exception("download_batch_failed", size=len(batch))
             self._reset()
             await self._ask(self._store.participating_categories())
+            await self._ask_receipts()
         await batch[-1].ack(multiple=True)
         if new_records:
             self._on_new_records()
@@ -179,6 +200,40 @@ class FeedClient:
                     wanted.append(c)
             if wanted:
                 await self._ask(wanted)
+            receipts_stalled = self._receipts_request is not None and now - self._receipts_asked_at > self._catchup_timeout
+            if self._receipt_gaps and self._receipts_request is None or receipts_stalled or (refresh and self._receipts_request is None):
+                await self._ask_receipts()
+
+    async def _ask_receipts(self) -> None:
+        """Ask the router for the shared receipts' state (if this till hands them over)."""
+        if self._exchange is None or self._identity is None or not self._store.hands_over_receipts():
+            self._receipt_gaps.clear()
+            return
+        identity = self._identity
+        assert identity.account_id and identity.till_id
+        receipt_ids, verdicts_for = self._store.receipts_awaiting_verdicts()
+        request = ReceiptCatchUpRequest(
+            request_id=uuid.uuid4(),
+            account_id=identity.account_id,
+            till_id=identity.till_id,
+            receipt_ids=tuple(dict.fromkeys([*receipt_ids, *self._receipt_gaps])),
+            verdicts_for=tuple(verdicts_for),
+        )
+        self._receipts_request = request.request_id
+        self._receipts_asked_at = time.monotonic()
+        self._receipt_gaps.clear()
+        await self._exchange.publish(
+            aio_pika.Message(
+                request.model_dump_json().encode(),
+                content_type="application/json",
+                message_id=str(request.request_id),
+                user_id=identity.broker_username,
+                type="receipt_catchup",
+            ),
+            routing_key=receipt_catchup_routing_key(identity.account_id, identity.till_id),
+            mandatory=True,
+        )
+        log.info("receipt_catchup_requested", receipts=len(request.receipt_ids), verdicts_for=len(request.verdicts_for))
 
     async def _ask(self, categories: tuple[str, ...] | list[str]) -> None:
         if not categories or self._exchange is None or self._identity is None:
@@ -233,6 +288,25 @@ class FeedClient:
             return outcome in ("rebased", "resubmitted")
         elif isinstance(body, MasterDataNotShared):
             self._count(self._store.apply_not_shared(body.record_id))
+        elif isinstance(body, ReceiptEventAccepted):
+            outcome = self._store.apply_handover_event(body.event, till_id)
+            if outcome == "gap":
+                self._receipt_gaps.add(body.event.receipt_id)
+            self._count(f"receipt_{outcome}")
+            return outcome == "closed_here"
+        elif isinstance(body, ReceiptEventRefused):
+            outcome = self._store.apply_handover_refused(body)
+            self._count(f"receipt_{outcome}")
+            log.info("receipt_event_refused", receipt_id=str(body.receipt_id), code=body.code, reason=body.reason)
+            return outcome == "rebooked"
+        elif isinstance(body, ReceiptSnapshot):
+            return self._store.apply_handover_snapshot(body, till_id) > 0
+        elif isinstance(body, ReceiptCatchUpDone):
+            if body.request_id == self._receipts_request:
+                self._receipts_request = None
+                self._count("receipts_caught_up")
+        elif isinstance(body, TillRecordShared):
+            self._count(self._store.apply_shared_record(body, till_id))
         return False
 
     def _on_entry(self, entry: FeedEntry, till_id: uuid.UUID | None) -> None:

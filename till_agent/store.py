@@ -50,6 +50,9 @@ from shared.models import (
     is_local_only_setting,
 )
 from shared.topology import masterdata_categories, upload_kinds
+from till_agent.db import TillStoreError
+from till_agent.db import transaction as _transaction
+from till_agent.handover import HANDOVER_SCHEMA, HandoverStore
 from till_agent.masterdata import changed_fields, rebase
 
 STORE_FILE = "till.sqlite3"
@@ -110,7 +113,7 @@ create table if not exists outbox (
     md_category text
 );
 create index if not exists outbox_unsent on outbox (till_seq) where sent_at is null;
-"""
+""" + HANDOVER_SCHEMA
 
 # Columns added to stores made by earlier releases: (table, column, declaration).
 _ADDED_COLUMNS = (
@@ -125,8 +128,6 @@ _ADDED_COLUMNS = (
 RECORD_ADAPTER: TypeAdapter[RecordBody] = TypeAdapter(RecordBody)
 
 
-class TillStoreError(RuntimeError):
-    """The local store is missing, not initialised, or asked for something impossible."""
 
 
 @dataclass(frozen=True)
@@ -194,7 +195,7 @@ class Identity:
     signed_in: bool
 
 
-class TillStore:
+class TillStore(HandoverStore):
     """SQLite store of one till in ``data_dir`` (file ``till.sqlite3``)."""
 
     def __init__(self, data_dir: Path) -> None:
@@ -1060,16 +1061,3 @@ class TillStore:
         return [(UUID(r["record_id"]), r["till_seq"], r["kind"]) for r in rows]
 
 
-@contextmanager
-def _transaction(db: sqlite3.Connection) -> Iterator[None]:
-    """One SQLite transaction; inside an open one (``TillStore.batch``) it is part of that."""
-    if db.in_transaction:
-        yield
-        return
-    db.execute("begin immediate")
-    try:
-        yield
-    except BaseException:
-        db.execute("rollback")
-        raise
-    db.execute("commit")

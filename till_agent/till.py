@@ -1,7 +1,9 @@
 """The till agent: a till's local recording plus its link to the tillsync cloud.
 
-Recording (``sell``, ``close_day``, ``save_entity``, ``delete_entity``, ``save_setting``)
-is local and works without network; it only writes the store (record + outbox row in
+Recording (``sell``, ``close_day``, ``save_entity``, ``delete_entity``, ``save_setting``,
+and the events of shared receipts: ``open_receipt``, ``add_line``, ``void_line``,
+``move_to_table``, ``set_customer``, ``move_lines``, ``pay_receipt``) is local and works
+without network; it only writes the store (record + outbox row in
 one transaction). ``start_sync``/``stop_sync`` run the outbox relay in the background,
 which also receives the master data of the other tills (``relay.feed``).
 Account actions (``create_account``, ``sign_in``, ``sign_out``, ``set_sync_mode``)
@@ -12,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import uuid
 from pathlib import Path
 from typing import Iterable
 from uuid import UUID
@@ -22,6 +25,14 @@ from pydantic import Field, TypeAdapter
 from shared.amqp import RpcClient, RpcTimeout
 from shared.fiscal import PaymentType
 from shared.models import (
+    CustomerSet,
+    LineAdded,
+    LinesMoved,
+    LineVoided,
+    ReceiptOpened,
+    ReceiptPaid,
+    TableSet,
+    TillReceiptEvent,
     AccountCreated,
     AccountReply,
     AccountRequest,
@@ -46,6 +57,7 @@ from shared.models import (
 from shared.settings import BaseTillsyncSettings
 from shared.topology import ACCOUNT_EXCHANGE, ACCOUNT_SERVICE_ROUTING_KEY, SIGNUP_USER
 from till_agent.booking import SaleLine, closed_receipt, z_report
+from till_agent.handover import Notice, ReceiptView, new_line
 from till_agent.relay import OutboxRelay, RelayStatus
 from till_agent.store import Difference, TillStore, TillStoreError
 
@@ -280,6 +292,70 @@ class Till:
             return False
         self.save_entity(SharedSetting(setting_key=key, value=value), at)
         return True
+
+    # -- shared receipts (receipt handover) ----------------------------------------
+
+    def open_receipt(
+        self, *, cashier: Cashier, at: dt.datetime, table_nr: str | None = None, business_day: dt.date | None = None
+    ) -> UUID:
+        """Open a shared receipt (for ``table_nr``, a table's customer number, or none);
+        returns its ``receipt_id``. Works offline; the router decides the table race
+        (see ``till_agent.handover``). Raises ``TillStoreError`` if this till's mode does
+        not hand over receipts or it knows an open receipt for the table."""
+        receipt_id = uuid.uuid4()
+        event = ReceiptOpened(table_nr=table_nr, business_day=business_day or at.date(), opened_at=at, cashier=cashier)
+        self.store.record_receipt_event(receipt_id, event, at)
+        self.relay.wake()
+        return receipt_id
+
+    def add_line(self, receipt_id: UUID, line: SaleLine, at: dt.datetime) -> UUID:
+        """Book ``line`` onto an open shared receipt; returns the new line's ``line_id``.
+        Raises ``TillStoreError`` for a closed, unknown or refused receipt."""
+        handover_line = new_line(line.article_nr, line.text, line.quantity, line.unit_price, line.vat_key)
+        self._receipt_event(receipt_id, LineAdded(line=handover_line), at)
+        return handover_line.line_id
+
+    def void_line(self, receipt_id: UUID, line_id: UUID, at: dt.datetime) -> UUID:
+        """Take a standing line off an open shared receipt; returns the event's record id."""
+        return self._receipt_event(receipt_id, LineVoided(line_id=line_id), at)
+
+    def move_to_table(self, receipt_id: UUID, table_nr: str | None, at: dt.datetime) -> UUID:
+        """Move an open shared receipt to another table (None: to no table)."""
+        return self._receipt_event(receipt_id, TableSet(table_nr=table_nr), at)
+
+    def set_customer(self, receipt_id: UUID, customer_nr: str | None, at: dt.datetime) -> UUID:
+        """Book an open shared receipt for a customer (None: for none)."""
+        return self._receipt_event(receipt_id, CustomerSet(customer_nr=customer_nr), at)
+
+    def move_lines(self, receipt_id: UUID, line_ids: Iterable[UUID], to_receipt_id: UUID, at: dt.datetime) -> UUID:
+        """Split: move standing lines to another open shared receipt."""
+        return self._receipt_event(receipt_id, LinesMoved(line_ids=tuple(line_ids), to_receipt_id=to_receipt_id), at)
+
+    def pay_receipt(self, receipt_id: UUID, payment_type: PaymentType, payment_name: str, at: dt.datetime) -> ReceiptPaid:
+        """Pay the whole shared receipt as this till sees it (optimistic): the router
+        accepts it only if no event arrived since; then this till records the closed
+        receipt under its next receipt number. Raises ``TillStoreError`` for a receipt
+        that is closed (paid on another till), unknown or being paid here already."""
+        paid = self.store.payment_for(receipt_id, payment_type, payment_name, at)
+        self._receipt_event(receipt_id, paid, at)
+        return paid
+
+    def _receipt_event(self, receipt_id: UUID, event: TillReceiptEvent, at: dt.datetime) -> UUID:
+        record_id = self.store.record_receipt_event(receipt_id, event, at)
+        self.relay.wake()
+        return record_id
+
+    def receipt(self, receipt_id: UUID) -> ReceiptView:
+        """A shared receipt as this till shows it; ``TillStoreError`` if unknown here."""
+        return self.store.shared_receipt(receipt_id)
+
+    def open_receipts(self) -> list[ReceiptView]:
+        """The open shared receipts this till knows, oldest first."""
+        return self.store.shared_receipts("open")
+
+    def notices(self, since_id: int = 0) -> list[Notice]:
+        """What the router refused of this till's events (and what the till did about it)."""
+        return self.store.notices(since_id)
 
     def differences(self) -> list[Difference]:
         """Master data whose till value differs from the cloud's, awaiting the owner's choice."""

@@ -21,6 +21,7 @@ SERVICES = {
     "account-service": "services.account_service",
     "archive-writer": "services.archive_writer",
     "masterdata-broadcaster": "services.masterdata_broadcaster",
+    "receipt-handover-router": "services.receipt_router",
 }
 
 

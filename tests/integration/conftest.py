@@ -14,13 +14,15 @@ from services.archive_writer.main import ArchiveWriterSettings
 from services.archive_writer.main import main as archive_writer_main
 from services.masterdata_broadcaster.main import BroadcasterSettings
 from services.masterdata_broadcaster.main import main as broadcaster_main
+from services.receipt_router.main import RouterSettings
+from services.receipt_router.main import main as router_main
 from tests.support import Environment
 
 pytestmark = pytest.mark.integration
 
 
 class RunningServices:
-    """The account service, archive writer and master-data broadcaster as tasks of this event loop."""
+    """The account service, archive writer, master-data broadcaster and receipt handover router as tasks of this event loop."""
 
     def __init__(self, env: Environment) -> None:
         self.env = env
@@ -35,6 +37,7 @@ class RunningServices:
         )
         self.writer_settings = ArchiveWriterSettings(**common, batch_size=100, batch_window_seconds=0.02)
         self.broadcaster_settings = BroadcasterSettings(**common, catchup_page_size=100)
+        self.router_settings = RouterSettings(**common)
         self.tasks: list[asyncio.Task[None]] = []
 
     async def start(self) -> None:
@@ -42,6 +45,7 @@ class RunningServices:
             asyncio.create_task(account_service_main(self.account_settings, self.stop)),
             asyncio.create_task(archive_writer_main(self.writer_settings, self.stop)),
             asyncio.create_task(broadcaster_main(self.broadcaster_settings, self.stop)),
+            asyncio.create_task(router_main(self.router_settings, self.stop)),
         ]
         await asyncio.sleep(0.5)
         for task in self.tasks:

@@ -119,7 +119,8 @@ def test_each_mode_takes_part_in_the_master_data_it_receives() -> None:
 
 
 def test_custom_upload_switches_choose_the_uploaded_kinds() -> None:
-    assert upload_kinds(SyncMode.ARCHIVE, None) == ("masterdata", "receipt", "zreport")
+    assert upload_kinds(SyncMode.ARCHIVE, None) == ("masterdata", "receipt", "zreport", "receipt_event")
+    # the receipt switch covers the events of shared receipts too
     assert upload_kinds(SyncMode.CUSTOM, CustomSyncFlags(upload_receipts=False)) == ("masterdata", "zreport")
 
 

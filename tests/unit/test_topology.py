@@ -269,13 +269,24 @@ def _receivers(key: str) -> set[str]:
 
 
 def test_uploads_reach_the_services_that_need_them() -> None:
-    from shared.topology import ARCHIVE_WRITER_QUEUE, MASTERDATA_BROADCASTER_QUEUE, MASTERDATA_CATCHUP_QUEUE, catchup_routing_key
+    from shared.topology import (
+        ARCHIVE_WRITER_QUEUE,
+        MASTERDATA_BROADCASTER_QUEUE,
+        MASTERDATA_CATCHUP_QUEUE,
+        RECEIPT_CATCHUP_QUEUE,
+        RECEIPT_ROUTER_QUEUE,
+        catchup_routing_key,
+        receipt_catchup_routing_key,
+    )
 
     assert _receivers(upload_routing_key(ACCOUNT, TILL, "masterdata")) == {ARCHIVE_WRITER_QUEUE, MASTERDATA_BROADCASTER_QUEUE}
-    assert _receivers(upload_routing_key(ACCOUNT, TILL, "receipt")) == {ARCHIVE_WRITER_QUEUE}
-    assert _receivers(upload_routing_key(ACCOUNT, TILL, "zreport")) == {ARCHIVE_WRITER_QUEUE}
+    assert _receivers(upload_routing_key(ACCOUNT, TILL, "receipt")) == {ARCHIVE_WRITER_QUEUE, RECEIPT_ROUTER_QUEUE}
+    assert _receivers(upload_routing_key(ACCOUNT, TILL, "zreport")) == {ARCHIVE_WRITER_QUEUE, RECEIPT_ROUTER_QUEUE}
+    # events of shared receipts are records (archived) and are ordered by the router
+    assert _receivers(upload_routing_key(ACCOUNT, TILL, "receipt_event")) == {ARCHIVE_WRITER_QUEUE, RECEIPT_ROUTER_QUEUE}
     # a catch-up request is not a record: it does not reach the archive
     assert _receivers(catchup_routing_key(ACCOUNT, TILL)) == {MASTERDATA_CATCHUP_QUEUE}
+    assert _receivers(receipt_catchup_routing_key(ACCOUNT, TILL)) == {RECEIPT_CATCHUP_QUEUE}
 
 
 def test_master_data_changes_are_judged_by_one_consumer_at_a_time() -> None:
@@ -285,7 +296,27 @@ def test_master_data_changes_are_judged_by_one_consumer_at_a_time() -> None:
     assert queue.arguments["x-single-active-consumer"] is True
 
 
+def test_receipt_events_are_ordered_by_one_router_at_a_time() -> None:
+    from shared.topology import RECEIPT_ROUTER_QUEUE
+
+    [queue] = [q for q in TOPOLOGY.queues if q.name == RECEIPT_ROUTER_QUEUE]
+    assert queue.arguments["x-single-active-consumer"] is True
+
+
 def test_a_till_may_publish_its_catch_up_requests() -> None:
-    from shared.topology import catchup_routing_key
+    from shared.topology import catchup_routing_key, receipt_catchup_routing_key
 
     assert re.match(till_permissions(ACCOUNT, TILL).topic_write, catchup_routing_key(ACCOUNT, TILL))
+    assert re.match(till_permissions(ACCOUNT, TILL).topic_write, receipt_catchup_routing_key(ACCOUNT, TILL))
+
+
+def test_only_tills_that_send_and_receive_receipts_hand_them_over() -> None:
+    from shared.models import CustomSyncFlags
+    from shared.topology import hands_over_receipts
+
+    assert hands_over_receipts(SyncMode.ARCHIVE_MASTERDATA_RECEIPTS, None)
+    assert not hands_over_receipts(SyncMode.ARCHIVE_MASTERDATA, None)
+    assert not hands_over_receipts(SyncMode.ARCHIVE, None)
+    assert hands_over_receipts(SyncMode.CUSTOM, CustomSyncFlags(download_receipts=True))
+    assert not hands_over_receipts(SyncMode.CUSTOM, CustomSyncFlags(download_receipts=True, upload_receipts=False))
+    assert not hands_over_receipts(SyncMode.CUSTOM, CustomSyncFlags(download_zreports=True))

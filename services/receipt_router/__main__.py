@@ -1,0 +1,3 @@
+from services.receipt_router.main import run
+
+run()

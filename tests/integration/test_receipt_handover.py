@@ -1,0 +1,366 @@
+"""Shared open receipts through the real receipt handover router, broker and database."""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+from decimal import Decimal
+from pathlib import Path
+from uuid import UUID
+
+import aio_pika
+import pytest
+
+from shared.fiscal import PaymentType, VatKey
+from shared.models import Cashier, Receipt, SyncMode, Upload
+from shared.topology import UPLOAD_EXCHANGE, till_queue_name, upload_routing_key
+from tests.integration.test_masterdata_sync import join, new_account, now, stop
+from tests.support import Environment, fetchval, sell, wait_until
+from till_agent.booking import SaleLine
+from till_agent.store import RECORD_ADAPTER, TillStoreError
+from till_agent.till import Till
+
+pytestmark = pytest.mark.integration
+
+RECEIPTS = SyncMode.ARCHIVE_MASTERDATA_RECEIPTS
+WAITER = Cashier(cashier_id="7", name="Ben")
+
+
+def beer(n: int = 1, price: int = 350) -> SaleLine:
+    return SaleLine(f"B{n}", f"Bier {n}", Decimal("1"), price, VatKey.REGULAR)
+
+
+def confirmed_line_ids(till: Till, receipt_id: UUID) -> list[UUID] | None:
+    """The line ids in order, once every line the till shows is confirmed by the router."""
+    view = till.receipt(receipt_id)
+    if view.pending or not all(v.confirmed for v in view.lines):
+        return None
+    return [v.line.line_id for v in view.lines]
+
+
+def knows(till: Till, receipt_id: UUID) -> bool:
+    try:
+        return till.receipt(receipt_id).position >= 1
+    except TillStoreError:
+        return False
+
+
+async def router_lines(env: Environment, receipt_id: UUID) -> list[UUID]:
+    """Standing line ids of a receipt in the router's event order."""
+    conn = await env.db()
+    try:
+        rows = await conn.fetch(
+            """
+            select l.line_id from handover_lines l
+            join handover_events e on e.receipt_id = l.receipt_id and e.event_type = 'line_added'
+                 and (e.event -> 'line' ->> 'line_id')::uuid = l.line_id
+            where l.receipt_id = $1 and not l.voided order by e.position
+            """,
+            receipt_id,
+        )
+    finally:
+        await conn.close()
+    return [r["line_id"] for r in rows]
+
+
+async def test_two_tills_opening_the_same_table_end_with_one_receipt(services, env: Environment, tmp_path: Path) -> None:
+    account = await new_account(env, tmp_path)
+    a = await join(env, tmp_path, account, RECEIPTS, "Kasse A")
+    b = await join(env, tmp_path, account, RECEIPTS, "Kasse B")
+    try:
+        # both open table 5 before either hears of the other
+        on_a = a.open_receipt(table_nr="5", cashier=WAITER, at=now())
+        on_b = b.open_receipt(table_nr="5", cashier=WAITER, at=now())
+        a.add_line(on_a, beer(1), now())
+        b.add_line(on_b, beer(2), now())
+        b.add_line(on_b, beer(3), now())
+
+        def one_receipt_for_table() -> UUID | None:
+            views = [t.store.open_receipt_of_table("5") for t in (a, b)]
+            if any(v is None or v.pending or len(v.lines) != 3 for v in views):
+                return None
+            return views[0].receipt_id if views[0].receipt_id == views[1].receipt_id else None  # type: ignore[union-attr]
+
+        winner = await wait_until(one_receipt_for_table, timeout_seconds=30, what="one receipt with all lines on both tills")
+        loser_till, loser_receipt = (b, on_b) if winner == on_a else (a, on_a)
+        assert loser_till.receipt(loser_receipt).status == "refused"
+        assert loser_till.receipt(loser_receipt).merged_into == winner
+        [notice] = loser_till.notices()
+        assert notice.code == "table_taken" and "table 5 already has open receipt" in notice.message
+        assert "booked onto receipt" in notice.message
+        assert not (a if loser_till is b else b).notices()
+        assert await fetchval(env, "select count(*) from handover_receipts where table_nr = '5' and status = 'open'") == 1
+        assert sorted(await router_lines(env, winner)) == sorted(v.line.line_id for v in a.receipt(winner).lines)
+        # nothing the loser recorded is lost: its refused opening and lines are archived
+        refused_ids = [r for r, _, k in loser_till.store.recorded("receipt_event")]
+        archived = await wait_until(
+            lambda: fetchval(env, "select count(*) from archive_records where record_id = any($1::uuid[])", refused_ids),
+            what="every event archived",
+        )
+        await wait_until(
+            lambda: fetchval(env, "select count(*) = $2 from archive_records where record_id = any($1::uuid[])", refused_ids, len(refused_ids)),
+            what="every event archived",
+        )
+        assert archived
+    finally:
+        await stop(a, b)
+
+
+async def test_lines_added_concurrently_are_in_the_same_order_on_every_till(services, env: Environment, tmp_path: Path) -> None:
+    account = await new_account(env, tmp_path)
+    a = await join(env, tmp_path, account, RECEIPTS, "Kasse A")
+    b = await join(env, tmp_path, account, RECEIPTS, "Kasse B")
+    c = await join(env, tmp_path, account, RECEIPTS, "Kasse C")
+    try:
+        receipt_id = a.open_receipt(table_nr="12", cashier=WAITER, at=now())
+        await wait_until(lambda: knows(b, receipt_id) and knows(c, receipt_id), what="the receipt on B and C")
+
+        async def book(till: Till, first: int) -> list[UUID]:
+            ids = []
+            for i in range(first, first + 100):
+                ids.append(till.add_line(receipt_id, beer(i, 300 + i), now()))
+                if i % 10 == 0:
+                    await asyncio.sleep(0)  # let the relays upload meanwhile
+            return ids
+
+        from_a, from_b = await asyncio.gather(book(a, 0), book(b, 1000))
+        orders = await wait_until(
+            lambda: all(len(confirmed_line_ids(t, receipt_id) or []) == 200 for t in (a, b, c)) and [confirmed_line_ids(t, receipt_id) for t in (a, b, c)],
+            timeout_seconds=60,
+            what="all 200 lines confirmed on every till",
+        )
+        assert orders[0] == orders[1] == orders[2]
+        assert orders[0] == await router_lines(env, receipt_id)
+        assert set(orders[0]) == set(from_a) | set(from_b)
+        # each line keeps the till that entered it
+        till_of = {v.line.line_id: v.till_id for v in c.receipt(receipt_id).lines}
+        assert {till_of[i] for i in from_a} == {a.store.identity().till_id}
+        assert {till_of[i] for i in from_b} == {b.store.identity().till_id}
+        # the lines really interleaved: neither till's lines all came first
+        positions = {line_id: n for n, line_id in enumerate(orders[0])}
+        assert max(positions[i] for i in from_a) > min(positions[i] for i in from_b)
+        assert max(positions[i] for i in from_b) > min(positions[i] for i in from_a)
+        total = sum(v.line.amount for v in c.receipt(receipt_id).lines)
+        assert c.receipt(receipt_id).total == total
+        assert await fetchval(env, "select total from handover_receipts where receipt_id = $1", receipt_id) == total
+    finally:
+        await stop(a, b, c)
+
+
+async def test_a_receipt_paid_on_another_till_while_offline_is_closed_on_return(services, env: Environment, tmp_path: Path) -> None:
+    account = await new_account(env, tmp_path)
+    a = await join(env, tmp_path, account, RECEIPTS, "Kasse A")
+    b = await join(env, tmp_path, account, RECEIPTS, "Kasse B")
+    try:
+        receipt_id = a.open_receipt(table_nr="3", cashier=WAITER, at=now())
+        a.add_line(receipt_id, beer(1), now())
+        await wait_until(lambda: confirmed_line_ids(b, receipt_id) if knows(b, receipt_id) else None, what="the line on B")
+        await a.stop_sync()  # A goes offline
+
+        b.pay_receipt(receipt_id, PaymentType.CASH, "Bar", now())
+        await wait_until(lambda: b.receipt(receipt_id).status == "closed", what="B's payment accepted")
+        late_line = a.add_line(receipt_id, beer(2), now())  # A still shows the receipt open
+        late_record = a.store.recorded("receipt_event")[-1][0]
+        assert a.receipt(receipt_id).status == "open"
+
+        a.start_sync()  # A is back
+        await wait_until(lambda: a.receipt(receipt_id).status == "closed", what="A shows the receipt closed")
+        view = a.receipt(receipt_id)
+        assert view.closed_by == b.store.identity().till_id and view.closed_by_name == "Kasse B"
+        with pytest.raises(TillStoreError, match="was paid on till Kasse B"):
+            a.pay_receipt(receipt_id, PaymentType.CASH, "Bar", now())
+        with pytest.raises(TillStoreError, match="closed receipt cannot change"):
+            a.add_line(receipt_id, beer(3), now())
+        notices = await wait_until(a.notices, what="a notice on A")
+        assert notices[0].code == "receipt_closed" and notices[0].record_id == late_record
+        assert "was paid on till Kasse B" in notices[0].message
+        assert late_line not in {v.line.line_id for v in a.receipt(receipt_id).lines}
+        # refused, reported and archived, not lost
+        await wait_until(lambda: fetchval(env, "select count(*) from archive_records where record_id = $1", late_record), what="archived")
+        assert await fetchval(env, "select code from handover_refusals where record_id = $1", late_record) == "receipt_closed"
+        # B recorded the closed receipt under its own number; its total is the sum of its lines
+        [(_, number, _)] = [r for r in b.store.recorded("receipt")]
+        closed = await wait_until(
+            lambda: fetchval(env, "select payload -> 'record' from archive_records where kind = 'receipt' and till_id = $1", b.store.identity().till_id),
+            what="B's closed receipt archived",
+        )
+        receipt = Receipt.model_validate(closed)
+        assert receipt.receipt_id == receipt_id and receipt.receipt_number == 1 and receipt.status == "closed"
+        assert receipt.total == sum(line.amount for line in receipt.lines) == 350
+        assert [line.text for line in receipt.lines] == ["Bier 1"]
+    finally:
+        await stop(a, b)
+
+
+async def test_a_stale_payment_is_refused_and_the_total_stays_the_sum_of_the_lines(
+    services, env: Environment, tmp_path: Path
+) -> None:
+    account = await new_account(env, tmp_path)
+    a = await join(env, tmp_path, account, RECEIPTS, "Kasse A")
+    b = await join(env, tmp_path, account, RECEIPTS, "Kasse B")
+    try:
+        receipt_id = a.open_receipt(table_nr="8", cashier=WAITER, at=now())
+        a.add_line(receipt_id, beer(1, 400), now())
+        await wait_until(lambda: confirmed_line_ids(b, receipt_id) if knows(b, receipt_id) else None, what="the line on B")
+        await b.stop_sync()  # B totals and pays without hearing of A's next line
+        a.add_line(receipt_id, beer(2, 250), now())
+        await wait_until(lambda: confirmed_line_ids(a, receipt_id) and len(a.receipt(receipt_id).lines) == 2, what="A's 2nd line accepted")
+        stale = b.pay_receipt(receipt_id, PaymentType.CASH, "Bar", now())
+        assert stale.total == 400
+        b.start_sync()
+
+        notices = await wait_until(b.notices, what="the refusal on B")
+        assert notices[0].code == "stale_payment"
+        assert "'Bier 2'" in notices[0].message and "Kasse A" in notices[0].message
+        await wait_until(lambda: b.receipt(receipt_id).total == 650 and not b.receipt(receipt_id).pending, what="B re-totalled")
+        assert b.receipt(receipt_id).status == "open"
+        assert not b.store.recorded("receipt"), "no closed receipt for a refused payment"
+
+        paid = b.pay_receipt(receipt_id, PaymentType.DEBIT_CARD, "EC-Karte", now())
+        assert paid.total == 650
+        await wait_until(lambda: a.receipt(receipt_id).status == "closed" and b.receipt(receipt_id).receipt_number, what="closed")
+        for till in (a, b):
+            view = till.receipt(receipt_id)
+            assert view.total == sum(v.line.amount for v in view.lines) == 650
+        assert await fetchval(env, "select total from handover_receipts where receipt_id = $1", receipt_id) == 650
+        closed = await wait_until(
+            lambda: fetchval(env, "select payload -> 'record' from archive_records where kind = 'receipt' and till_id = $1", b.store.identity().till_id),
+            what="the closed receipt archived",
+        )
+        receipt = Receipt.model_validate(closed)
+        assert receipt.total == sum(line.amount for line in receipt.lines) == sum(p.amount for p in receipt.payments) == 650
+    finally:
+        await stop(a, b)
+
+
+async def test_a_lost_reply_and_a_retry_add_the_line_once(services, env: Environment, tmp_path: Path) -> None:
+    account = await new_account(env, tmp_path)
+    a = await join(env, tmp_path, account, RECEIPTS, "Kasse A")
+    b = await join(env, tmp_path, account, RECEIPTS, "Kasse B")
+    try:
+        receipt_id = a.open_receipt(table_nr="4", cashier=WAITER, at=now())
+        await wait_until(lambda: knows(a, receipt_id) and knows(b, receipt_id), what="the receipt on both")
+        await a.stop_sync()
+        line_id = a.add_line(receipt_id, beer(1), now())
+        [row] = a.store.unsent(10)
+        identity = a.store.identity()
+        # the till's send reaches the router, then the connection is cut before the till
+        # hears anything: no confirm (the row stays unsent) and the broadcast is lost
+        connection = await aio_pika.connect(env.till_url(identity.broker_username, identity.broker_password))
+        channel = await connection.channel(publisher_confirms=True)
+        exchange = await channel.get_exchange(UPLOAD_EXCHANGE, ensure=False)
+        upload = Upload(
+            record_id=row.record_id, account_id=identity.account_id, till_id=identity.till_id, till_seq=row.till_seq,
+            recorded_at=row.recorded_at, record=RECORD_ADAPTER.validate_json(row.body),
+        )
+        await exchange.publish(
+            aio_pika.Message(upload.model_dump_json().encode(), user_id=identity.broker_username, message_id=str(row.record_id)),
+            routing_key=upload_routing_key(identity.account_id, identity.till_id, "receipt_event"),
+        )
+        await connection.close()
+        await wait_until(lambda: fetchval(env, "select count(*) from handover_lines where line_id = $1", line_id), what="accepted")
+        await wait_until(lambda: confirmed_line_ids(b, receipt_id), what="the line on B")
+        admin_conn = await aio_pika.connect(env.settings.amqp_url)
+        purge_channel = await admin_conn.channel()
+        await (await purge_channel.get_queue(till_queue_name(identity.till_id))).purge()
+        await admin_conn.close()
+        assert a.receipt(receipt_id).pending == 1
+
+        a.start_sync()  # the till retries: the same record again
+        await wait_until(lambda: confirmed_line_ids(a, receipt_id), what="A's line confirmed")
+        await wait_until(lambda: a.store.unsent(10) == [], what="the retry confirmed")
+        await asyncio.sleep(0.5)  # give a duplicate time to appear if the router made one
+        assert confirmed_line_ids(a, receipt_id) == confirmed_line_ids(b, receipt_id) == [line_id]
+        assert await fetchval(env, "select count(*) from handover_events where record_id = $1", row.record_id) == 1
+        assert await router_lines(env, receipt_id) == [line_id]
+        assert await fetchval(env, "select position from handover_receipts where receipt_id = $1", receipt_id) == 2
+    finally:
+        await stop(a, b)
+
+
+async def test_tills_selling_offline_never_collide_on_receipt_numbers(services, env: Environment, tmp_path: Path) -> None:
+    account = await new_account(env, tmp_path)
+    a = await join(env, tmp_path, account, RECEIPTS, "Kasse A", start=False)
+    b = await join(env, tmp_path, account, RECEIPTS, "Kasse B", start=False)
+    try:
+        # both offline: cash sales and a paid table each, interleaved
+        tables = {}
+        for n, till in enumerate((a, b)):
+            tables[till] = till.open_receipt(table_nr=f"T{n}", cashier=WAITER, at=now())
+            till.add_line(tables[till], beer(n), now())
+        for _ in range(15):
+            sell(a)
+            sell(b)
+        for till in (a, b):
+            till.pay_receipt(tables[till], PaymentType.CASH, "Bar", now())
+        a.start_sync()
+        b.start_sync()
+        for till in (a, b):
+            await wait_until(lambda: till.receipt(tables[till]).receipt_number, timeout_seconds=30, what="the table closed")
+            await till.relay.drain(30)
+        till_ids = [t.store.identity().till_id for t in (a, b)]
+        conn = await env.db()
+        try:
+            await wait_until(
+                lambda: conn.fetchval("select count(*) = 32 from archive_records where kind = 'receipt' and till_id = any($1::uuid[])", till_ids),
+                what="all receipts archived",
+            )
+            rows = await conn.fetch(
+                """
+                select till_id, (payload -> 'record' ->> 'receipt_number')::int as number,
+                       payload -> 'record' ->> 'receipt_id' as receipt_id
+                from archive_records where kind = 'receipt' and till_id = any($1::uuid[])
+                """,
+                till_ids,
+            )
+            await wait_until(lambda: conn.fetchval("select count(*) = 32 from receipt_numbers where till_id = any($1::uuid[])", till_ids), what="numbers routed")
+            assert await conn.fetchval("select count(*) from receipt_number_collisions") == 0
+        finally:
+            await conn.close()
+        for till_id in till_ids:
+            numbers = sorted(r["number"] for r in rows if r["till_id"] == till_id)
+            assert numbers == list(range(1, 17))  # per till, gapless, no repeats
+        assert len({r["receipt_id"] for r in rows}) == 32  # every receipt archived once
+        assert a.receipt(tables[a]).receipt_number == 16 and b.receipt(tables[b]).receipt_number == 16
+    finally:
+        await stop(a, b)
+
+
+async def test_other_tills_receipts_and_zreports_are_visible_in_receipt_mode(services, env: Environment, tmp_path: Path) -> None:
+    account = await new_account(env, tmp_path)
+    a = await join(env, tmp_path, account, SyncMode.ARCHIVE, "Kasse A")
+    b = await join(env, tmp_path, account, RECEIPTS, "Kasse B")
+    c = await join(env, tmp_path, account, SyncMode.ARCHIVE_MASTERDATA, "Kasse C")
+    try:
+        sell(a, 3)
+        report = a.close_day(dt.date.today(), now())
+        await wait_until(lambda: len(b.store.shared_records("zreport")) == 1, what="A's Z-report on B")
+        await wait_until(lambda: len(b.store.shared_records("receipt")) == 3, what="A's receipts on B")
+        [(till_id, shown)] = b.store.shared_records("zreport")
+        assert till_id == a.store.identity().till_id and shown == report
+        await a.relay.drain(10)
+        await asyncio.sleep(0.3)
+        assert c.store.shared_records("zreport") == [] and c.store.shared_records("receipt") == []
+        with pytest.raises(TillStoreError, match="does not hand over receipts"):
+            c.open_receipt(table_nr="1", cashier=WAITER, at=now())
+    finally:
+        await stop(a, b, c)
+
+
+async def test_a_till_switching_to_receipt_mode_gets_the_open_receipts(services, env: Environment, tmp_path: Path) -> None:
+    account = await new_account(env, tmp_path)
+    a = await join(env, tmp_path, account, RECEIPTS, "Kasse A")
+    late = await join(env, tmp_path, account, SyncMode.ARCHIVE_MASTERDATA, "Kasse Spät")
+    try:
+        receipt_id = a.open_receipt(table_nr="9", cashier=WAITER, at=now())
+        for i in range(5):
+            a.add_line(receipt_id, beer(i), now())
+        await wait_until(lambda: confirmed_line_ids(a, receipt_id) and len(a.receipt(receipt_id).lines) == 5, what="lines accepted")
+        await late.set_sync_mode(True, RECEIPTS)
+        await wait_until(lambda: knows(late, receipt_id) and confirmed_line_ids(late, receipt_id) == confirmed_line_ids(a, receipt_id), what="the open receipt on the late till")
+        a.add_line(receipt_id, beer(9), now())
+        await wait_until(lambda: len(late.receipt(receipt_id).lines) == 6, what="the next line on the late till")
+        with pytest.raises(TillStoreError, match="table 9 already has open receipt"):
+            late.open_receipt(table_nr="9", cashier=WAITER, at=now())
+    finally:
+        await stop(a, late)
