@@ -185,3 +185,27 @@ async def fetchval(env: Environment, query: str, *args: object) -> object:
         return await conn.fetchval(query, *args)
     finally:
         await conn.close()
+
+
+async def dead_letters_matching(env: Environment, queue: str, text: str) -> list:  # type: ignore[type-arg]
+    """Take the dead letters of service queue ``queue``; return those whose body contains ``text``."""
+    return [m for m in await take_dead_letters(env, queue) if text.encode() in m.body]
+
+
+async def publish_as_till(env: Environment, till: Till, body: bytes, routing_key: str, user_id: str | None = None) -> None:
+    """Publish ``body`` to ``till.upload`` with the till's own broker user (a hand-made message)."""
+    import aio_pika
+
+    from shared.topology import UPLOAD_EXCHANGE
+
+    identity = till.store.identity()
+    connection = await aio_pika.connect(env.till_url(identity.broker_username, identity.broker_password))
+    try:
+        channel = await connection.channel(publisher_confirms=True)
+        exchange = await channel.get_exchange(UPLOAD_EXCHANGE, ensure=False)
+        await exchange.publish(
+            aio_pika.Message(body, user_id=user_id or identity.broker_username, content_type="application/json"),
+            routing_key=routing_key,
+        )
+    finally:
+        await connection.close()

@@ -4,18 +4,33 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import json
+import uuid
 from decimal import Decimal
 from pathlib import Path
+from typing import Any
 from uuid import UUID
 
 import aio_pika
 import pytest
 
 from shared.fiscal import PaymentType, VatKey
-from shared.models import Cashier, Receipt, SyncMode, Upload
-from shared.topology import UPLOAD_EXCHANGE, till_queue_name, upload_routing_key
+from shared.models import (
+    Cashier,
+    CustomSyncFlags,
+    HandoverLine,
+    LineAdded,
+    LinesMoved,
+    LineVoided,
+    Payment,
+    Receipt,
+    ReceiptPaid,
+    SyncMode,
+    Upload,
+)
+from shared.topology import RECEIPT_ROUTER_QUEUE, UPLOAD_EXCHANGE, till_queue_name, upload_routing_key
 from tests.integration.test_masterdata_sync import join, new_account, now, stop
-from tests.support import Environment, fetchval, sell, wait_until
+from tests.support import Environment, dead_letters_matching, fetchval, publish_as_till, sell, wait_until
 from till_agent.booking import SaleLine
 from till_agent.store import RECORD_ADAPTER, TillStoreError
 from till_agent.till import Till
@@ -364,3 +379,126 @@ async def test_a_till_switching_to_receipt_mode_gets_the_open_receipts(services,
             late.open_receipt(table_nr="9", cashier=WAITER, at=now())
     finally:
         await stop(a, late)
+
+
+def record_unchecked(till: Till, receipt_id: UUID, event: Any) -> UUID:
+    """Queue an event the till's own checks would refuse (as a faulty or old till might send it)."""
+    with till.store.batch():
+        record_id = till.store._enqueue_event(receipt_id, event, now())
+    till.relay.wake()
+    return record_id
+
+
+async def refusal(env: Environment, till: Till, record_id: UUID) -> str:
+    """The code of the router's refusal of ``record_id`` once the till shows it as a notice."""
+    notices = await wait_until(lambda: [n for n in till.notices() if n.record_id == record_id], what=f"a notice for {record_id}")
+    assert await fetchval(env, "select code from handover_refusals where record_id = $1", record_id) == notices[0].code
+    await wait_until(lambda: fetchval(env, "select count(*) from archive_records where record_id = $1", record_id), what="archived")
+    return notices[0].code
+
+
+async def test_voids_table_moves_and_splits_reach_every_till(services, env: Environment, tmp_path: Path) -> None:
+    account = await new_account(env, tmp_path)
+    a = await join(env, tmp_path, account, RECEIPTS, "Kasse A")
+    b = await join(env, tmp_path, account, RECEIPTS, "Kasse B")
+    try:
+        first = a.open_receipt(table_nr="1", cashier=WAITER, at=now())
+        lines = [a.add_line(first, beer(i, 100 * (i + 1)), now()) for i in range(3)]
+        second = b.open_receipt(table_nr="2", cashier=WAITER, at=now())
+        b.add_line(second, beer(9, 50), now())
+        await wait_until(lambda: knows(a, second) and knows(b, first) and len(b.receipt(first).lines) == 3, what="both receipts on both")
+
+        a.void_line(first, lines[0], now())
+        b.move_to_table(first, "7", now())  # any receipt-mode till may add events
+        b.move_lines(first, [lines[2]], second, now())  # split: the third line goes to table 2
+        b.set_customer(second, "K-42", now())
+
+        def settled() -> bool:
+            views = [t.receipt(r) for t in (a, b) for r in (first, second)]
+            return all(v.pending == 0 for v in views) and views[0].table_nr == "7" and views[3].customer_nr == "K-42"
+
+        await wait_until(settled, what="every event on both tills")
+        for till in (a, b):
+            assert [v.line.line_id for v in till.receipt(first).lines] == [lines[1]]
+            assert till.receipt(first).total == 200
+            moved = [v for v in till.receipt(second).lines if v.line.line_id == lines[2]]
+            assert moved and moved[0].till_id == a.store.identity().till_id  # the line keeps its till
+            assert till.receipt(second).total == 350
+        assert await fetchval(env, "select total from handover_receipts where receipt_id = $1", first) == 200
+        assert await fetchval(env, "select total from handover_receipts where receipt_id = $1", second) == 350
+        with pytest.raises(TillStoreError, match="table 2 already has open receipt"):
+            a.move_to_table(first, "2", now())
+    finally:
+        await stop(a, b)
+
+
+async def test_the_router_refuses_events_that_break_the_rules(services, env: Environment, tmp_path: Path) -> None:
+    account = await new_account(env, tmp_path)
+    a = await join(env, tmp_path, account, RECEIPTS, "Kasse A")
+    b = await join(env, tmp_path, account, RECEIPTS, "Kasse B")
+    try:
+        receipt_id = a.open_receipt(table_nr="1", cashier=WAITER, at=now())
+        line_id = a.add_line(receipt_id, beer(1, 300), now())
+        closed = a.open_receipt(table_nr="2", cashier=WAITER, at=now())
+        a.pay_receipt(closed, PaymentType.CASH, "Bar", now())
+        await wait_until(lambda: knows(b, receipt_id) and not b.receipt(receipt_id).pending and len(b.receipt(receipt_id).lines) == 1
+                         and knows(b, closed) and b.receipt(closed).status == "closed", what="the receipts on B")
+
+        wrong_total = ReceiptPaid(
+            seen_position=2, total=100, payments=(Payment(payment_type=PaymentType.CASH, payment_name="Bar", amount=100),),
+            closed_at=now(),
+        )
+        cases = {
+            "payment_mismatch": (receipt_id, wrong_total),
+            "duplicate_line": (receipt_id, LineAdded(line=HandoverLine(
+                line_id=line_id, article_nr="B2", text="Bier 2", quantity=Decimal(1), unit_price=1, amount=1, vat_key=VatKey.REGULAR))),
+            "unknown_line": (receipt_id, LineVoided(line_id=uuid.uuid4())),
+            "bad_target": (receipt_id, LinesMoved(line_ids=(line_id,), to_receipt_id=closed)),
+            "unknown_receipt": (uuid.uuid4(), LineVoided(line_id=line_id)),
+            "receipt_closed": (closed, LineVoided(line_id=line_id)),
+        }
+        sent = {code: record_unchecked(b, rid, event) for code, (rid, event) in cases.items()}
+        for code, record_id in sent.items():
+            assert await refusal(env, b, record_id) == code
+        # the receipt is unchanged by all of it
+        assert await router_lines(env, receipt_id) == [line_id]
+        assert await fetchval(env, "select position from handover_receipts where receipt_id = $1", receipt_id) == 2
+
+        # a till whose mode does not hand over receipts: archived, refused, told
+        await b.set_sync_mode(True, SyncMode.CUSTOM, CustomSyncFlags(download_receipts=False))
+        outsider = record_unchecked(b, receipt_id, LineVoided(line_id=line_id))
+        # the custom till no longer receives receipts, but its own verdicts still reach it
+        assert await refusal(env, b, outsider) == "not_taking_part"
+        assert await router_lines(env, receipt_id) == [line_id]
+    finally:
+        await stop(a, b)
+
+
+async def test_bad_receipt_messages_are_dead_lettered_with_the_reason(services, env: Environment, tmp_path: Path) -> None:
+    account = await new_account(env, tmp_path)
+    a = await join(env, tmp_path, account, RECEIPTS, "Kasse A", start=False)
+    b = await join(env, tmp_path, account, RECEIPTS, "Kasse B", start=False)
+    try:
+        me = a.store.identity()
+        key = upload_routing_key(me.account_id, me.till_id, "receipt_event")
+        broken = {
+            "schema_version": 1, "record_id": str(uuid.uuid4()), "account_id": str(me.account_id), "till_id": str(me.till_id),
+            "till_seq": 1, "recorded_at": now().isoformat(),
+            "record": {"kind": "receipt_event", "receipt_id": str(uuid.uuid4()),
+                       "event": {"type": "paid", "seen_position": 1, "total": 500, "closed_at": now().isoformat(),
+                                 "payments": [{"payment_type": "Bar", "payment_name": "Bar", "amount": 400}]}},
+        }
+        await publish_as_till(env, a, json.dumps(broken).encode(), key)
+        letters = await wait_until(lambda: dead_letters_matching(env, RECEIPT_ROUTER_QUEUE, broken["record_id"]), what="dead-lettered")
+        assert "payments 400 != total 500" in letters[0].headers["x-tillsync-reason"]
+
+        # a till may only publish with its own routing key, so a forged event names another till in its body
+        forged = {**broken, "record_id": str(uuid.uuid4()), "till_id": str(b.store.identity().till_id)}
+        forged["record"] = {"kind": "receipt_event", "receipt_id": str(uuid.uuid4()),
+                            "event": {"type": "line_voided", "line_id": str(uuid.uuid4())}}
+        await publish_as_till(env, a, json.dumps(forged).encode(), key)
+        letters = await wait_until(lambda: dead_letters_matching(env, RECEIPT_ROUTER_QUEUE, forged["record_id"]), what="dead-lettered")
+        assert "is not the till's broker user" in letters[0].headers["x-tillsync-reason"]
+        assert await fetchval(env, "select count(*) from handover_refusals where account_id = $1", me.account_id) == 0
+    finally:
+        await stop(a, b)

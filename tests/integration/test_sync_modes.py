@@ -15,12 +15,11 @@ from shared.topology import (
     ARCHIVE_WRITER_QUEUE,
     MASTERDATA_BROADCASTER_QUEUE,
     MASTERDATA_CATCHUP_QUEUE,
-    UPLOAD_EXCHANGE,
     catchup_routing_key,
     upload_routing_key,
 )
 from tests.integration.test_masterdata_sync import archived_ids, bread, join, new_account, now, price_of, stop
-from tests.support import Environment, sell, take_dead_letters, wait_until
+from tests.support import Environment, dead_letters_matching, publish_as_till, sell, wait_until
 from till_agent.till import Till
 
 pytestmark = pytest.mark.integration
@@ -124,32 +123,14 @@ async def test_local_only_settings_never_leave_the_till(services, env: Environme
                 "data": {"entity": "shared_setting", "setting_key": "printer.port", "value": "/dev/usb/lp0"},
             },
         }
-        await _publish_as(env, till, json.dumps(upload).encode(), upload_routing_key(identity.account_id, identity.till_id, "masterdata"))
+        await publish_as_till(env, till, json.dumps(upload).encode(), upload_routing_key(identity.account_id, identity.till_id, "masterdata"))
         for queue in (ARCHIVE_WRITER_QUEUE, MASTERDATA_BROADCASTER_QUEUE):
-            letters = await wait_until(lambda q=queue: _dead_letters_matching(env, q, upload["record_id"]),
+            letters = await wait_until(lambda q=queue: dead_letters_matching(env, q, upload["record_id"]),
                                        what=f"the local-only setting dead-lettered by {queue}")
             assert "local to one till" in letters[0].headers["x-tillsync-reason"]
         assert uuid.UUID(upload["record_id"]) not in await archived_ids(env, till)
     finally:
         await stop(till, other)
-
-
-async def _dead_letters_matching(env: Environment, queue: str, record_id: str) -> list:  # type: ignore[type-arg]
-    return [m for m in await take_dead_letters(env, queue) if record_id.encode() in m.body]
-
-
-async def _publish_as(env: Environment, till: Till, body: bytes, routing_key: str, user_id: str | None = None) -> None:
-    identity = till.store.identity()
-    connection = await aio_pika.connect(env.till_url(identity.broker_username, identity.broker_password))
-    try:
-        channel = await connection.channel(publisher_confirms=True)
-        exchange = await channel.get_exchange(UPLOAD_EXCHANGE, ensure=False)
-        await exchange.publish(
-            aio_pika.Message(body, user_id=user_id or identity.broker_username, content_type="application/json"),
-            routing_key=routing_key,
-        )
-    finally:
-        await connection.close()
 
 
 async def test_a_catch_up_request_naming_another_till_is_refused(services, env: Environment, tmp_path: Path) -> None:
@@ -162,8 +143,8 @@ async def test_a_catch_up_request_naming_another_till_is_refused(services, env: 
             request_id=uuid.uuid4(), account_id=me.account_id, till_id=victim.store.identity().till_id, since={"articles": 0}
         )
         # the asker may only publish with its own routing key, so the body names the victim
-        await _publish_as(env, asker, request.model_dump_json().encode(), catchup_routing_key(me.account_id, me.till_id))
-        letters = await wait_until(lambda: _dead_letters_matching(env, MASTERDATA_CATCHUP_QUEUE, str(request.request_id)),
+        await publish_as_till(env, asker, request.model_dump_json().encode(), catchup_routing_key(me.account_id, me.till_id))
+        letters = await wait_until(lambda: dead_letters_matching(env, MASTERDATA_CATCHUP_QUEUE, str(request.request_id)),
                                    what="the forged catch-up dead-lettered")
         assert "is not the till's broker user" in letters[0].headers["x-tillsync-reason"]
     finally:
@@ -205,7 +186,7 @@ async def test_a_repeated_change_is_judged_once_and_its_verdict_sent_again(servi
     accepted_id, accepted = upload("D1", 1)
     conflict_id, conflicting = upload("D1", 2)  # a second "new" D1: its key exists by then
     for body in (accepted, conflicting, accepted, conflicting):
-        await _publish_as(env, till, body, key)
+        await publish_as_till(env, till, body, key)
     verdicts: list = []  # type: ignore[type-arg]
 
     async def four_verdicts() -> bool:

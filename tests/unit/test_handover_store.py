@@ -1,0 +1,302 @@
+"""Shared receipts in the till's store (till_agent/handover.py): the till's view, its own
+events and the router's verdicts, on a real SQLite file; the router is played by the test."""
+
+from __future__ import annotations
+
+import datetime as dt
+import uuid
+from decimal import Decimal
+from pathlib import Path
+from typing import Any, Iterator
+from uuid import UUID
+
+import pytest
+
+from shared.fiscal import PaymentType, VatKey
+from shared.models import (
+    Cashier,
+    HandoverEvent,
+    LineAdded,
+    LineVoided,
+    Receipt,
+    ReceiptEvent,
+    ReceiptEventRefused,
+    ReceiptOpened,
+    ReceiptPaid,
+    ReceiptSnapshot,
+    SignedIn,
+    SyncMode,
+    TillRecordShared,
+)
+from till_agent.booking import SaleLine, closed_receipt
+from till_agent.handover import new_line
+from till_agent.store import RECORD_ADAPTER, TillStore, TillStoreError
+
+pytestmark = pytest.mark.unit
+
+T0 = dt.datetime(2024, 3, 1, 18, 0, tzinfo=dt.UTC)
+WAITER = Cashier(cashier_id="7", name="Ben")
+OTHER_TILL = uuid.uuid4()
+
+
+def make_store(tmp_path: Path, mode: SyncMode = SyncMode.ARCHIVE_MASTERDATA_RECEIPTS) -> TillStore:
+    store = TillStore.create(tmp_path / uuid.uuid4().hex, serial_number="SN-1", till_name="Kasse A")
+    till_id = uuid.uuid4()
+    store.save_sign_in(
+        SignedIn(
+            account_id=uuid.uuid4(), account_name="owner@example.com", till_id=till_id, broker_username=f"till-{till_id}",
+            broker_password="broker-Secret-1", vhost="tillsync", upload_exchange="till.upload", queue=f"till.{till_id}",
+            last_till_seq=0, sync_enabled=True, sync_mode=mode,
+        )
+    )
+    return store
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> Iterator[TillStore]:
+    s = make_store(tmp_path)
+    yield s
+    s.close()
+
+
+def me(store: TillStore) -> UUID:
+    till_id = store.identity().till_id
+    assert till_id is not None
+    return till_id
+
+
+def opened(table: str | None = "5") -> ReceiptOpened:
+    return ReceiptOpened(table_nr=table, business_day=T0.date(), opened_at=T0, cashier=WAITER)
+
+
+def line(price: int = 350, text: str = "Bier") -> LineAdded:
+    return LineAdded(line=new_line("B1", text, Decimal("1"), price, VatKey.REGULAR))
+
+
+def own_events(store: TillStore) -> list[tuple[UUID, ReceiptEvent]]:
+    """``(record_id, event)`` of the till's receipt events, in outbox order."""
+    rows = store.unsent(1000)
+    return [(r.record_id, RECORD_ADAPTER.validate_json(r.body)) for r in rows if r.kind == "receipt_event"]
+
+
+def accept_all(store: TillStore, receipt_id: UUID, first_position: int = 1) -> int:
+    """Play the router: accept the till's pending events of ``receipt_id`` in order."""
+    position = first_position
+    for record_id, record in own_events(store):
+        if record.receipt_id != receipt_id or store._db.execute(
+            "select state from handover_events where record_id = ?", (str(record_id),)
+        ).fetchone()[0] != "pending":
+            continue
+        store.apply_handover_event(accepted(receipt_id, position, record.event, me(store), record_id), me(store))
+        position += 1
+    return position
+
+
+def accepted(receipt_id: UUID, position: int, event: Any, till_id: UUID = OTHER_TILL, record_id: UUID | None = None) -> HandoverEvent:
+    return HandoverEvent(
+        receipt_id=receipt_id, position=position, record_id=record_id or uuid.uuid4(), till_id=till_id,
+        till_name="Kasse B" if till_id == OTHER_TILL else "Kasse A", recorded_at=T0, event=event,
+    )
+
+
+def test_the_till_shows_its_own_events_before_the_router_confirms_them(store: TillStore) -> None:
+    receipt_id = uuid.uuid4()
+    store.record_receipt_event(receipt_id, opened(), T0)
+    store.record_receipt_event(receipt_id, line(350), T0)
+    view = store.shared_receipt(receipt_id)
+    assert (view.status, view.table_nr, view.position, view.pending, view.total) == ("open", "5", 0, 2, 350)
+    assert [v.confirmed for v in view.lines] == [False]
+    # record and outbox row together: every event is a record for the archive
+    assert [e.event.type for _, e in own_events(store)] == ["opened", "line_added"]
+
+    accept_all(store, receipt_id)
+    view = store.shared_receipt(receipt_id)
+    assert (view.position, view.pending, view.total) == (2, 0, 350)
+    assert [v.confirmed for v in view.lines] == [True]
+
+
+def test_events_apply_in_position_order_only(store: TillStore) -> None:
+    receipt_id = uuid.uuid4()
+    first = accepted(receipt_id, 1, opened())
+    third = accepted(receipt_id, 3, line(100))
+    assert store.apply_handover_event(third, me(store)) == "gap"  # the till asks for a snapshot
+    assert store.apply_handover_event(first, me(store)) == "applied"
+    assert store.apply_handover_event(first, me(store)) == "old"
+    snapshot = ReceiptSnapshot(
+        request_id=uuid.uuid4(), receipt_id=receipt_id, status="open",
+        events=(first, accepted(receipt_id, 2, line(250)), third),
+    )
+    store.apply_handover_snapshot(snapshot, me(store))
+    view = store.shared_receipt(receipt_id)
+    assert (view.position, view.total, view.opened_by, view.opened_by_name) == (3, 350, OTHER_TILL, "Kasse B")
+    assert [v.till_name for v in view.lines] == ["Kasse B", "Kasse B"]
+
+
+def test_the_till_that_pays_records_the_closed_receipt_under_its_next_number(store: TillStore) -> None:
+    receipt_id = uuid.uuid4()
+    store.apply_handover_event(accepted(receipt_id, 1, opened("2")), me(store))
+    store.apply_handover_event(accepted(receipt_id, 2, line(400, "Wein")), me(store))
+    voided = line(999, "Falsch")
+    store.apply_handover_event(accepted(receipt_id, 3, voided), me(store))
+    store.apply_handover_event(accepted(receipt_id, 4, LineVoided(line_id=voided.line.line_id)), me(store))
+    # a cash sale first takes number 1
+    store.book_receipt(
+        lambda n: closed_receipt(receipt_number=n, lines=[SaleLine("1", "Brot", Decimal(1), 250, VatKey.REDUCED)],
+                                 payment_type=PaymentType.CASH, payment_name="Bar", cashier=WAITER, opened_at=T0,
+                                 closed_at=T0, business_day=T0.date()),
+        T0,
+    )
+    paid = store.payment_for(receipt_id, PaymentType.CASH, "Bar", T0)
+    assert (paid.seen_position, paid.total) == (4, 400)
+    store.record_receipt_event(receipt_id, paid, T0)
+    assert store.shared_receipt(receipt_id).payment_pending
+    with pytest.raises(TillStoreError, match="being paid on this till"):
+        store.record_receipt_event(receipt_id, line(), T0)
+
+    [(record_id, _)] = own_events(store)
+    assert store.apply_handover_event(accepted(receipt_id, 5, paid, me(store), record_id), me(store)) == "closed_here"
+    view = store.shared_receipt(receipt_id)
+    assert (view.status, view.closed_by, view.receipt_number) == ("closed", me(store), 2)
+    receipts = [Receipt.model_validate_json(r.body) for r in store.unsent(100) if r.kind == "receipt"]
+    closed = receipts[-1]
+    assert (closed.receipt_id, closed.receipt_number, closed.total, closed.status) == (receipt_id, 2, 400, "closed")
+    assert [x.text for x in closed.lines] == ["Wein"]
+    assert closed.opened_at == T0 and closed.cashier == WAITER
+    # the same verdict again (a redelivery, a snapshot) records nothing more
+    store.apply_handover_event(accepted(receipt_id, 5, paid, me(store), record_id), me(store))
+    store.apply_handover_snapshot(
+        ReceiptSnapshot(request_id=uuid.uuid4(), receipt_id=receipt_id, status="closed",
+                        events=(accepted(receipt_id, 5, paid, me(store), record_id),)), me(store),
+    )
+    assert len([r for r in store.unsent(100) if r.kind == "receipt"]) == 2
+
+
+def test_a_receipt_paid_on_another_till_cannot_change_here(store: TillStore) -> None:
+    receipt_id = uuid.uuid4()
+    store.apply_handover_event(accepted(receipt_id, 1, opened()), me(store))
+    store.apply_handover_event(accepted(receipt_id, 2, line(300)), me(store))
+    pay = ReceiptPaid(seen_position=2, total=300, payments=(
+        {"payment_type": "Bar", "payment_name": "Bar", "amount": 300},), closed_at=T0)  # type: ignore[arg-type]
+    assert store.apply_handover_event(accepted(receipt_id, 3, pay), me(store)) == "applied"
+    view = store.shared_receipt(receipt_id)
+    assert (view.status, view.closed_by_name, view.receipt_number) == ("closed", "Kasse B", None)
+    with pytest.raises(TillStoreError, match="was paid on till Kasse B"):
+        store.payment_for(receipt_id, PaymentType.CASH, "Bar", T0)
+    with pytest.raises(TillStoreError, match="closed receipt cannot change"):
+        store.record_receipt_event(receipt_id, line(), T0)
+    assert not [r for r in store.unsent(100) if r.kind == "receipt"]  # the other till numbers it
+
+
+def test_a_refused_table_opening_books_the_lines_onto_the_tables_receipt(store: TillStore) -> None:
+    mine, theirs = uuid.uuid4(), uuid.uuid4()
+    store.record_receipt_event(mine, opened("5"), T0)
+    first = line(350, "Bier")
+    second = line(200, "Wasser")
+    store.record_receipt_event(mine, first, T0)
+    store.record_receipt_event(mine, second, T0)
+    [(opening, _), *_] = own_events(store)
+    outcome = store.apply_handover_refused(
+        ReceiptEventRefused(
+            record_id=opening, receipt_id=mine, event_type="opened", code="table_taken",
+            reason=f"table 5 already has open receipt {theirs}, opened on till Kasse B at {T0.isoformat()}",
+            existing_receipt_id=theirs,
+        )
+    )
+    assert outcome == "rebooked"
+    view = store.shared_receipt(mine)
+    assert (view.status, view.merged_into, view.lines) == ("refused", theirs, ())
+    target = store.shared_receipt(theirs)
+    assert [v.line.text for v in target.lines] == ["Bier", "Wasser"] and target.pending == 2
+    rebooked = [e for _, e in own_events(store) if e.receipt_id == theirs]
+    assert [e.event.line.line_id for e in rebooked] == [first.line.line_id, second.line.line_id]  # type: ignore[union-attr]
+    [notice] = store.notices()
+    assert notice.code == "table_taken" and "2 line(s) were booked onto receipt" in notice.message
+    with pytest.raises(TillStoreError, match="was not opened"):
+        store.record_receipt_event(mine, line(), T0)
+    # the router's later refusals of the old receipt's lines add no second notice
+    for record_id, e in own_events(store):
+        if e.receipt_id == mine and e.event.type == "line_added":
+            assert store.apply_handover_refused(ReceiptEventRefused(
+                record_id=record_id, receipt_id=mine, event_type="line_added", code="unknown_receipt", reason="not opened",
+            )) == "old"
+    assert len(store.notices()) == 1
+
+
+def test_a_stale_payment_becomes_a_notice_and_the_receipt_can_be_paid_again(store: TillStore) -> None:
+    receipt_id = uuid.uuid4()
+    store.apply_handover_event(accepted(receipt_id, 1, opened()), me(store))
+    store.apply_handover_event(accepted(receipt_id, 2, line(300)), me(store))
+    stale = store.payment_for(receipt_id, PaymentType.CASH, "Bar", T0)
+    store.record_receipt_event(receipt_id, stale, T0)
+    since = accepted(receipt_id, 3, line(150, "Nachtisch"))
+    store.apply_handover_event(since, me(store))
+    [(record_id, _)] = own_events(store)
+    assert store.apply_handover_refused(ReceiptEventRefused(
+        record_id=record_id, receipt_id=receipt_id, event_type="paid", code="stale_payment",
+        reason="the receipt changed after it was totalled", since=(since,),
+    )) == "refused"
+    [notice] = store.notices()
+    assert notice.code == "stale_payment" and "pay it once more" in notice.message
+    view = store.shared_receipt(receipt_id)
+    assert (view.total, view.payment_pending, view.status) == (450, False, "open")
+    again = store.payment_for(receipt_id, PaymentType.CASH, "Bar", T0)
+    assert (again.seen_position, again.total) == (3, 450)
+
+
+def test_the_payment_counts_the_tills_own_events_still_on_their_way(store: TillStore) -> None:
+    receipt_id = uuid.uuid4()
+    store.apply_handover_event(accepted(receipt_id, 1, opened()), me(store))
+    store.record_receipt_event(receipt_id, line(100), T0)
+    store.record_receipt_event(receipt_id, line(200), T0)
+    paid = store.payment_for(receipt_id, PaymentType.CASH, "Bar", T0)
+    assert (paid.seen_position, paid.total) == (3, 300)  # position 1 + its 2 lines
+
+
+def test_local_rules_refuse_what_the_router_would_refuse(store: TillStore, tmp_path: Path) -> None:
+    receipt_id = uuid.uuid4()
+    store.record_receipt_event(receipt_id, opened("5"), T0)
+    with pytest.raises(TillStoreError, match="table 5 already has open receipt"):
+        store.record_receipt_event(uuid.uuid4(), opened("5"), T0)
+    with pytest.raises(TillStoreError, match="are not on receipt"):
+        store.record_receipt_event(receipt_id, LineVoided(line_id=uuid.uuid4()), T0)
+    with pytest.raises(TillStoreError, match="knows no shared receipt"):
+        store.record_receipt_event(uuid.uuid4(), line(), T0)
+    added = line(500)
+    store.record_receipt_event(receipt_id, added, T0)
+    store.record_receipt_event(receipt_id, LineVoided(line_id=added.line.line_id), T0)
+    assert store.shared_receipt(receipt_id).total == 0
+    with pytest.raises(TillStoreError, match="does not match the total"):
+        store.record_receipt_event(
+            receipt_id,
+            ReceiptPaid(seen_position=3, total=500, payments=(  # type: ignore[arg-type]
+                {"payment_type": "Bar", "payment_name": "Bar", "amount": 500},), closed_at=T0),
+            T0,
+        )
+    archive_only = make_store(tmp_path, SyncMode.ARCHIVE_MASTERDATA)
+    with pytest.raises(TillStoreError, match="does not hand over receipts"):
+        archive_only.record_receipt_event(uuid.uuid4(), opened(), T0)
+    archive_only.close()
+
+
+def test_other_tills_records_are_kept_once_and_own_ones_skipped(store: TillStore) -> None:
+    receipt = closed_receipt(
+        receipt_number=1, lines=[SaleLine("1", "Brot", Decimal(1), 250, VatKey.REDUCED)], payment_type=PaymentType.CASH,
+        payment_name="Bar", cashier=WAITER, opened_at=T0, closed_at=T0, business_day=T0.date(),
+    )
+    shared = TillRecordShared(till_id=OTHER_TILL, record_id=uuid.uuid4(), recorded_at=T0, record=receipt)
+    assert store.apply_shared_record(shared, me(store)) == "shared_record"
+    assert store.apply_shared_record(shared, me(store)) == "old"
+    own = TillRecordShared(till_id=me(store), record_id=uuid.uuid4(), recorded_at=T0, record=receipt)
+    assert store.apply_shared_record(own, me(store)) == "own"
+    assert store.shared_records("receipt") == [(OTHER_TILL, receipt)]
+
+
+def test_a_catch_up_names_the_open_receipts_and_the_sent_events_without_verdict(store: TillStore) -> None:
+    receipt_id = uuid.uuid4()
+    store.record_receipt_event(receipt_id, opened(), T0)
+    store.record_receipt_event(receipt_id, line(), T0)
+    rows = store.unsent(10)
+    store.mark_sent([rows[0].till_seq])  # the opening went out, the line did not yet
+    receipts, verdicts_for = store.receipts_awaiting_verdicts()
+    assert receipts == [receipt_id] and verdicts_for == [rows[0].record_id]
+    assert store.pending_receipt_events() == 2
