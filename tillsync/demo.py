@@ -8,6 +8,12 @@ close each business day with a Z-report; till 2 is offline for the middle part o
 replay and catches up afterwards. While it is offline both tills change the same two
 articles: on one, different fields (rebased automatically when till 2 is back), on
 the other the same price (the cloud's value is kept and till 2 lists the difference).
+The tills run in mode ``archive_masterdata_receipts``, so each also receives the other's
+receipts and Z-reports. After the replay a restaurant scene shows the receipt handover:
+both tills open the same table at the same moment (one receipt for the table, a notice
+on the till that came second, its line booked onto the table's receipt); till 2 goes
+offline and pays the old total while till 1 adds a line (the stale payment is refused
+when till 2 is back, it re-totals and pays again).
 Finally wait until every outbox is empty, every record is archived and both tills
 hold the same master data; compare archive and input.
 """
@@ -20,6 +26,7 @@ import json
 import secrets
 import time
 from dataclasses import asdict, dataclass, field
+from decimal import Decimal
 from pathlib import Path
 from typing import Any, Callable
 from uuid import UUID
@@ -31,6 +38,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from shared.broker_admin import BrokerAdmin
+from shared.fiscal import PaymentType
 from shared.db import create_pool
 from shared.settings import amqp_url_with_credentials
 from shared.topology import ARCHIVE_WRITER_QUEUE, SIGNUP_USER
@@ -40,7 +48,7 @@ from tillsync.setup import SetupSettings, setup
 from till_agent.booking import SaleLine
 from till_agent.store import TillStore
 from till_agent.till import Till, TillSettings
-from shared.models import SyncMode
+from shared.models import Cashier, SyncMode
 
 OFFLINE_FROM = 0.30  # till 2 goes offline at 30 % of the replay ...
 OFFLINE_UNTIL = 0.60  # ... and comes back at 60 %
@@ -79,6 +87,12 @@ class DemoReport:
     masterdata_same_on_all_tills: bool
     masterdata_rebased: int
     masterdata_differences_listed: int
+    other_tills_records_visible: bool
+    shared_receipts_closed: int
+    shared_receipts_same_on_all_tills: bool
+    shared_receipt_total_cents: int
+    table_race_notices: int
+    stale_payments_refused: int
     seconds: float
     run_dir: str
     ok: bool = field(init=False)
@@ -92,6 +106,9 @@ class DemoReport:
             and self.receipts_archived == self.receipts_in_input
             and self.input_total_cents == self.archived_total_cents
             and self.masterdata_same_on_all_tills
+            and self.other_tills_records_visible
+            and self.shared_receipts_closed == 1
+            and self.shared_receipts_same_on_all_tills
         )
 
     def as_json(self) -> str:
@@ -159,9 +176,9 @@ async def run_demo(
         await tills[0].create_account(account_name, password)
         for till in tills:
             await till.sign_in(account_name, password)
-            await till.set_sync_mode(True, SyncMode.ARCHIVE_MASTERDATA)
+            await till.set_sync_mode(True, SyncMode.ARCHIVE_MASTERDATA_RECEIPTS)
             till.start_sync()
-        console.print(f"Account {account_name}: 2 tills signed in, mode archive_masterdata")
+        console.print(f"Account {account_name}: 2 tills signed in, mode archive_masterdata_receipts")
         entities = _import_masterdata(tills[0], export)
         await _wait(lambda: tills[1].store.masterdata_state_hash() == tills[0].store.masterdata_state_hash()
                     and tills[0].status().pending == 0, settings.drain_timeout_seconds, "till 2 receiving the master data")
@@ -169,10 +186,13 @@ async def run_demo(
         ticket_receipts, offline_count = await _replay(export, tills, console)
         await _drain(tills, settings.drain_timeout_seconds, console)
         same = await _masterdata_settled(tills, settings.drain_timeout_seconds, console)
+        scene = await _restaurant_scene(tills, export, settings.drain_timeout_seconds, console)
+        await _drain(tills, settings.drain_timeout_seconds, console)
+        visible = await _other_tills_visible(tills, settings.drain_timeout_seconds, console)
         expected = {till.store.identity().till_id: till.store.recorded() for till in tills}
         report = await _verify(
             settings, export, tills, expected, ticket_receipts, account_name, offline_count, started, run_dir, console,
-            same,
+            same, scene, visible,
         )
         for till in tills:
             await till.stop_sync()
@@ -237,6 +257,103 @@ async def _masterdata_settled(tills: list[Till], timeout_seconds: float, console
             f"  till {i}: {outcomes.get('rebased', 0)} change(s) rebased, {len(differences)} difference(s) listed"
             + "".join(f"\n    {d.entity_kind} {d.entity_key}: {d.reason}" for d in differences)
         )
+    return True
+
+
+@dataclass
+class _Scene:
+    receipt_id: UUID | None = None
+    closed: int = 0
+    same: bool = False
+    total: int = 0
+    race_notices: int = 0
+    stale_refused: int = 0
+
+
+async def _restaurant_scene(tills: list[Till], export: BakeryExport, timeout_seconds: float, console: Console) -> _Scene:
+    """The receipt handover on one table (see the module docstring)."""
+    one, two = tills
+    articles = sorted(export.articles.values(), key=lambda a: a.article_nr)[:3]
+    user = CASHIERS["2"]
+    waiter = Cashier(cashier_id=user.cashier_id, name=user.name)
+    at = dt.datetime.now(dt.UTC)
+
+    def line(n: int, quantity: int = 1) -> SaleLine:
+        a = articles[n]
+        return SaleLine(a.article_nr, a.text, Decimal(quantity), a.unit_price, a.vat_key)
+
+    scene = _Scene()
+    console.print("Restaurant scene: both tills open table T1 at the same moment")
+    on_one = one.open_receipt(table_nr="T1", cashier=waiter, at=at)
+    on_two = two.open_receipt(table_nr="T1", cashier=waiter, at=at)
+    one.add_line(on_one, line(0, 2), at)
+    two.add_line(on_two, line(1), at)
+
+    def one_receipt() -> UUID | None:
+        views = [t.store.open_receipt_of_table("T1") for t in tills]
+        if any(v is None or v.pending or len(v.lines) != 2 for v in views):
+            return None
+        return views[0].receipt_id if views[0].receipt_id == views[1].receipt_id else None  # type: ignore[union-attr]
+
+    await _wait(lambda: one_receipt() is not None, timeout_seconds, "one receipt for table T1 on both tills")
+    table = one_receipt()
+    assert table is not None
+    scene.receipt_id = table
+    scene.race_notices = sum(1 for t in tills for n in t.notices() if n.code == "table_taken")
+    for i, till in enumerate(tills, 1):
+        for notice in till.notices():
+            console.print(f"  till {i} notice: {notice.message}")
+    console.print(f"  table T1 is receipt {table} with both lines on both tills")
+
+    await two.stop_sync()
+    one.add_line(table, line(2), at)
+    await _wait(lambda: not one.receipt(table).pending, timeout_seconds, "till 1's line accepted")
+    stale = two.pay_receipt(table, PaymentType.CASH, PAYMENT_TYPES[PaymentType.CASH].name, at)
+    console.print(
+        f"  till 2, offline, takes {stale.total / 100:.2f} EUR for table T1 while till 1 added a line "
+        f"(table now {one.receipt(table).total / 100:.2f} EUR)"
+    )
+    two.start_sync()
+    await _wait(lambda: any(n.code == "stale_payment" for n in two.notices()) and not two.receipt(table).pending,
+                timeout_seconds, "the stale payment's verdict on till 2")
+    scene.stale_refused = sum(1 for n in two.notices() if n.code == "stale_payment")
+    console.print(f"  till 2 notice: {[n for n in two.notices() if n.code == 'stale_payment'][-1].message}")
+    paid = two.pay_receipt(table, PaymentType.CASH, PAYMENT_TYPES[PaymentType.CASH].name, dt.datetime.now(dt.UTC))
+    await _wait(lambda: all(t.receipt(table).status == "closed" for t in tills) and two.receipt(table).receipt_number is not None,
+                timeout_seconds, "table T1 closed on both tills")
+    views = [t.receipt(table) for t in tills]
+    scene.closed = 1
+    scene.total = views[0].total
+    scene.same = (
+        [v.line.line_id for v in views[0].lines] == [v.line.line_id for v in views[1].lines]
+        and views[0].total == views[1].total == paid.total == sum(v.line.amount for v in views[0].lines)
+    )
+    console.print(
+        f"  till 2 pays {paid.total / 100:.2f} EUR again: accepted, receipt number {views[1].receipt_number} of till 2; "
+        "table T1 is closed on both tills"
+    )
+    return scene
+
+
+async def _other_tills_visible(tills: list[Till], timeout_seconds: float, console: Console) -> bool:
+    """Wait until each till holds the other's receipts and Z-reports (mode ``archive_masterdata_receipts``)."""
+    def visible() -> bool:
+        for till, other in ((tills[0], tills[1]), (tills[1], tills[0])):
+            for kind in ("receipt", "zreport"):
+                if len(till.store.shared_records(kind)) != len(other.store.recorded(kind)):
+                    return False
+        return True
+
+    try:
+        await _wait(visible, min(timeout_seconds, 120.0), "each till to hold the other's receipts and Z-reports")
+    except DemoError as exc:
+        console.print(str(exc))
+        return False
+    console.print(
+        "Each till holds the other's receipts and Z-reports: "
+        + ", ".join(f"till {i}: {len(t.store.shared_records('receipt'))} receipts, "
+                    f"{len(t.store.shared_records('zreport'))} Z-reports" for i, t in enumerate(tills, 1))
+    )
     return True
 
 
@@ -330,6 +447,8 @@ async def _verify(
     run_dir: Path,
     console: Console,
     masterdata_same: bool,
+    scene: _Scene,
+    other_tills_visible: bool,
 ) -> DemoReport:
     account_id = tills[0].store.identity().account_id
     expected_ids = {record_id: kind for records in expected.values() for record_id, _, kind in records}
@@ -341,7 +460,8 @@ async def _verify(
     finally:
         await pool.close()
     archived_ids = {r["record_id"] for r in rows}
-    receipts = [r for r in rows if r["kind"] == "receipt"]
+    # the bakery's receipts; the restaurant scene's table receipt is reported on its own
+    receipts = [r for r in rows if r["kind"] == "receipt" and UUID(r["payload"]["record"]["receipt_id"]) != scene.receipt_id]
     zreports = [r for r in rows if r["kind"] == "zreport"]
     receipt_keys = {(r["till_id"], r["payload"]["record"]["receipt_id"]) for r in receipts}
     z_keys = {(r["till_id"], r["payload"]["record"]["z_nr"]) for r in zreports}
@@ -375,6 +495,12 @@ async def _verify(
         masterdata_same_on_all_tills=masterdata_same,
         masterdata_rebased=sum(t.relay.feed.status().outcomes.get("rebased", 0) for t in tills),
         masterdata_differences_listed=sum(len(t.differences()) for t in tills),
+        other_tills_records_visible=other_tills_visible,
+        shared_receipts_closed=scene.closed,
+        shared_receipts_same_on_all_tills=scene.same,
+        shared_receipt_total_cents=scene.total,
+        table_race_notices=scene.race_notices,
+        stale_payments_refused=scene.stale_refused,
         seconds=round(time.monotonic() - started, 1),
         run_dir=str(run_dir),
     )

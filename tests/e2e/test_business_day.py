@@ -32,6 +32,10 @@ async def test_a_business_day_is_archived_equal_to_the_input(fresh_env, service_
     # both tills edited the same two articles while till 2 was offline: one rebased, one listed
     assert report.masterdata_same_on_all_tills
     assert (report.masterdata_rebased, report.masterdata_differences_listed) == (1, 1)
+    # the restaurant scene: one receipt for the table, the stale payment refused, then paid
+    assert report.shared_receipts_closed == 1 and report.shared_receipts_same_on_all_tills
+    assert (report.table_race_notices, report.stale_payments_refused) == (1, 1)
+    assert report.other_tills_records_visible
 
     # Independently of the demo's own check: compare the archive with the input file.
     conn = await fresh_env.db()
@@ -39,7 +43,10 @@ async def test_a_business_day_is_archived_equal_to_the_input(fresh_env, service_
         rows = await conn.fetch("select till_id, kind, payload from archive_records")
     finally:
         await conn.close()
-    receipts = [r["payload"]["record"] for r in rows if r["kind"] == "receipt"]
+    # the restaurant scene's table (a shared receipt, with its events) is not a bakery ticket
+    shared = {r["payload"]["record"]["receipt_id"] for r in rows if r["kind"] == "receipt_event"}
+    assert len(shared) == 2  # both tills opened table T1: one receipt won, the other was refused
+    receipts = [r["payload"]["record"] for r in rows if r["kind"] == "receipt" and r["payload"]["record"]["receipt_id"] not in shared]
     archived = Counter(
         (r["business_day"], tuple((l["text"], l["quantity"], l["unit_price"]) for l in r["lines"]), r["total"])
         for r in receipts
@@ -58,7 +65,7 @@ async def test_a_business_day_is_archived_equal_to_the_input(fresh_env, service_
     assert returns and len(returns) == sum(1 for t in export.tickets for l in t.lines if l.quantity < 0)
     assert all(l["amount"] <= 0 for l in returns)
     # two tills share the day (even/odd ticket numbers); one Z-report each adds up to the day
-    tills = Counter(r["till_id"] for r in rows if r["kind"] == "receipt")
+    tills = Counter(r["till_id"] for r in rows if r["kind"] == "receipt" and r["payload"]["record"]["receipt_id"] not in shared)
     assert len(tills) == 2
     assert sorted(tills.values()) == sorted(Counter(t.ticket_number % 2 for t in export.tickets).values())
     zreports = [r["payload"]["record"] for r in rows if r["kind"] == "zreport"]
