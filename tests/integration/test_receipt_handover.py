@@ -358,6 +358,17 @@ async def test_other_tills_receipts_and_zreports_are_visible_in_receipt_mode(ser
         assert c.store.shared_records("zreport") == [] and c.store.shared_records("receipt") == []
         with pytest.raises(TillStoreError, match="does not hand over receipts"):
             c.open_receipt(table_nr="1", cashier=WAITER, at=now())
+        # custom mode: Z-reports switched on, receipts off
+        d = await join(env, tmp_path, account, SyncMode.ARCHIVE, "Kasse D")
+        await d.set_sync_mode(True, SyncMode.CUSTOM, CustomSyncFlags(download_zreports=True))
+        sell(a, 1)
+        second = a.close_day(dt.date.today(), now())
+        await wait_until(lambda: [z for _, z in d.store.shared_records("zreport")] == [second], what="the Z-report on D")
+        await wait_until(lambda: len(b.store.shared_records("receipt")) == 4, what="the 4th receipt on B")
+        assert d.store.shared_records("receipt") == []
+        with pytest.raises(TillStoreError, match="does not hand over receipts"):
+            d.open_receipt(cashier=WAITER, at=now())
+        await stop(d)
     finally:
         await stop(a, b, c)
 
@@ -502,3 +513,82 @@ async def test_bad_receipt_messages_are_dead_lettered_with_the_reason(services, 
         assert await fetchval(env, "select count(*) from handover_refusals where account_id = $1", me.account_id) == 0
     finally:
         await stop(a, b)
+
+
+async def test_paying_while_another_till_adds_lines_never_loses_a_line(services, env: Environment, tmp_path: Path) -> None:
+    account = await new_account(env, tmp_path)
+    a = await join(env, tmp_path, account, RECEIPTS, "Kasse A")
+    b = await join(env, tmp_path, account, RECEIPTS, "Kasse B")
+    try:
+        receipt_id = a.open_receipt(table_nr="6", cashier=WAITER, at=now())
+        a.add_line(receipt_id, beer(0, 100), now())
+        await wait_until(lambda: knows(b, receipt_id) and not b.receipt(receipt_id).pending and b.receipt(receipt_id).lines, what="B sees it")
+        added: list[UUID] = []
+
+        async def keep_adding() -> None:
+            for i in range(1, 300):
+                try:
+                    added.append(a.add_line(receipt_id, beer(i, 100 + i), now()))
+                except TillStoreError:
+                    return  # A has heard that the receipt is closed
+                await asyncio.sleep(0.03)
+
+        async def pay_until_accepted() -> int:
+            attempts = 0
+            while b.receipt(receipt_id).status != "closed":
+                if not b.receipt(receipt_id).payment_pending:
+                    b.pay_receipt(receipt_id, PaymentType.CASH, "Bar", now())
+                    attempts += 1
+                await asyncio.sleep(0.02)
+            return attempts
+
+        _, attempts = await asyncio.gather(keep_adding(), pay_until_accepted())
+        await wait_until(lambda: a.receipt(receipt_id).status == "closed" and not a.receipt(receipt_id).pending, what="A settled")
+        stale = [n for n in b.notices() if n.code == "stale_payment"]
+        assert len(stale) == attempts - 1
+        closed_number = await wait_until(lambda: b.receipt(receipt_id).receipt_number, what="B numbered the receipt")
+        on_receipt = {v.line.line_id for v in b.receipt(receipt_id).lines}
+        refused = {n.record_id for n in a.notices() if n.code == "receipt_closed"}
+        # every line A booked is on the receipt or was refused (and told), none lost
+        assert len(on_receipt) - 1 + len(refused) == len(added)
+        for till in (a, b):
+            view = till.receipt(receipt_id)
+            assert view.total == sum(v.line.amount for v in view.lines)
+        assert await fetchval(env, "select total from handover_receipts where receipt_id = $1", receipt_id) == b.receipt(receipt_id).total
+        closed = await wait_until(
+            lambda: fetchval(env, "select payload -> 'record' from archive_records where kind = 'receipt' and till_id = $1",
+                             b.store.identity().till_id),
+            what="the closed receipt archived",
+        )
+        receipt = Receipt.model_validate(closed)
+        assert receipt.receipt_number == closed_number
+        assert receipt.total == sum(x.amount for x in receipt.lines) == b.receipt(receipt_id).total
+        assert len(receipt.lines) == len(on_receipt)
+    finally:
+        await stop(a, b)
+
+
+async def test_a_till_that_missed_events_asks_for_the_receipt_again(services, env: Environment, tmp_path: Path) -> None:
+    account = await new_account(env, tmp_path)
+    a = await join(env, tmp_path, account, RECEIPTS, "Kasse A")
+    c = await join(env, tmp_path, account, RECEIPTS, "Kasse C")
+    try:
+        receipt_id = a.open_receipt(table_nr="11", cashier=WAITER, at=now())
+        await wait_until(lambda: knows(c, receipt_id), what="the receipt on C")
+        identity = c.store.identity()
+        connection = await aio_pika.connect(env.settings.amqp_url)
+        try:
+            channel = await connection.channel()
+            queue = await channel.get_queue(till_queue_name(identity.till_id))
+            key = f"{identity.account_id}.receipts"
+            await queue.unbind("till.download", key)  # C misses what happens now (as if dropped)
+            missed = a.add_line(receipt_id, beer(1), now())
+            await wait_until(lambda: fetchval(env, "select count(*) from handover_lines where line_id = $1", missed), what="accepted")
+            await queue.bind("till.download", key)
+        finally:
+            await connection.close()
+        later = a.add_line(receipt_id, beer(2), now())
+        await wait_until(lambda: confirmed_line_ids(c, receipt_id) == [missed, later], what="C caught up through a snapshot")
+        assert c.relay.feed.status().outcomes.get("receipt_gap", 0) >= 1
+    finally:
+        await stop(a, c)
