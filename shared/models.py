@@ -356,10 +356,9 @@ class MasterDataRecord(WireModel):
 # Receipts (Belege) and Z-reports (Kassenabschlüsse)
 
 
-class ReceiptLine(WireModel):
-    """One receipt line (DSFinV-K lines.csv). ``amount`` = quantity × unit_price, half up."""
+class LineFields(WireModel):
+    """What every booked line has (DSFinV-K lines.csv). ``amount`` = quantity × unit_price, half up."""
 
-    line_no: Counter = Field(description="POS_ZEILE")
     article_nr: Key = Field(description="ARTIKELNUMMER")
     text: Name = Field(description="ARTIKELTEXT")
     quantity: Quantity = Field(description="MENGE; negative for a return")
@@ -367,17 +366,29 @@ class ReceiptLine(WireModel):
     amount: Cents = Field(description="gross line amount in cents")
     vat_key: VatKey = Field(description="UST_SCHLUESSEL")
 
+    def _label(self) -> str:
+        return "line"
+
     @model_validator(mode="after")
-    def _amount_matches(self) -> ReceiptLine:
+    def _amount_matches(self) -> LineFields:
         if self.quantity == 0:
-            raise ValueError(f"line {self.line_no}: quantity must not be 0")
+            raise ValueError(f"{self._label()}: quantity must not be 0")
         expected = line_amount(self.quantity, self.unit_price)
         if self.amount != expected:
             raise ValueError(
-                f"line {self.line_no}: amount {self.amount} != quantity {self.quantity} × unit_price "
+                f"{self._label()}: amount {self.amount} != quantity {self.quantity} × unit_price "
                 f"{self.unit_price} = {expected}"
             )
         return self
+
+
+class ReceiptLine(LineFields):
+    """One line of a receipt (DSFinV-K lines.csv), numbered ``line_no`` (POS_ZEILE)."""
+
+    line_no: Counter = Field(description="POS_ZEILE")
+
+    def _label(self) -> str:
+        return f"line {self.line_no}"
 
 
 class VatAmount(WireModel):
@@ -538,29 +549,13 @@ class ZReport(WireModel):
 # accepted or not.
 
 
-class HandoverLine(WireModel):
-    """A line of an open receipt. ``line_id`` is made by the till that enters it.
-    ``amount`` = quantity × unit_price in cents, half up (DSFinV-K lines.csv)."""
+class HandoverLine(LineFields):
+    """A line of an open receipt; ``line_id`` is made by the till that enters it."""
 
     line_id: UUID
-    article_nr: Key = Field(description="ARTIKELNUMMER")
-    text: Name = Field(description="ARTIKELTEXT")
-    quantity: Quantity = Field(description="MENGE; negative for a return")
-    unit_price: Cents = Field(description="STK_BR, gross unit price in cents")
-    amount: Cents = Field(description="gross line amount in cents")
-    vat_key: VatKey = Field(description="UST_SCHLUESSEL")
 
-    @model_validator(mode="after")
-    def _amount_matches(self) -> HandoverLine:
-        if self.quantity == 0:
-            raise ValueError(f"line {self.line_id}: quantity must not be 0")
-        expected = line_amount(self.quantity, self.unit_price)
-        if self.amount != expected:
-            raise ValueError(
-                f"line {self.line_id}: amount {self.amount} != quantity {self.quantity} × unit_price "
-                f"{self.unit_price} = {expected}"
-            )
-        return self
+    def _label(self) -> str:
+        return f"line {self.line_id}"
 
 
 class ReceiptOpened(WireModel):

@@ -61,36 +61,25 @@ def closed_receipt(
     closed_at: dt.datetime,
     business_day: dt.date,
 ) -> Receipt:
-    """A paid receipt: lines numbered from 1, VAT breakdown, one payment of the total.
+    """A receipt paid at once: lines numbered from 1, VAT breakdown, one payment of the total.
 
     Raises ``pydantic.ValidationError`` naming the problem for inconsistent input
     (e.g. a naive datetime).
     """
-    receipt_lines = tuple(
-        ReceiptLine(
-            line_no=i,
-            article_nr=line.article_nr,
-            text=line.text,
-            quantity=line.quantity,
-            unit_price=line.unit_price,
-            amount=line_amount(line.quantity, line.unit_price),
-            vat_key=line.vat_key,
-        )
-        for i, line in enumerate(lines, start=1)
-    )
-    total = sum(line.amount for line in receipt_lines)
-    return Receipt(
+    amounts = [line_amount(line.quantity, line.unit_price) for line in lines]
+    return _closed(
         receipt_id=uuid.uuid4(),
         receipt_number=receipt_number,
-        status="closed",
-        business_day=business_day,
+        lines=[
+            {"article_nr": line.article_nr, "text": line.text, "quantity": line.quantity,
+             "unit_price": line.unit_price, "amount": amount, "vat_key": line.vat_key}
+            for line, amount in zip(lines, amounts)
+        ],
+        payments=(Payment(payment_type=payment_type, payment_name=payment_name, amount=sum(amounts)),),
+        cashier=cashier,
         opened_at=opened_at,
         closed_at=closed_at,
-        cashier=cashier,
-        lines=receipt_lines,
-        vat=vat_breakdown((line.vat_key, line.amount) for line in receipt_lines),
-        total=total,
-        payments=(Payment(payment_type=payment_type, payment_name=payment_name, amount=total),),
+        business_day=business_day,
     )
 
 
@@ -110,18 +99,30 @@ def shared_closed_receipt(
 
     Raises ``pydantic.ValidationError`` if the payments do not add up to the lines.
     """
-    receipt_lines = tuple(
-        ReceiptLine(
-            line_no=i,
-            article_nr=line.article_nr,
-            text=line.text,
-            quantity=line.quantity,
-            unit_price=line.unit_price,
-            amount=line.amount,
-            vat_key=line.vat_key,
-        )
-        for i, line in enumerate(lines, start=1)
+    return _closed(
+        receipt_id=receipt_id,
+        receipt_number=receipt_number,
+        lines=[line.model_dump(exclude={"line_id"}) for line in lines],
+        payments=payments,
+        cashier=cashier,
+        opened_at=opened_at,
+        closed_at=closed_at,
+        business_day=business_day,
     )
+
+
+def _closed(
+    *,
+    receipt_id: uuid.UUID,
+    receipt_number: int,
+    lines: list[dict[str, object]],
+    payments: tuple[Payment, ...],
+    cashier: Cashier,
+    opened_at: dt.datetime,
+    closed_at: dt.datetime,
+    business_day: dt.date,
+) -> Receipt:
+    receipt_lines = tuple(ReceiptLine(line_no=i, **line) for i, line in enumerate(lines, start=1))  # type: ignore[arg-type]
     return Receipt(
         receipt_id=receipt_id,
         receipt_number=receipt_number,

@@ -201,8 +201,24 @@ class FeedClient:
             if wanted:
                 await self._ask(wanted)
             receipts_stalled = self._receipts_request is not None and now - self._receipts_asked_at > self._catchup_timeout
-            if self._receipt_gaps and self._receipts_request is None or receipts_stalled or (refresh and self._receipts_request is None):
+            idle = self._receipts_request is None
+            if (self._receipt_gaps and idle) or (refresh and idle) or receipts_stalled:
                 await self._ask_receipts()
+
+    async def _request(self, request: CatchUpRequest | ReceiptCatchUpRequest, routing_key: str) -> None:
+        """Publish a catch-up request as this till (mandatory: an unroutable one is an error)."""
+        assert self._exchange is not None and self._identity is not None
+        await self._exchange.publish(
+            aio_pika.Message(
+                request.model_dump_json().encode(),
+                content_type="application/json",
+                message_id=str(request.request_id),
+                user_id=self._identity.broker_username,
+                type=routing_key.rsplit(".", 1)[-1],
+            ),
+            routing_key=routing_key,
+            mandatory=True,
+        )
 
     async def _ask_receipts(self) -> None:
         """Ask the router for the shared receipts' state (if this till hands them over)."""
@@ -222,17 +238,7 @@ class FeedClient:
         self._receipts_request = request.request_id
         self._receipts_asked_at = time.monotonic()
         self._receipt_gaps.clear()
-        await self._exchange.publish(
-            aio_pika.Message(
-                request.model_dump_json().encode(),
-                content_type="application/json",
-                message_id=str(request.request_id),
-                user_id=identity.broker_username,
-                type="receipt_catchup",
-            ),
-            routing_key=receipt_catchup_routing_key(identity.account_id, identity.till_id),
-            mandatory=True,
-        )
+        await self._request(request, receipt_catchup_routing_key(identity.account_id, identity.till_id))
         log.info("receipt_catchup_requested", receipts=len(request.receipt_ids), verdicts_for=len(request.verdicts_for))
 
     async def _ask(self, categories: tuple[str, ...] | list[str]) -> None:
@@ -250,17 +256,7 @@ class FeedClient:
         for c in categories:
             self._catching_up[c] = CatchUpProgress(request.request_id)
             self._gap_since.pop(c, None)
-        await self._exchange.publish(
-            aio_pika.Message(
-                request.model_dump_json().encode(),
-                content_type="application/json",
-                message_id=str(request.request_id),
-                user_id=identity.broker_username,
-                type="catchup",
-            ),
-            routing_key=catchup_routing_key(identity.account_id, identity.till_id),
-            mandatory=True,
-        )
+        await self._request(request, catchup_routing_key(identity.account_id, identity.till_id))
         log.info("catchup_requested", since=dict(request.since), request_id=str(request.request_id))
 
     def _count(self, outcome: str) -> None:

@@ -78,6 +78,19 @@ async def router_lines(env: Environment, receipt_id: UUID) -> list[UUID]:
     return [r["line_id"] for r in rows]
 
 
+async def archived_closed_receipt(env: Environment, till: Till) -> Receipt:
+    """The closed receipt ``till`` archived last (waits until there is one)."""
+    payload = await wait_until(
+        lambda: fetchval(
+            env,
+            "select payload -> 'record' from archive_records where kind = 'receipt' and till_id = $1 order by till_seq desc limit 1",
+            till.store.identity().till_id,
+        ),
+        what="the closed receipt archived",
+    )
+    return Receipt.model_validate(payload)
+
+
 async def test_two_tills_opening_the_same_table_end_with_one_receipt(services, env: Environment, tmp_path: Path) -> None:
     account = await new_account(env, tmp_path)
     a = await join(env, tmp_path, account, RECEIPTS, "Kasse A")
@@ -195,11 +208,7 @@ async def test_a_receipt_paid_on_another_till_while_offline_is_closed_on_return(
         assert await fetchval(env, "select code from handover_refusals where record_id = $1", late_record) == "receipt_closed"
         # B recorded the closed receipt under its own number; its total is the sum of its lines
         [(_, number, _)] = [r for r in b.store.recorded("receipt")]
-        closed = await wait_until(
-            lambda: fetchval(env, "select payload -> 'record' from archive_records where kind = 'receipt' and till_id = $1", b.store.identity().till_id),
-            what="B's closed receipt archived",
-        )
-        receipt = Receipt.model_validate(closed)
+        receipt = await archived_closed_receipt(env, b)
         assert receipt.receipt_id == receipt_id and receipt.receipt_number == 1 and receipt.status == "closed"
         assert receipt.total == sum(line.amount for line in receipt.lines) == 350
         assert [line.text for line in receipt.lines] == ["Bier 1"]
@@ -238,11 +247,7 @@ async def test_a_stale_payment_is_refused_and_the_total_stays_the_sum_of_the_lin
             view = till.receipt(receipt_id)
             assert view.total == sum(v.line.amount for v in view.lines) == 650
         assert await fetchval(env, "select total from handover_receipts where receipt_id = $1", receipt_id) == 650
-        closed = await wait_until(
-            lambda: fetchval(env, "select payload -> 'record' from archive_records where kind = 'receipt' and till_id = $1", b.store.identity().till_id),
-            what="the closed receipt archived",
-        )
-        receipt = Receipt.model_validate(closed)
+        receipt = await archived_closed_receipt(env, b)
         assert receipt.total == sum(line.amount for line in receipt.lines) == sum(p.amount for p in receipt.payments) == 650
     finally:
         await stop(a, b)
@@ -555,12 +560,7 @@ async def test_paying_while_another_till_adds_lines_never_loses_a_line(services,
             view = till.receipt(receipt_id)
             assert view.total == sum(v.line.amount for v in view.lines)
         assert await fetchval(env, "select total from handover_receipts where receipt_id = $1", receipt_id) == b.receipt(receipt_id).total
-        closed = await wait_until(
-            lambda: fetchval(env, "select payload -> 'record' from archive_records where kind = 'receipt' and till_id = $1",
-                             b.store.identity().till_id),
-            what="the closed receipt archived",
-        )
-        receipt = Receipt.model_validate(closed)
+        receipt = await archived_closed_receipt(env, b)
         assert receipt.receipt_number == closed_number
         assert receipt.total == sum(x.amount for x in receipt.lines) == b.receipt(receipt_id).total
         assert len(receipt.lines) == len(on_receipt)
