@@ -902,6 +902,7 @@ class TillRecordShared(WireModel):
 
     type: Literal["till_record"] = "till_record"
     till_id: UUID
+    till_name: str = ""
     record_id: UUID
     recorded_at: AwareDatetime
     record: Annotated[Union[Receipt, ZReport], Field(discriminator="kind")]

@@ -291,7 +291,7 @@ class FeedClient:
             self._count(f"receipt_{outcome}")
             return outcome == "closed_here"
         elif isinstance(body, ReceiptEventRefused):
-            outcome = self._store.apply_handover_refused(body)
+            outcome = self._store.apply_handover_refused(body, till_id)
             self._count(f"receipt_{outcome}")
             log.info("receipt_event_refused", receipt_id=str(body.receipt_id), code=body.code, reason=body.reason)
             return outcome == "rebooked"

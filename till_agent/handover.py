@@ -99,6 +99,7 @@ create table if not exists receipt_notices (
 create table if not exists shared_records (
     record_id   text primary key,
     till_id     text not null,
+    till_name   text,
     kind        text not null,
     recorded_at text not null,
     body        text not null
@@ -111,7 +112,7 @@ _EVENT_ADAPTER: TypeAdapter[Any] = TypeAdapter(HandoverEvent.model_fields["event
 @dataclass(frozen=True)
 class ViewLine:
     """A line as the till shows it: ``confirmed`` once the router accepted it;
-    ``till_id`` the till that entered it (None: this till, not yet confirmed)."""
+    ``till_id``/``till_name`` the till that entered it."""
 
     line: HandoverLine
     till_id: UUID | None
@@ -140,12 +141,22 @@ class ReceiptView:
     opened_by: UUID | None
     opened_by_name: str | None
     opened_at: dt.datetime | None
+    cashier: Cashier | None
     closed_by: UUID | None
     closed_by_name: str | None
     closed_at: dt.datetime | None
     receipt_number: int | None
     payment_pending: bool
     merged_into: UUID | None
+
+
+@dataclass(frozen=True)
+class SharedRecord:
+    """A receipt state or Z-report another till of the account recorded."""
+
+    till_id: UUID
+    till_name: str
+    record: Receipt | ZReport
 
 
 @dataclass(frozen=True)
@@ -158,6 +169,11 @@ class Notice:
     record_id: UUID | None
     code: str
     message: str
+
+
+def when(moment: dt.datetime | None) -> str:
+    """``2024-03-01 18:00:05 UTC``: a time as messages show it."""
+    return moment.astimezone(dt.UTC).strftime("%Y-%m-%d %H:%M:%S UTC") if moment else "?"
 
 
 def _uuid(text: str | None) -> UUID | None:
@@ -232,6 +248,9 @@ class HandoverStore:
                 customer_nr = event.customer_nr
             elif isinstance(event, ReceiptPaid) and not confirmed:
                 payment_pending = True
+        for moved_in in self._own_moves_into(receipt_id):
+            pending += 1  # the router appends the lines here at the next position
+            lines.update((v.line.line_id, v) for v in moved_in)
         return ReceiptView(
             receipt_id=receipt_id,
             status=row["status"],
@@ -244,6 +263,7 @@ class HandoverStore:
             opened_by=_uuid(row["opened_by"]),
             opened_by_name=row["opened_by_name"],
             opened_at=_time(row["opened_at"]),
+            cashier=Cashier.model_validate_json(row["cashier"]) if row["cashier"] else None,
             closed_by=_uuid(row["closed_by"]),
             closed_by_name=row["closed_by_name"],
             closed_at=_time(row["closed_at"]),
@@ -251,6 +271,41 @@ class HandoverStore:
             payment_pending=payment_pending,
             merged_into=_uuid(row["merged_into"]),
         )
+
+    def _own_moves_into(self, receipt_id: UUID) -> list[list[ViewLine]]:
+        """The lines of this till's moves into ``receipt_id`` still waiting for the router,
+        as the source receipts show them (unconfirmed here)."""
+        moves = []
+        for e in self._db.execute(
+            "select receipt_id, body from handover_events where own and state = 'pending' and type = 'lines_moved' "
+            "and json_extract(body, '$.to_receipt_id') = ?",
+            (str(receipt_id),),
+        ).fetchall():
+            event = _EVENT_ADAPTER.validate_json(e["body"])
+            known = self._line_data(UUID(e["receipt_id"]))
+            moves.append([
+                ViewLine(known[i].line, known[i].till_id, known[i].till_name, False) for i in event.line_ids if i in known
+            ])
+        return moves
+
+    def _line_data(self, receipt_id: UUID) -> dict[UUID, ViewLine]:
+        """Every line ever booked onto or moved into ``receipt_id`` (voided ones too), by id."""
+        found: dict[UUID, ViewLine] = {}
+        for e in self._events(receipt_id):
+            event = _EVENT_ADAPTER.validate_json(e["body"])
+            if isinstance(event, LineAdded):
+                found[event.line.line_id] = ViewLine(event.line, _uuid(e["till_id"]), e["till_name"], False)
+            elif isinstance(event, LinesMovedIn):
+                found.update((m.line.line_id, ViewLine(m.line, m.till_id, m.till_name, False)) for m in event.lines)
+        return found
+
+    def find_shared_receipts(self, id_prefix: str) -> list[ReceiptView]:
+        """The shared receipts whose id (hex digits, no dashes) starts with ``id_prefix``."""
+        rows = self._db.execute(
+            "select * from handover_receipts where replace(receipt_id, '-', '') like ? order by created_at",
+            (id_prefix.lower().replace("-", "") + "%",),
+        ).fetchall()
+        return [self._view(r) for r in rows]
 
     def shared_receipts(self, status: str | None = "open") -> list[ReceiptView]:
         """The shared receipts this till knows (those with ``status``, or all), oldest first."""
@@ -275,13 +330,13 @@ class HandoverStore:
             for r in rows
         ]
 
-    def shared_records(self, kind: str) -> list[tuple[UUID, Receipt | ZReport]]:
-        """``(till_id, record)`` of the receipts (``receipt``) or Z-reports (``zreport``) other tills recorded."""
+    def shared_records(self, kind: str) -> list[SharedRecord]:
+        """The receipts (``receipt``) or Z-reports (``zreport``) other tills recorded, oldest first."""
         rows = self._db.execute(
-            "select till_id, body from shared_records where kind = ? order by recorded_at, record_id", (kind,)
+            "select till_id, till_name, body from shared_records where kind = ? order by recorded_at, record_id", (kind,)
         ).fetchall()
         model = Receipt if kind == "receipt" else ZReport
-        return [(UUID(r["till_id"]), model.model_validate_json(r["body"])) for r in rows]
+        return [SharedRecord(UUID(r["till_id"]), r["till_name"] or "", model.model_validate_json(r["body"])) for r in rows]
 
     def receipts_awaiting_verdicts(self, limit: int = 10_000) -> tuple[list[UUID], list[UUID]]:
         """``(receipt_ids, record_ids)`` for a catch-up: the receipts this till shows open or
@@ -320,7 +375,7 @@ class HandoverStore:
         if view.status == "closed":
             closed_by = "this till" if str(view.closed_by) == self._get("till_id") else f"till {view.closed_by_name}"
             raise TillStoreError(
-                f"receipt {receipt_id} was paid on {closed_by} at {view.closed_at}; a closed receipt cannot change"
+                f"receipt {receipt_id} was paid on {closed_by} at {when(view.closed_at)}; a closed receipt cannot change"
             )
         if view.status == "refused":
             into = f"; its table is on receipt {view.merged_into}" if view.merged_into else ""
@@ -349,11 +404,13 @@ class HandoverStore:
                 self._check_table_free(event.table_nr)
                 self._db.execute(
                     """
-                    insert into handover_receipts (receipt_id, status, table_nr, opened_at, business_day, cashier, created_at)
-                    values (?, 'open', ?, ?, ?, ?, ?)
+                    insert into handover_receipts (receipt_id, status, table_nr, opened_by, opened_by_name, opened_at,
+                                                   business_day, cashier, created_at)
+                    values (?, 'open', ?, ?, ?, ?, ?, ?, ?)
                     """,
-                    (str(receipt_id), event.table_nr, event.opened_at.isoformat(), event.business_day.isoformat(),
-                     event.cashier.model_dump_json(), recorded_at.isoformat()),
+                    (str(receipt_id), event.table_nr, self._get("till_id"), self._get("till_name"),
+                     event.opened_at.isoformat(), event.business_day.isoformat(), event.cashier.model_dump_json(),
+                     recorded_at.isoformat()),
                 )
             else:
                 view = self._open_view(receipt_id)
@@ -386,8 +443,9 @@ class HandoverStore:
     def _enqueue_event(self, receipt_id: UUID, event: TillReceiptEvent, recorded_at: dt.datetime) -> UUID:
         record_id, _ = self._enqueue(ReceiptEvent(receipt_id=receipt_id, event=event), recorded_at)
         self._db.execute(
-            "insert into handover_events (record_id, receipt_id, till_id, type, body, state, own) values (?, ?, ?, ?, ?, 'pending', 1)",
-            (str(record_id), str(receipt_id), self._get("till_id"), event.type, event.model_dump_json()),
+            "insert into handover_events (record_id, receipt_id, till_id, till_name, type, body, state, own) "
+            "values (?, ?, ?, ?, ?, ?, 'pending', 1)",
+            (str(record_id), str(receipt_id), self._get("till_id"), self._get("till_name"), event.type, event.model_dump_json()),
         )
         return record_id
 
@@ -499,10 +557,12 @@ class HandoverStore:
              str(record_id) if record_id else None, code, message),
         )
 
-    def apply_handover_refused(self, refused: ReceiptEventRefused) -> str:
+    def apply_handover_refused(self, refused: ReceiptEventRefused, till_id: UUID | None = None) -> str:
         """Apply the refusal of one of this till's events: the event is marked refused and a
-        notice written; a refused opening of a taken table books this till's lines onto
-        the receipt that holds it. Returns ``refused``, ``rebooked`` or ``old``."""
+        notice written; the events a refused payment did not count (``since``) are applied,
+        so the receipt shows its new total at once; a refused opening of a taken table
+        books this till's lines onto the receipt that holds it. Returns ``refused``,
+        ``rebooked`` or ``old``."""
         row = self._db.execute(
             "select * from handover_events where record_id = ? and receipt_id = ? and own",
             (str(refused.record_id), str(refused.receipt_id)),
@@ -515,6 +575,9 @@ class HandoverStore:
         )
         if refused.event_type == "opened" and refused.code in ("table_taken", "receipt_exists") and refused.existing_receipt_id:
             return self._rebook(refused)
+        for event in refused.since:
+            if event.receipt_id == refused.receipt_id:
+                self.apply_handover_event(event, till_id)
         what = {
             "line_added": "line",
             "line_voided": "void",
@@ -532,7 +595,9 @@ class HandoverStore:
 
     def _rebook(self, refused: ReceiptEventRefused) -> str:
         """This till opened a table another till had opened first: book the lines it
-        entered meanwhile onto that receipt, so the table keeps one receipt."""
+        entered meanwhile (and its voids of them) onto that receipt, so the table keeps
+        one receipt. Its other events on the refused receipt (a payment, a move) are not
+        repeated: the notice names them."""
         target = refused.existing_receipt_id
         assert target is not None
         self._db.execute(
@@ -541,8 +606,8 @@ class HandoverStore:
         )
         pending = self._db.execute(
             """
-            select e.record_id, e.body from handover_events e join outbox o on o.record_id = e.record_id
-            where e.receipt_id = ? and e.own and e.state = 'pending' and e.type = 'line_added' order by o.till_seq
+            select e.record_id, e.type, e.body from handover_events e join outbox o on o.record_id = e.record_id
+            where e.receipt_id = ? and e.own and e.state = 'pending' order by o.till_seq
             """,
             (str(refused.receipt_id),),
         ).fetchall()
@@ -552,17 +617,31 @@ class HandoverStore:
                 (str(target), dt.datetime.now(dt.UTC).isoformat()),
             )
         now = dt.datetime.now(dt.UTC)
+        booked: set[UUID] = set()
+        dropped: list[str] = []
         for e in pending:
             event = _EVENT_ADAPTER.validate_json(e["body"])
+            if isinstance(event, LineAdded):
+                booked.add(event.line.line_id)
+            elif not (isinstance(event, LineVoided) and event.line_id in booked):
+                dropped.append({"paid": "a payment", "lines_moved": "a move of lines", "table_set": "a table change",
+                                "customer_set": "a customer"}.get(event.type, event.type))
+                self._db.execute(
+                    "update handover_events set state = 'refused', reason = ? where record_id = ? and receipt_id = ?",
+                    (f"receipt {refused.receipt_id} was not opened", e["record_id"], str(refused.receipt_id)),
+                )
+                continue
             self._db.execute(
                 "update handover_events set state = 'rebooked', reason = ? where record_id = ? and receipt_id = ?",
                 (f"booked onto receipt {target}", e["record_id"], str(refused.receipt_id)),
             )
-            self._enqueue_event(target, LineAdded(line=event.line), now)
+            self._enqueue_event(target, event, now)
+        lines = sum(1 for e in pending if e["type"] == "line_added")
         self._notice(
             refused.receipt_id, refused.record_id, refused.code,
             f"{refused.reason}. This till's receipt {refused.receipt_id} was not opened"
-            + (f"; its {len(pending)} line(s) were booked onto receipt {target}" if pending else ""),
+            + (f"; its {lines} line(s) were booked onto receipt {target}" if lines else "")
+            + (f"; not repeated there: {', '.join(dropped)} (do it again on receipt {target})" if dropped else ""),
         )
         return "rebooked"
 
@@ -580,9 +659,9 @@ class HandoverStore:
         if till_id is not None and shared.till_id == till_id:
             return "own"
         cursor = self._db.execute(
-            "insert into shared_records (record_id, till_id, kind, recorded_at, body) values (?, ?, ?, ?, ?) "
+            "insert into shared_records (record_id, till_id, till_name, kind, recorded_at, body) values (?, ?, ?, ?, ?, ?) "
             "on conflict (record_id) do nothing",
-            (str(shared.record_id), str(shared.till_id), shared.record.kind, shared.recorded_at.isoformat(),
+            (str(shared.record_id), str(shared.till_id), shared.till_name, shared.record.kind, shared.recorded_at.isoformat(),
              shared.record.model_dump_json()),
         )
         return "shared_record" if cursor.rowcount else "old"

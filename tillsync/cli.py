@@ -17,6 +17,7 @@ import sys
 from decimal import Decimal, InvalidOperation
 from pathlib import Path
 from typing import Any, Callable, Optional, TypeVar
+from uuid import UUID
 
 import aio_pika
 import asyncpg
@@ -32,14 +33,26 @@ from shared.broker_admin import BrokerAdmin, BrokerAdminError
 from shared.consumer import validation_summary
 from shared.fiscal import PaymentType, VatKey
 from shared.logging import configure_logging
-from shared.models import ENTITY_ADAPTER, ENTITY_KINDS, MAX_CENTS, MAX_QUANTITY, Article, Cashier, CustomSyncFlags, SyncMode
+from shared.models import (
+    ENTITY_ADAPTER,
+    ENTITY_KINDS,
+    MAX_CENTS,
+    MAX_QUANTITY,
+    Article,
+    Cashier,
+    CustomSyncFlags,
+    Receipt,
+    SyncMode,
+    ZReport,
+)
 from shared.settings import BrokerSettings, ServiceSettings
-from shared.topology import TOPOLOGY, dead_letter_queue_name, definitions
+from shared.topology import TOPOLOGY, dead_letter_queue_name, definitions, download_categories
 from tillsync.bakery import BakeryFormatError, read_export
 from tillsync.demo import DemoError, DemoSettings, run_demo, summary_table
 from tillsync.processes import SERVICES, ServiceStartError
 from tillsync.setup import SetupError, SetupSettings, setup
 from till_agent.booking import SaleLine
+from till_agent.handover import ReceiptView, new_line
 from till_agent.store import TillStore, TillStoreError
 from till_agent.till import AccountError, CloudUnreachable, Till, TillSettings
 
@@ -137,7 +150,7 @@ def setup_command() -> None:
 
 @app.command("service")
 def service_command(
-    name: str = typer.Argument(..., help="account-service, archive-writer or masterdata-broadcaster"),
+    name: str = typer.Argument(..., help=f"one of: {', '.join(SERVICES)}"),
 ) -> None:
     """Run one service in the foreground until SIGINT/SIGTERM."""
     if name not in SERVICES:
@@ -276,6 +289,78 @@ def masterdata_conflicts(
         out.print(table)
 
     asyncio.run(body())
+
+
+@ops_app.command("receipt-refusals")
+@_friendly
+def receipt_refusals(
+    account_name: Optional[str] = typer.Argument(None, help="only this account (default: all)"),
+    limit: int = typer.Option(20, help="show the newest N refusals"),
+) -> None:
+    """Show the events of shared receipts the receipt handover router refused, newest first,
+    and any receipt number used twice by one till.
+
+    The records themselves are in the archive; each till lists its own as notices
+    (`tillsync till notices`)."""
+    settings = ServiceSettings()
+
+    async def body() -> None:
+        conn = await asyncpg.connect(settings.database_url)
+        try:
+            rows = await conn.fetch(
+                """
+                select r.refused_at, a.account_name, r.till_id, t.till_name, t.serial_number, r.receipt_id, r.event_type,
+                       r.code, r.reason, count(*) over () as total
+                from handover_refusals r
+                join accounts a using (account_id)
+                left join tills t using (till_id)
+                where $1::text is null or a.account_name = lower($1::text)
+                order by r.refused_at desc limit $2
+                """,
+                account_name, limit,
+            )
+            collisions = await conn.fetch(
+                """
+                select c.detected_at, a.account_name, c.till_id, t.till_name, t.serial_number, c.receipt_number,
+                       c.receipt_id, c.other_receipt_id
+                from receipt_number_collisions c
+                join accounts a using (account_id)
+                left join tills t using (till_id)
+                where $1::text is null or a.account_name = lower($1::text)
+                order by c.detected_at desc
+                """,
+                account_name,
+            )
+        finally:
+            await conn.close()
+        if not rows:
+            out.print("no refused receipt events" + (f" for {account_name}" if account_name else ""))
+        else:
+            table = Table(title=f"refused receipt events: {rows[0]['total']} (newest {len(rows)})")
+            for column in ("when (UTC)", "account", "till", "receipt", "event", "code", "reason"):
+                table.add_column(column)
+            for r in rows:
+                table.add_row(
+                    r["refused_at"].strftime("%Y-%m-%d %H:%M:%S"), r["account_name"], _till_label(r),
+                    str(r["receipt_id"]), r["event_type"], r["code"], r["reason"],
+                )
+            out.print(table)
+        if collisions:
+            table = Table(title=f"receipt numbers used twice by one till: {len(collisions)}")
+            for column in ("when (UTC)", "account", "till", "receipt number", "receipt", "number first taken by"):
+                table.add_column(column)
+            for c in collisions:
+                table.add_row(
+                    c["detected_at"].strftime("%Y-%m-%d %H:%M:%S"), c["account_name"], _till_label(c),
+                    str(c["receipt_number"]), str(c["receipt_id"]), str(c["other_receipt_id"]),
+                )
+            out.print(table)
+
+    asyncio.run(body())
+
+
+def _till_label(row: Any) -> str:
+    return f"{row['till_name']} ({row['serial_number']})" if row["till_name"] else f"till {row['till_id']}"
 
 
 def _x_death_reason(headers: dict[str, Any]) -> str:
@@ -504,9 +589,10 @@ def till_sync(
     timeout: float = typer.Option(120.0, help="give up after this many seconds"),
     data_dir: Optional[Path] = DataDir,
 ) -> None:
-    """Sync now: catch up on the other tills' master data and upload the outbox.
+    """Sync now: catch up on the other tills' master data and shared receipts, upload the outbox.
 
-    Shows progress bars; exits 1 if the till is not caught up or records remain."""
+    Shows progress bars; exits 1 if the till is not caught up, records remain or events
+    of shared receipts still wait for the router's verdict."""
     till = _open_till(data_dir)
     identity = till.store.identity()
     pending, _ = till.store.outbox_counts()
@@ -516,6 +602,18 @@ def till_sync(
     if not enabled:
         raise RuntimeError(f"the sync switch is off; {pending} records wait. Turn it on: `tillsync till mode {mode} --sync`")
     categories = till.store.participating_categories()
+    receipts = till.store.hands_over_receipts()
+    notices_before = len(till.notices())
+
+    def receipts_done() -> bool:
+        """Every own receipt event has its verdict, and the receipt catch-up this
+        connection asks for has been answered (so events of other tills are in)."""
+        feed = till.relay.feed.status()
+        return not receipts or (
+            till.store.pending_receipt_events() == 0
+            and not feed.receipts_catching_up
+            and feed.outcomes.get("receipts_caught_up", 0) > 0
+        )
 
     def done() -> bool:
         status = till.status()
@@ -526,6 +624,7 @@ def till_sync(
             and not feed.catching_up
             and all(till.store.caught_up(c) for c in categories)
             and not till.store.awaiting_verdicts(1)
+            and receipts_done()
         )
 
     async def body() -> Any:
@@ -534,6 +633,7 @@ def till_sync(
         with Progress(*columns, console=out) as progress:
             upload = progress.add_task("Uploading", total=max(pending, 1), info="")
             download = progress.add_task("Master data", total=None, info="", visible=bool(categories))
+            shared = progress.add_task("Shared receipts", total=None, info="", visible=receipts)
             deadline = asyncio.get_running_loop().time() + timeout
             while True:
                 await asyncio.sleep(0.1)
@@ -550,6 +650,13 @@ def till_sync(
                     download, total=total or None, completed=received,
                     info=f"catching up on {', '.join(feed.catching_up)}" if feed.catching_up else "up to date",
                 )
+                if receipts:
+                    waiting = till.store.pending_receipt_events()
+                    progress.update(
+                        shared,
+                        info=f"{waiting} events of this till wait for the router" if waiting
+                        else "up to date" if receipts_done() else "asking the router for the open receipts",
+                    )
                 hopeless = last.state == "offline" and "credentials refused" in last.detail
                 finished = done()
                 if finished or hopeless or asyncio.get_running_loop().time() > deadline:
@@ -560,10 +667,11 @@ def till_sync(
     last, finished = asyncio.run(body())
     if not finished:
         hint = "; sign in again" if "credentials refused" in last.detail else ""
+        uploaded = not last.pending - last.held
         problems = []
-        if last.state != "idle" and not last.pending - last.held:
+        if last.state != "idle" and uploaded:
             problems.append(f"not connected ({last.state}: {last.detail}){hint}")
-        if last.pending - last.held:
+        if not uploaded:
             problems.append(f"{last.pending - last.held} records not uploaded ({last.state}{': ' + last.detail if last.detail else ''}){hint}")
         behind = [c for c in categories if not till.store.caught_up(c) or c in till.relay.feed.status().catching_up]
         if behind:
@@ -571,14 +679,25 @@ def till_sync(
         waiting = len(till.store.awaiting_verdicts())
         if waiting:
             problems.append(f"{waiting} master-data changes of this till await the cloud's verdict")
-        if (behind or waiting) and not last.pending - last.held:
+        if (behind or waiting) and uploaded:
             problems.append("is the master-data broadcaster running? (run `tillsync till sync` again later)")
+        if receipts and not receipts_done():
+            events = till.store.pending_receipt_events()
+            running = "; is it running? (run `tillsync till sync` again later)" if uploaded and last.state == "idle" else ""
+            if events:
+                problems.append(f"{events} receipt events await the receipt handover router{running}")
+            else:
+                problems.append(f"the receipt handover router did not answer with the open receipts{running}")
         raise RuntimeError("not in sync: " + "; ".join(problems))
     differences = len(till.differences())
+    notices = len(till.notices())
+    new_notices = notices - notices_before
     out.print(
         f"in sync: all records uploaded{f' ({last.held} held by the upload switches)' if last.held else ''}"
         + (f"; master data up to date ({', '.join(categories)})" if categories else "")
+        + (f"; shared receipts up to date ({len(till.open_receipts())} open)" if receipts else "")
         + (f"; {differences} master-data differences to decide: `tillsync till differences`" if differences else "")
+        + (f"; {notices} notices{f' ({new_notices} new)' if new_notices else ''}: `tillsync till notices`" if notices else "")
     )
 
 
@@ -588,7 +707,7 @@ def till_upload(
     timeout: float = typer.Option(120.0, help="give up after this many seconds"),
     data_dir: Optional[Path] = DataDir,
 ) -> None:
-    """Same as `till sync`: upload the outbox (and catch up on master data)."""
+    """Same as `till sync`: upload the outbox (and catch up on master data and shared receipts)."""
     till_sync(timeout=timeout, data_dir=data_dir)
 
 
@@ -741,10 +860,404 @@ def till_status(data_dir: Optional[Path] = DataDir) -> None:
             f"{c} at feed {till.store.feed_position(c)}{'' if till.store.caught_up(c) else ' (not caught up)'}"
             for c in till.store.participating_categories()) or "none (mode does not receive master data)"),
         ("differences", f"{len(till.differences())} to decide" if till.differences() else "none"),
+        ("shared receipts", _shared_receipts_summary(till, mode)),
     ):
         table.add_row(key, value)
     out.print(table)
 
+
+
+# ---------------------------------------------------------------------------
+# shared receipts (receipt handover)
+
+RECEIPT_HELP = "the receipt: its id, its first 8 or more hex digits, or table:N (the open receipt of table N)"
+LINE_HELP = "a line: its id or its first 8 or more hex digits (`tillsync till receipt` lists them)"
+_ID_DIGITS = re.compile(r"[0-9a-f]{8,32}")
+
+
+def _short_id(value: UUID | None) -> str:
+    return str(value)[:8] if value else "-"
+
+
+def _eur(cents: int) -> str:
+    return f"{cents / 100:.2f}"
+
+
+def _utc(value: dt.datetime | None) -> str:
+    return value.astimezone(dt.UTC).strftime("%Y-%m-%d %H:%M:%S") if value else "-"
+
+
+def _quantity(value: Decimal) -> str:
+    return format(value.normalize(), "f")
+
+
+def _id_digits(ref: str, what: str) -> str:
+    """The hex digits of an id or id prefix the user typed; ``ValueError`` if it is none."""
+    digits = ref.strip().lower().replace("-", "")
+    if not _ID_DIGITS.fullmatch(digits):
+        raise ValueError(f"{ref!r} is no {what}: give the id or at least its first 8 hex digits")
+    return digits
+
+
+def _named(view: ReceiptView) -> str:
+    """``3f2a1b4c (table 5)``: a receipt as the commands name it."""
+    return _short_id(view.receipt_id) + (f" (table {view.table_nr})" if view.table_nr else "")
+
+
+def _resolve_receipt(till: Till, ref: str, last_closed: bool = False) -> ReceiptView:
+    """The shared receipt ``ref`` names on this till (see ``RECEIPT_HELP``).
+
+    ``table:N`` is the table's open receipt; with ``last_closed`` the table's last closed
+    receipt if none is open. Raises ``ValueError`` if no receipt or several match."""
+    ref = ref.strip()
+    if not till.store.hands_over_receipts():
+        _, mode, _ = till.store.sync_settings()
+        hint = f"; this till's mode ({mode}) does not hand over receipts"
+    else:
+        hint = ""
+    if ref.lower().startswith("table:"):
+        table_nr = ref[len("table:"):].strip()
+        if not table_nr:
+            raise ValueError("give the table after table:, e.g. table:5")
+        matches = [v for v in till.open_receipts() if v.table_nr == table_nr]
+        if not matches and last_closed:
+            closed = [v for v in till.store.shared_receipts("closed") if v.table_nr == table_nr]
+            matches = sorted(closed, key=lambda v: v.closed_at or dt.datetime.min.replace(tzinfo=dt.UTC))[-1:]
+        if not matches:
+            raise ValueError(f"this till knows no open receipt for table {table_nr} (`tillsync till receipts` lists them){hint}")
+        if len(matches) > 1:
+            raise ValueError(
+                f"table {table_nr} has {len(matches)} open receipts on this till "
+                f"({', '.join(_short_id(v.receipt_id) for v in matches)}) until the router's verdict on the "
+                "later opening arrives (`tillsync till sync`); give the receipt id"
+            )
+        return matches[0]
+    digits = _id_digits(ref, "receipt id")
+    if len(digits) == 32:
+        return till.receipt(UUID(digits))
+    matches = till.store.find_shared_receipts(digits)
+    if not matches:
+        raise ValueError(f"this till knows no shared receipt {ref} (`tillsync till receipts --all` lists them){hint}")
+    if len(matches) > 1:
+        raise ValueError(
+            f"{ref} matches {len(matches)} receipts ({', '.join(str(v.receipt_id) for v in matches)}); give more digits"
+        )
+    return matches[0]
+
+
+def _resolve_lines(view: ReceiptView, refs: list[str]) -> list[UUID]:
+    """The line ids ``refs`` name among the lines ``view`` shows; ``ValueError`` otherwise."""
+    line_ids = []
+    for ref in refs:
+        digits = _id_digits(ref, "line id")
+        matches = [v.line.line_id for v in view.lines if v.line.line_id.hex.startswith(digits)]
+        if not matches:
+            raise ValueError(
+                f"no line {ref} on receipt {_named(view)} (`tillsync till receipt {_short_id(view.receipt_id)}` lists them)"
+            )
+        if len(matches) > 1:
+            raise ValueError(f"{ref} matches {len(matches)} lines of receipt {_named(view)}; give more digits")
+        line_ids.append(matches[0])
+    return line_ids
+
+
+def _cashier(cashier_id: str) -> Cashier:
+    return Cashier(cashier_id=cashier_id, name=f"Bediener {cashier_id}")
+
+
+def _open_shared_receipt(data_dir: Path | None, table: str | None, cashier: str) -> None:
+    till = _open_till(data_dir)
+    receipt_id = till.open_receipt(cashier=_cashier(cashier), at=dt.datetime.now(dt.UTC), table_nr=table)
+    out.print(
+        f"receipt {receipt_id} opened" + (f" for table {table}" if table else "")
+        + " (recorded here; `tillsync till sync` shares it)"
+    )
+
+
+@till_app.command("open-table")
+@_friendly
+def till_open_table(
+    table: str = typer.Argument(..., help="the table number (a customer marked as table)"),
+    cashier: str = typer.Option("1", help="cashier id"),
+    data_dir: Optional[Path] = DataDir,
+) -> None:
+    """Open a shared receipt for a table (works offline); prints its id.
+
+    Needs mode archive_masterdata_receipts (or custom with download_receipts and
+    upload_receipts). If another till opened the table first, the router refuses this
+    opening and the lines booked meanwhile go onto that till's receipt (a notice says so)."""
+    _open_shared_receipt(data_dir, table, cashier)
+
+
+@till_app.command("open-receipt")
+@_friendly
+def till_open_receipt(
+    table: Optional[str] = typer.Option(None, help="the table number; without it the receipt has no table"),
+    cashier: str = typer.Option("1", help="cashier id"),
+    data_dir: Optional[Path] = DataDir,
+) -> None:
+    """Open a shared receipt, for no table unless --table is given (works offline); prints its id."""
+    _open_shared_receipt(data_dir, table, cashier)
+
+
+@till_app.command("add")
+@_friendly
+def till_add(
+    receipt: str = typer.Argument(..., help=RECEIPT_HELP),
+    items: list[str] = typer.Argument(..., help="ARTICLE_NR:QUANTITY[:PRICE_CENTS] ... (negative quantity = return)"),
+    data_dir: Optional[Path] = DataDir,
+) -> None:
+    """Book lines onto an open shared receipt (works offline); prints the new line ids."""
+    till = _open_till(data_dir)
+    view = _resolve_receipt(till, receipt)
+    articles = {a["article_nr"]: a for a in till.store.masterdata("article")}
+    lines = [_sale_line(item, articles) for item in items]
+    # every line is checked before the first is recorded
+    amounts = [new_line(s.article_nr, s.text, s.quantity, s.unit_price, s.vat_key).amount for s in lines]
+    at = dt.datetime.now(dt.UTC)
+    with till.store.batch():
+        line_ids = [till.add_line(view.receipt_id, line, at) for line in lines]
+    for line, line_id, amount in zip(lines, line_ids, amounts):
+        out.print(f"line {_short_id(line_id)}: {_quantity(line.quantity)} × {line.text} à {_eur(line.unit_price)} = {_eur(amount)} EUR")
+    out.print(
+        f"receipt {_named(view)}: total {_eur(till.receipt(view.receipt_id).total)} EUR on this till "
+        "(recorded here; `tillsync till sync` shares it)"
+    )
+
+
+@till_app.command("void")
+@_friendly
+def till_void(
+    receipt: str = typer.Argument(..., help=RECEIPT_HELP),
+    line: str = typer.Argument(..., help=LINE_HELP),
+    data_dir: Optional[Path] = DataDir,
+) -> None:
+    """Take a line off an open shared receipt again (works offline)."""
+    till = _open_till(data_dir)
+    view = _resolve_receipt(till, receipt)
+    [line_id] = _resolve_lines(view, [line])
+    till.void_line(view.receipt_id, line_id, dt.datetime.now(dt.UTC))
+    out.print(
+        f"line {_short_id(line_id)} voided on receipt {_named(view)}: total "
+        f"{_eur(till.receipt(view.receipt_id).total)} EUR on this till (recorded here; `tillsync till sync` shares it)"
+    )
+
+
+@till_app.command("move-table")
+@_friendly
+def till_move_table(
+    receipt: str = typer.Argument(..., help=RECEIPT_HELP),
+    table: Optional[str] = typer.Argument(None, help="the new table number"),
+    no_table: bool = typer.Option(False, "--no-table", help="take the receipt off its table"),
+    data_dir: Optional[Path] = DataDir,
+) -> None:
+    """Move an open shared receipt to another table, or off its table (works offline)."""
+    if table is not None and no_table:
+        raise ValueError("give either the new TABLE or --no-table, not both")
+    if table is None and not no_table:
+        raise ValueError("give the new TABLE, or --no-table to take the receipt off its table")
+    till = _open_till(data_dir)
+    view = _resolve_receipt(till, receipt)
+    till.move_to_table(view.receipt_id, table, dt.datetime.now(dt.UTC))
+    where = f"to table {table}" if table else "off its table"
+    out.print(f"receipt {_named(view)} moved {where} (recorded here; `tillsync till sync` shares it)")
+
+
+@till_app.command("split")
+@_friendly
+def till_split(
+    receipt: str = typer.Argument(..., help=RECEIPT_HELP),
+    to_receipt: str = typer.Argument(..., help="the receipt the lines move to (like RECEIPT), or new: a new receipt without table"),
+    lines: list[str] = typer.Argument(..., help="the lines to move: " + LINE_HELP),
+    cashier: str = typer.Option("1", help="cashier id of a new receipt"),
+    data_dir: Optional[Path] = DataDir,
+) -> None:
+    """Split: move lines of an open shared receipt to another open one (works offline)."""
+    till = _open_till(data_dir)
+    view = _resolve_receipt(till, receipt)
+    line_ids = _resolve_lines(view, lines)
+    at = dt.datetime.now(dt.UTC)
+    with till.store.batch():  # a new receipt is opened only if the move is recorded too
+        if to_receipt.strip().lower() == "new":
+            target_id = till.open_receipt(cashier=_cashier(cashier), at=at)
+        else:
+            target_id = _resolve_receipt(till, to_receipt).receipt_id
+        till.move_lines(view.receipt_id, line_ids, target_id, at)
+    moved = sum(v.line.amount for v in view.lines if v.line.line_id in line_ids)
+    target = till.receipt(target_id)
+    out.print(
+        f"{len(line_ids)} line(s) ({_eur(moved)} EUR) moved from receipt {_named(view)} to receipt {target_id}"
+        + (f" (table {target.table_nr})" if target.table_nr else "")
+        + f"; total now {_eur(till.receipt(view.receipt_id).total)} EUR on this till. The lines show on the other "
+        "receipt once the router has accepted the move (`tillsync till sync`)"
+    )
+
+
+@till_app.command("pay")
+@_friendly
+def till_pay(
+    receipt: str = typer.Argument(..., help=RECEIPT_HELP),
+    card: bool = typer.Option(False, "--card", help="paid by debit card instead of cash"),
+    data_dir: Optional[Path] = DataDir,
+) -> None:
+    """Pay a whole shared receipt as this till shows it (works offline).
+
+    The router accepts the payment only if no other till changed the receipt since; then
+    this till records the closed receipt under its next receipt number. A stale payment
+    is refused with a notice, and the receipt shows its new total: pay it again."""
+    till = _open_till(data_dir)
+    view = _resolve_receipt(till, receipt)
+    payment = PaymentType.DEBIT_CARD if card else PaymentType.CASH
+    paid = till.pay_receipt(view.receipt_id, payment, "EC-Karte" if card else "Bar", dt.datetime.now(dt.UTC))
+    out.print(
+        f"receipt {_named(view)}: {_eur(paid.total)} EUR paid ({payment.value}) on this till; the receipt closes and "
+        "gets this till's next receipt number once the router accepts the payment (`tillsync till sync`)"
+    )
+
+
+def _opened_by(view: ReceiptView) -> str:
+    return view.opened_by_name or (str(view.opened_by) if view.opened_by else "(not confirmed yet)")
+
+
+def _receipt_status(view: ReceiptView) -> str:
+    if view.status == "closed":
+        return f"closed: paid on {view.closed_by_name or view.closed_by} at {_utc(view.closed_at)} (UTC)"
+    if view.status == "refused":
+        into = f"; its table is on receipt {view.merged_into}" if view.merged_into else ""
+        return f"not opened: another till had opened its table first{into}"
+    if view.payment_pending:
+        return "open; this till's payment waits for the router's answer"
+    return "open"
+
+
+@till_app.command("receipts")
+@_friendly
+def till_receipts(
+    all_: bool = typer.Option(False, "--all", help="also closed receipts and refused openings"),
+    data_dir: Optional[Path] = DataDir,
+) -> None:
+    """List the open shared receipts this till knows (as of its last sync)."""
+    till = _open_till(data_dir)
+    views = till.store.shared_receipts(None if all_ else "open")
+    if not views:
+        _, mode, _ = till.store.sync_settings()
+        why = "" if till.store.hands_over_receipts() else f" (this till's mode {mode} does not hand over receipts)"
+        out.print(f"no {'' if all_ else 'open '}shared receipts{why}")
+        return
+    table = Table(title=f"{len(views)} {'' if all_ else 'open '}shared receipts")
+    columns = ["receipt", "table", "lines", "total EUR", "waiting events", "opened by"] + (["status"] if all_ else [])
+    for column in columns:
+        table.add_column(column, justify="right" if column in ("lines", "total EUR", "waiting events") else "left")
+    for v in views:
+        status = [v.status + (", paying" if v.payment_pending else "")] if all_ else []
+        table.add_row(
+            _short_id(v.receipt_id), v.table_nr or "-", str(len(v.lines)), _eur(v.total), str(v.pending), _opened_by(v), *status
+        )
+    out.print(table)
+
+
+@till_app.command("receipt")
+@_friendly
+def till_receipt(
+    receipt: str = typer.Argument(..., help=RECEIPT_HELP + "; for a table without open receipt its last closed one"),
+    data_dir: Optional[Path] = DataDir,
+) -> None:
+    """Show one shared receipt: its lines (which till entered each, confirmed or waiting), status and total."""
+    till = _open_till(data_dir)
+    view = _resolve_receipt(till, receipt, last_closed=True)
+    identity = till.store.identity()
+    out.print(f"receipt {view.receipt_id}")
+    out.print(f"table: {view.table_nr or '-'}" + (f", customer {view.customer_nr}" if view.customer_nr else ""))
+    opened_on = f"on {view.opened_by_name or view.opened_by} " if view.opened_by else ""
+    confirmed = "" if view.position else " (the opening is not confirmed by the router yet)"
+    by = f" by {view.cashier.name} ({view.cashier.cashier_id})" if view.cashier else ""
+    out.print(f"opened: {opened_on}at {_utc(view.opened_at)} (UTC){by}{confirmed}")
+    out.print(f"status: {_receipt_status(view)}")
+    table = Table(title=f"{len(view.lines)} lines")
+    for column in ("line", "article", "text", "qty", "price EUR", "amount EUR", "entered on", "state"):
+        table.add_column(column, justify="right" if column in ("qty", "price EUR", "amount EUR") else "left")
+    for v in view.lines:
+        table.add_row(
+            _short_id(v.line.line_id), v.line.article_nr, v.line.text, _quantity(v.line.quantity),
+            _eur(v.line.unit_price), _eur(v.line.amount),
+            v.till_name or (identity.till_name if v.till_id in (None, identity.till_id) else str(v.till_id)),
+            "confirmed" if v.confirmed else "waiting",
+        )
+    out.print(table)
+    out.print(f"total: {_eur(view.total)} EUR")
+    if view.pending:
+        out.print(f"{view.pending} event(s) of this till wait for the router (`tillsync till sync`)")
+    if view.receipt_number is not None:
+        out.print(f"receipt number: {view.receipt_number} (this till's)")
+
+
+@till_app.command("notices")
+@_friendly
+def till_notices(data_dir: Optional[Path] = DataDir) -> None:
+    """List what the router refused of this till's receipt events, and what the till did about it."""
+    till = _open_till(data_dir)
+    notices = till.notices()
+    if not notices:
+        out.print("no notices: the router refused none of this till's receipt events")
+        return
+    table = Table(title=f"{len(notices)} notices")
+    for column in ("#", "when (UTC)", "receipt", "code", "message"):
+        table.add_column(column)
+    for n in notices:
+        table.add_row(str(n.notice_id), _utc(n.at), _short_id(n.receipt_id), n.code, n.message)
+    out.print(table)
+
+
+@till_app.command("others")
+@_friendly
+def till_others(
+    kind: Optional[str] = typer.Option(None, "--kind", help="zreport or receipt (default: both)"),
+    data_dir: Optional[Path] = DataDir,
+) -> None:
+    """List the Z-reports and receipts other tills of the account recorded, as received by this till."""
+    if kind not in (None, "zreport", "receipt"):
+        raise ValueError("--kind must be 'zreport' or 'receipt'")
+    till = _open_till(data_dir)
+    _, mode, custom = till.store.sync_settings()
+    received = download_categories(SyncMode(mode), CustomSyncFlags.model_validate_json(custom) if custom else None)
+
+    for shown in ("zreport", "receipt") if kind is None else (kind,):
+        what = "Z-reports" if shown == "zreport" else "receipts"
+        records = till.store.shared_records(shown)
+        if not records:
+            why = "" if ("zreports" if shown == "zreport" else "receipts") in received else f" (this till's mode {mode} does not receive them)"
+            out.print(f"no {what} of other tills{why}")
+            continue
+        table = Table(title=f"{len(records)} {what} of other tills")
+        if shown == "zreport":
+            for column in ("till", "Z nr", "business day", "receipts", "total EUR"):
+                table.add_column(column, justify="right" if column in ("receipts", "total EUR") else "left")
+            for record in records:
+                z = record.record
+                assert isinstance(z, ZReport)
+                table.add_row(record.till_name, str(z.z_nr), z.business_day.isoformat(), str(z.receipt_count), _eur(z.total))
+        else:
+            for column in ("till", "receipt number", "receipt", "status", "closed (UTC)", "lines", "total EUR", "paid"):
+                table.add_column(column, justify="right" if column in ("lines", "total EUR") else "left")
+            for record in records:
+                r = record.record
+                assert isinstance(r, Receipt)
+                table.add_row(
+                    record.till_name, str(r.receipt_number or "-"), _short_id(r.receipt_id), r.status, _utc(r.closed_at),
+                    str(len(r.lines)), _eur(r.total), ", ".join(p.payment_name for p in r.payments) or "-",
+                )
+        out.print(table)
+
+
+def _shared_receipts_summary(till: Till, mode: str) -> str:
+    """The `till status` line of the shared receipts."""
+    if not till.store.hands_over_receipts():
+        return f"not handed over (mode {mode})"
+    notices = len(till.notices())
+    return (
+        f"{len(till.open_receipts())} open, {till.store.pending_receipt_events()} events waiting for the router, "
+        f"{notices} notices" + (" (`tillsync till notices`)" if notices else "")
+    )
 
 if __name__ == "__main__":
     app()

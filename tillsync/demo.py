@@ -76,6 +76,9 @@ class DemoReport:
     zreports_archived: int
     masterdata_expected: int
     masterdata_archived: int
+    receipt_events_archived: int
+    records_expected: int
+    records_archived: int
     missing: int
     duplicates: int
     unexpected: int
@@ -484,6 +487,9 @@ async def _verify(
         zreports_archived=len(z_keys),
         masterdata_expected=sum(1 for k in expected_ids.values() if k == "masterdata"),
         masterdata_archived=sum(1 for r in rows if r["kind"] == "masterdata"),
+        receipt_events_archived=sum(1 for r in rows if r["kind"] == "receipt_event"),
+        records_expected=len(expected_ids),
+        records_archived=len(rows),
         missing=len(set(expected_ids) - archived_ids),
         duplicates=(len(receipts) - len(receipt_keys)) + (len(zreports) - len(z_keys)),
         unexpected=len(archived_ids - set(expected_ids)),

@@ -106,6 +106,11 @@ def event_from_row(row: asyncpg.Record | dict[str, Any]) -> HandoverEvent:
     )
 
 
+def when(moment: dt.datetime) -> str:
+    """``2024-03-01 18:00:05 UTC``: a time as refusals show it."""
+    return moment.astimezone(dt.UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
+
+
 def _cents(amount: int) -> str:
     return f"{amount / 100:.2f} EUR"
 
@@ -156,13 +161,13 @@ async def route_receipts(deliveries: list[Delivery[Upload]], conn: asyncpg.Conne
         elif isinstance(u.record, ReceiptEvent):
             await _route_event(d, u.record, till, conn)
         else:
-            await _share_record(d, u.record, conn)
+            await _share_record(d, u.record, till, conn)
 
 
 # -- closed receipts and Z-reports ------------------------------------------------
 
 
-async def _share_record(d: Delivery[Upload], record: Receipt | ZReport | Any, conn: asyncpg.Connection) -> None:
+async def _share_record(d: Delivery[Upload], record: Receipt | ZReport | Any, till: _Till, conn: asyncpg.Connection) -> None:
     u = d.body
     if not isinstance(record, (Receipt, ZReport)):
         d.refuse(f"a {record.kind} record is not routed by the receipt handover router", outcome="invalid")
@@ -202,7 +207,9 @@ async def _share_record(d: Delivery[Upload], record: Receipt | ZReport | Any, co
         download_routing_key(u.account_id, category),
         Download(
             account_id=u.account_id,
-            message=TillRecordShared(till_id=u.till_id, record_id=u.record_id, recorded_at=u.recorded_at, record=record),
+            message=TillRecordShared(
+                till_id=u.till_id, till_name=till.name, record_id=u.record_id, recorded_at=u.recorded_at, record=record
+            ),
         ),
     )
     if d.outcome == "accepted":
@@ -309,7 +316,7 @@ async def _locked_receipt(conn: asyncpg.Connection, receipt_id: UUID, account_id
         closed_by = names.get(row["closed_by"], row["closed_by"])
         raise Refusal(
             "receipt_closed",
-            f"receipt {receipt_id} was paid on till {closed_by} at {row['closed_at'].isoformat()}; "
+            f"receipt {receipt_id} was paid on till {closed_by} at {when(row['closed_at'])}; "
             "a closed receipt cannot change",
             receipt_id,
         )
@@ -330,7 +337,7 @@ async def _check_table_free(conn: asyncpg.Connection, account_id: UUID, table_nr
     raise Refusal(
         "table_taken",
         f"table {table_nr} already has open receipt {row['receipt_id']}, opened on till {row['till_name']} "
-        f"at {row['opened_at'].isoformat()}",
+        f"at {when(row['opened_at'])}",
         row["receipt_id"],
     )
 

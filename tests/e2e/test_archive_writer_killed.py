@@ -57,8 +57,12 @@ async def test_archive_writer_killed_mid_replay_loses_and_duplicates_nothing(fre
         conflicts = await conn.fetchval("select count(*) from archive_conflicts")
     finally:
         await conn.close()
-    assert total == distinct == report.receipts_in_input + report.zreports_expected + report.masterdata_expected
-    assert receipts == len(export.tickets)
+    assert total == distinct == report.records_expected == report.records_archived
+    assert report.records_expected == (
+        report.receipts_in_input + report.zreports_expected + report.masterdata_expected
+        + report.shared_receipts_closed + report.receipt_events_archived
+    )
+    assert receipts == len(export.tickets) + report.shared_receipts_closed
     assert conflicts == 0
 
 

@@ -356,8 +356,8 @@ async def test_other_tills_receipts_and_zreports_are_visible_in_receipt_mode(ser
         report = a.close_day(dt.date.today(), now())
         await wait_until(lambda: len(b.store.shared_records("zreport")) == 1, what="A's Z-report on B")
         await wait_until(lambda: len(b.store.shared_records("receipt")) == 3, what="A's receipts on B")
-        [(till_id, shown)] = b.store.shared_records("zreport")
-        assert till_id == a.store.identity().till_id and shown == report
+        [shown] = b.store.shared_records("zreport")
+        assert (shown.till_id, shown.till_name, shown.record) == (a.store.identity().till_id, "Kasse A", report)
         await a.relay.drain(10)
         await asyncio.sleep(0.3)
         assert c.store.shared_records("zreport") == [] and c.store.shared_records("receipt") == []
@@ -368,7 +368,7 @@ async def test_other_tills_receipts_and_zreports_are_visible_in_receipt_mode(ser
         await d.set_sync_mode(True, SyncMode.CUSTOM, CustomSyncFlags(download_zreports=True))
         sell(a, 1)
         second = a.close_day(dt.date.today(), now())
-        await wait_until(lambda: [z for _, z in d.store.shared_records("zreport")] == [second], what="the Z-report on D")
+        await wait_until(lambda: [s.record for s in d.store.shared_records("zreport")] == [second], what="the Z-report on D")
         await wait_until(lambda: len(b.store.shared_records("receipt")) == 4, what="the 4th receipt on B")
         assert d.store.shared_records("receipt") == []
         with pytest.raises(TillStoreError, match="does not hand over receipts"):

@@ -17,6 +17,7 @@ from shared.models import (
     Cashier,
     HandoverEvent,
     LineAdded,
+    LinesMoved,
     LineVoided,
     Receipt,
     ReceiptEvent,
@@ -288,7 +289,8 @@ def test_other_tills_records_are_kept_once_and_own_ones_skipped(store: TillStore
     assert store.apply_shared_record(shared, me(store)) == "old"
     own = TillRecordShared(till_id=me(store), record_id=uuid.uuid4(), recorded_at=T0, record=receipt)
     assert store.apply_shared_record(own, me(store)) == "own"
-    assert store.shared_records("receipt") == [(OTHER_TILL, receipt)]
+    [kept] = store.shared_records("receipt")
+    assert (kept.till_id, kept.record) == (OTHER_TILL, receipt)
 
 
 def test_a_catch_up_names_the_open_receipts_and_the_sent_events_without_verdict(store: TillStore) -> None:
@@ -300,3 +302,56 @@ def test_a_catch_up_names_the_open_receipts_and_the_sent_events_without_verdict(
     receipts, verdicts_for = store.receipts_awaiting_verdicts()
     assert receipts == [receipt_id] and verdicts_for == [rows[0].record_id]
     assert store.pending_receipt_events() == 2
+
+
+def test_a_lost_table_race_books_the_voids_too_and_names_what_it_did_not_repeat(store: TillStore) -> None:
+    mine, theirs = uuid.uuid4(), uuid.uuid4()
+    store.record_receipt_event(mine, opened("5"), T0)
+    wrong, right = line(999, "Falsch"), line(350, "Bier")
+    store.record_receipt_event(mine, wrong, T0)
+    store.record_receipt_event(mine, right, T0)
+    store.record_receipt_event(mine, LineVoided(line_id=wrong.line.line_id), T0)
+    store.record_receipt_event(mine, store.payment_for(mine, PaymentType.CASH, "Bar", T0), T0)
+    [(opening, _), *_] = own_events(store)
+    store.apply_handover_refused(ReceiptEventRefused(
+        record_id=opening, receipt_id=mine, event_type="opened", code="table_taken", reason="table 5 is taken",
+        existing_receipt_id=theirs,
+    ))
+    target = store.shared_receipt(theirs)
+    assert [v.line.text for v in target.lines] == ["Bier"] and target.total == 350  # the void came along
+    [notice] = store.notices()
+    assert "not repeated there: a payment" in notice.message
+    # the payment on the lost receipt is settled here; the router's refusal of it adds no notice
+    paid_record = [r for r, e in own_events(store) if e.receipt_id == mine and e.event.type == "paid"][0]
+    assert store.apply_handover_refused(ReceiptEventRefused(
+        record_id=paid_record, receipt_id=mine, event_type="paid", code="unknown_receipt", reason="not opened",
+    )) == "old"
+    assert len(store.notices()) == 1
+
+
+def test_lines_split_off_show_on_the_target_receipt_before_the_router_confirms(store: TillStore) -> None:
+    source, target = uuid.uuid4(), uuid.uuid4()
+    store.apply_handover_event(accepted(source, 1, opened("1")), me(store))
+    moved = line(500, "Menü")
+    store.apply_handover_event(accepted(source, 2, moved), me(store))
+    store.apply_handover_event(accepted(target, 1, opened("2")), me(store))
+    store.record_receipt_event(source, LinesMoved(line_ids=(moved.line.line_id,), to_receipt_id=target), T0)
+    assert store.shared_receipt(source).total == 0
+    view = store.shared_receipt(target)
+    assert (view.total, view.pending, [v.confirmed for v in view.lines]) == (500, 1, [False])
+    # paying the target now counts the position the router will give the moved lines
+    assert store.payment_for(target, PaymentType.CASH, "Bar", T0).seen_position == 2
+
+
+def test_a_stale_payments_refusal_brings_the_events_it_missed(store: TillStore) -> None:
+    receipt_id = uuid.uuid4()
+    store.apply_handover_event(accepted(receipt_id, 1, opened()), me(store))
+    store.apply_handover_event(accepted(receipt_id, 2, line(300)), me(store))
+    store.record_receipt_event(receipt_id, store.payment_for(receipt_id, PaymentType.CASH, "Bar", T0), T0)
+    [(record_id, _)] = own_events(store)
+    missed = accepted(receipt_id, 3, line(150, "Nachtisch"))  # its broadcast never arrived
+    store.apply_handover_refused(ReceiptEventRefused(
+        record_id=record_id, receipt_id=receipt_id, event_type="paid", code="stale_payment", reason="changed", since=(missed,),
+    ), me(store))
+    view = store.shared_receipt(receipt_id)
+    assert (view.position, view.total) == (3, 450)
