@@ -570,10 +570,13 @@ class ReceiptOpened(WireModel):
 
 
 class LineAdded(WireModel):
-    """A line booked onto the receipt."""
+    """A line booked onto the receipt. ``expected_table_nr``: the line is meant for the
+    receipt of that table (a line booked again after a lost table race); it is refused
+    (``table_changed``) if the receipt has moved to another table meanwhile."""
 
     type: Literal["line_added"] = "line_added"
     line: HandoverLine
+    expected_table_nr: Key | None = None
 
 
 class LineVoided(WireModel):
@@ -845,6 +848,7 @@ RefusalCode = Literal[
     "unknown_line",  # a void or move names a line that is not standing on the receipt
     "duplicate_line",  # a line id already used
     "bad_target",  # a move to a receipt that is not open (or to itself)
+    "table_changed",  # a line meant for a table whose receipt has moved to another table
     "not_taking_part",  # the till's sync mode does not hand over receipts
 ]
 
@@ -865,6 +869,9 @@ class ReceiptEventRefused(WireModel):
     since: tuple[HandoverEvent, ...] = ()
 
 
+MAX_RECEIPTS_ASKED = 1000  # receipts and verdicts one catch-up request may name
+
+
 class ReceiptCatchUpRequest(WireModel):
     """A till asks for the state of shared receipts: every open receipt of the account
     plus ``receipt_ids`` (those it still shows open), and the verdicts on its events
@@ -874,8 +881,8 @@ class ReceiptCatchUpRequest(WireModel):
     request_id: UUID
     account_id: UUID
     till_id: UUID
-    receipt_ids: tuple[UUID, ...] = Field(default=(), max_length=10_000)
-    verdicts_for: tuple[UUID, ...] = Field(default=(), max_length=10_000)
+    receipt_ids: tuple[UUID, ...] = Field(default=(), max_length=MAX_RECEIPTS_ASKED)
+    verdicts_for: tuple[UUID, ...] = Field(default=(), max_length=MAX_RECEIPTS_ASKED)
 
 
 class ReceiptSnapshot(WireModel):
@@ -884,16 +891,18 @@ class ReceiptSnapshot(WireModel):
     type: Literal["receipt_snapshot"] = "receipt_snapshot"
     request_id: UUID
     receipt_id: UUID
-    status: Literal["open", "closed", "unknown"]
+    status: Literal["open", "closed"]
     events: tuple[HandoverEvent, ...]
 
 
 class ReceiptCatchUpDone(WireModel):
-    """Last answer to a receipt catch-up: ``receipts`` snapshots were sent before it."""
+    """Last answer to a receipt catch-up: ``receipts`` snapshots were sent before it;
+    ``unknown_receipts``: the named receipts the router does not know (for this account)."""
 
     type: Literal["receipt_catchup_done"] = "receipt_catchup_done"
     request_id: UUID
     receipts: Count
+    unknown_receipts: tuple[UUID, ...] = ()
 
 
 class TillRecordShared(WireModel):

@@ -222,7 +222,10 @@ class FeedClient:
 
     async def _ask_receipts(self) -> None:
         """Ask the router for the shared receipts' state (if this till hands them over)."""
-        if self._exchange is None or self._identity is None or not self._store.hands_over_receipts():
+        if self._exchange is None or self._identity is None:
+            return
+        if not self._store.hands_over_receipts() and not self._store.receipts_awaiting_verdicts(1)[1]:
+            # no longer in a receipt mode, but a verdict on an own event (a payment) may be due
             self._receipt_gaps.clear()
             return
         identity = self._identity

@@ -28,6 +28,7 @@ from pydantic import TypeAdapter
 
 from shared.fiscal import PaymentType
 from shared.models import (
+    MAX_RECEIPTS_ASKED,
     Cashier,
     CustomerSet,
     CustomSyncFlags,
@@ -169,6 +170,11 @@ class Notice:
     record_id: UUID | None
     code: str
     message: str
+
+
+def _line_words(line: HandoverLine) -> str:
+    """``'Bier' 2 × 3.50 EUR``: a line as notices name it."""
+    return f"{line.text!r} {line.quantity.normalize()} × {line.unit_price / 100:.2f} EUR"
 
 
 def when(moment: dt.datetime | None) -> str:
@@ -338,7 +344,7 @@ class HandoverStore:
         model = Receipt if kind == "receipt" else ZReport
         return [SharedRecord(UUID(r["till_id"]), r["till_name"] or "", model.model_validate_json(r["body"])) for r in rows]
 
-    def receipts_awaiting_verdicts(self, limit: int = 10_000) -> tuple[list[UUID], list[UUID]]:
+    def receipts_awaiting_verdicts(self, limit: int = MAX_RECEIPTS_ASKED) -> tuple[list[UUID], list[UUID]]:
         """``(receipt_ids, record_ids)`` for a catch-up: the receipts this till shows open or
         has events waiting on, and its uploaded events still without a verdict."""
         receipts = [
@@ -587,7 +593,12 @@ class HandoverStore:
             "lines_moved": "move of lines",
             "opened": "opening",
         }.get(refused.event_type, refused.event_type)
+        event = _EVENT_ADAPTER.validate_json(row["body"])
+        if isinstance(event, LineAdded):
+            what = f"line {_line_words(event.line)}"
         message = f"{what} on receipt {refused.receipt_id} refused: {refused.reason}"
+        if isinstance(event, LineAdded) and refused.code in ("receipt_closed", "table_changed", "unknown_receipt"):
+            message += "; book it again where it belongs"
         if refused.code == "stale_payment":
             message += "; the receipt was totalled again, pay it once more"
         self._notice(refused.receipt_id, refused.record_id, refused.code, message)
@@ -596,10 +607,16 @@ class HandoverStore:
     def _rebook(self, refused: ReceiptEventRefused) -> str:
         """This till opened a table another till had opened first: book the lines it
         entered meanwhile (and its voids of them) onto that receipt, so the table keeps
-        one receipt. Its other events on the refused receipt (a payment, a move) are not
-        repeated: the notice names them."""
+        one receipt. Each line is booked for the table (``expected_table_nr``): should
+        that receipt have moved to another table or been paid by then, the router refuses
+        the line and the till says so. If the till already knows that receipt is closed
+        or on another table, it books nothing and the notice lists the lines. Its other
+        events on the refused receipt (a payment, a move) are not repeated: the notice
+        names them."""
         target = refused.existing_receipt_id
         assert target is not None
+        lost = self._receipt_row(refused.receipt_id)
+        table_nr = lost["table_nr"] if lost is not None else None
         self._db.execute(
             "update handover_receipts set status = 'refused', merged_into = ? where receipt_id = ?",
             (str(target), str(refused.receipt_id)),
@@ -611,38 +628,46 @@ class HandoverStore:
             """,
             (str(refused.receipt_id),),
         ).fetchall()
-        if self._receipt_row(target) is None:
+        known = self._receipt_row(target)
+        if known is None:
             self._db.execute(
                 "insert into handover_receipts (receipt_id, status, created_at) values (?, 'open', ?)",
                 (str(target), dt.datetime.now(dt.UTC).isoformat()),
             )
+        unfit = known is not None and known["position"] > 0 and (known["status"] != "open" or known["table_nr"] != table_nr)
         now = dt.datetime.now(dt.UTC)
-        booked: set[UUID] = set()
-        dropped: list[str] = []
+        lines: dict[UUID, str] = {}  # the lines still standing on the lost receipt
+        others: list[str] = []
         for e in pending:
             event = _EVENT_ADAPTER.validate_json(e["body"])
-            if isinstance(event, LineAdded):
-                booked.add(event.line.line_id)
-            elif not (isinstance(event, LineVoided) and event.line_id in booked):
-                dropped.append({"paid": "a payment", "lines_moved": "a move of lines", "table_set": "a table change",
-                                "customer_set": "a customer"}.get(event.type, event.type))
-                self._db.execute(
-                    "update handover_events set state = 'refused', reason = ? where record_id = ? and receipt_id = ?",
-                    (f"receipt {refused.receipt_id} was not opened", e["record_id"], str(refused.receipt_id)),
-                )
-                continue
-            self._db.execute(
-                "update handover_events set state = 'rebooked', reason = ? where record_id = ? and receipt_id = ?",
-                (f"booked onto receipt {target}", e["record_id"], str(refused.receipt_id)),
+            rebook = not unfit and (
+                isinstance(event, LineAdded) or (isinstance(event, LineVoided) and event.line_id in lines)
             )
-            self._enqueue_event(target, event, now)
-        lines = sum(1 for e in pending if e["type"] == "line_added")
-        self._notice(
-            refused.receipt_id, refused.record_id, refused.code,
-            f"{refused.reason}. This till's receipt {refused.receipt_id} was not opened"
-            + (f"; its {lines} line(s) were booked onto receipt {target}" if lines else "")
-            + (f"; not repeated there: {', '.join(dropped)} (do it again on receipt {target})" if dropped else ""),
-        )
+            if isinstance(event, LineAdded):
+                lines[event.line.line_id] = _line_words(event.line)
+            elif isinstance(event, LineVoided):
+                lines.pop(event.line_id, None)
+            else:
+                others.append({"paid": "a payment", "lines_moved": "a move of lines", "table_set": "a table change",
+                               "customer_set": "a customer"}.get(event.type, event.type))
+            state, reason = ("rebooked", f"booked onto receipt {target}") if rebook else (
+                "refused", f"receipt {refused.receipt_id} was not opened")
+            self._db.execute(
+                "update handover_events set state = ?, reason = ? where record_id = ? and receipt_id = ?",
+                (state, reason, e["record_id"], str(refused.receipt_id)),
+            )
+            if rebook and isinstance(event, LineAdded):
+                self._enqueue_event(target, LineAdded(line=event.line, expected_table_nr=table_nr), now)
+            elif rebook:
+                self._enqueue_event(target, event, now)
+        message = f"{refused.reason}. This till's receipt {refused.receipt_id} was not opened"
+        if lines and not unfit:
+            message += f"; its lines were booked onto receipt {target}: {', '.join(lines.values())}"
+        elif lines:
+            message += f"; receipt {target} is closed or on another table now, so its lines were NOT booked (book them again): {', '.join(lines.values())}"
+        if others:
+            message += f"; not repeated there (do it again): {', '.join(others)}"
+        self._notice(refused.receipt_id, refused.record_id, refused.code, message)
         return "rebooked"
 
     def apply_handover_snapshot(self, snapshot: ReceiptSnapshot, till_id: UUID | None) -> int:

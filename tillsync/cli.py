@@ -606,14 +606,13 @@ def till_sync(
     notices_before = len(till.notices())
 
     def receipts_done() -> bool:
-        """Every own receipt event has its verdict, and the receipt catch-up this
-        connection asks for has been answered (so events of other tills are in)."""
+        """Every uploaded receipt event of this till has its verdict (whatever its mode is
+        now: a payment's verdict makes the fiscal receipt), and for a till that hands
+        over receipts the catch-up this connection asks for has been answered."""
         feed = till.relay.feed.status()
-        return not receipts or (
-            till.store.pending_receipt_events() == 0
-            and not feed.receipts_catching_up
-            and feed.outcomes.get("receipts_caught_up", 0) > 0
-        )
+        if till.store.receipts_awaiting_verdicts(1)[1]:
+            return False
+        return not receipts or (not feed.receipts_catching_up and feed.outcomes.get("receipts_caught_up", 0) > 0)
 
     def done() -> bool:
         status = till.status()
@@ -651,7 +650,7 @@ def till_sync(
                     info=f"catching up on {', '.join(feed.catching_up)}" if feed.catching_up else "up to date",
                 )
                 if receipts:
-                    waiting = till.store.pending_receipt_events()
+                    waiting = len(till.store.receipts_awaiting_verdicts()[1])
                     progress.update(
                         shared,
                         info=f"{waiting} events of this till wait for the router" if waiting
@@ -681,8 +680,8 @@ def till_sync(
             problems.append(f"{waiting} master-data changes of this till await the cloud's verdict")
         if (behind or waiting) and uploaded:
             problems.append("is the master-data broadcaster running? (run `tillsync till sync` again later)")
-        if receipts and not receipts_done():
-            events = till.store.pending_receipt_events()
+        if not receipts_done():
+            events = len(till.store.receipts_awaiting_verdicts()[1])
             running = "; is it running? (run `tillsync till sync` again later)" if uploaded and last.state == "idle" else ""
             if events:
                 problems.append(f"{events} receipt events await the receipt handover router{running}")

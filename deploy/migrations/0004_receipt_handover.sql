@@ -90,3 +90,14 @@ create table receipt_number_collisions (
     other_receipt_id   uuid not null,
     detected_at        timestamptz not null default now()
 );
+
+-- A closed receipt of a shared receipt that does not fit it (another till, another total,
+-- a second closing): kept for the operator; the record stays in the archive.
+create table shared_receipt_mismatches (
+    record_id    uuid primary key,
+    account_id   uuid not null,
+    till_id      uuid not null,
+    receipt_id   uuid not null,
+    reason       text not null,
+    detected_at  timestamptz not null default now()
+);

@@ -197,11 +197,7 @@ async def _share_record(d: Delivery[Upload], record: Receipt | ZReport | Any, ti
             )
             log.warning("receipt_number_collision", receipt_number=record.receipt_number, other_receipt_id=str(other))
             d.outcome = "receipt_number_collision"
-        await conn.execute(
-            "update handover_receipts set receipt_number = $2, updated_at = now() "
-            "where receipt_id = $1 and closed_by = $3 and receipt_number is null",
-            record.receipt_id, record.receipt_number, u.till_id,
-        )
+        await _check_shared_closing(d, record, conn)
     d.emit(
         DOWNLOAD_EXCHANGE,
         download_routing_key(u.account_id, category),
@@ -216,20 +212,56 @@ async def _share_record(d: Delivery[Upload], record: Receipt | ZReport | Any, ti
         d.outcome = "shared"
 
 
+async def _check_shared_closing(d: Delivery[Upload], record: Receipt, conn: asyncpg.Connection) -> None:
+    """A closed receipt of a shared receipt must come from the till whose payment was
+    accepted, once, with the handover's total; anything else is kept in
+    ``shared_receipt_mismatches`` for the operator (the record stays archived)."""
+    u = d.body
+    shared = await conn.fetchrow("select * from handover_receipts where receipt_id = $1 for update", record.receipt_id)
+    if shared is None:
+        return
+    problems = []
+    if shared["account_id"] != u.account_id:
+        problems.append("the shared receipt belongs to another account")
+    elif shared["status"] != "closed" or shared["closed_by"] != u.till_id:
+        problems.append("the shared receipt was not paid on this till")
+    else:
+        if shared["total"] != record.total:
+            problems.append(f"total {record.total} differs from the shared receipt's {shared['total']} cents")
+        if shared["receipt_number"] is not None and shared["receipt_number"] != record.receipt_number:
+            problems.append(f"the shared receipt was closed already as receipt number {shared['receipt_number']}")
+    if problems:
+        reason = f"closed receipt {record.receipt_id} (number {record.receipt_number}): " + "; ".join(problems)
+        await conn.execute(
+            "insert into shared_receipt_mismatches (record_id, account_id, till_id, receipt_id, reason) "
+            "values ($1, $2, $3, $4, $5) on conflict do nothing",
+            u.record_id, u.account_id, u.till_id, record.receipt_id, reason,
+        )
+        log.warning("shared_receipt_mismatch", reason=reason)
+        d.outcome = "shared_receipt_mismatch"
+        return
+    await conn.execute(
+        "update handover_receipts set receipt_number = $2, updated_at = now() where receipt_id = $1",
+        record.receipt_id, record.receipt_number,
+    )
+
+
 # -- events of shared receipts ----------------------------------------------------
 
 
 async def _route_event(d: Delivery[Upload], record: ReceiptEvent, till: _Till, conn: asyncpg.Connection) -> None:
     u = d.body
-    done = await conn.fetch(
-        f"{_EVENTS} where e.record_id = $1 order by e.accepted_at, e.position", u.record_id
-    )
+    done = await conn.fetch(f"{_EVENTS} where e.record_id = $1 order by e.accepted_at, e.position", u.record_id)
+    earlier = await conn.fetchrow("select * from handover_refusals where record_id = $1", u.record_id)
+    owners = {row["till_id"] for row in done} | ({earlier["till_id"]} if earlier is not None else set())
+    if owners - {u.till_id}:
+        d.refuse(f"record_id {u.record_id} is already used by another till; the event is not applied", outcome="record_id_taken")
+        return
     if done:
         for row in done:
             _broadcast(d, event_from_row(row))
         d.outcome = "repeat_accepted"
         return
-    earlier = await conn.fetchrow("select * from handover_refusals where record_id = $1", u.record_id)
     if earlier is not None:
         await _tell_refusal(d, conn, earlier)
         d.outcome = "repeat_refused"
@@ -399,6 +431,13 @@ async def _apply(u: Upload, record: ReceiptEvent, till: _Till, conn: asyncpg.Con
     accepted: list[HandoverEvent] = []
     if isinstance(event, LineAdded):
         line = event.line
+        if event.expected_table_nr is not None and receipt["table_nr"] != event.expected_table_nr:
+            raise Refusal(
+                "table_changed",
+                f"the line is meant for table {event.expected_table_nr}, but receipt {receipt_id} is now "
+                + (f"on table {receipt['table_nr']}" if receipt["table_nr"] else "on no table"),
+                receipt_id,
+            )
         if await conn.fetchval("select 1 from handover_lines where line_id = $1", line.line_id):
             raise Refusal("duplicate_line", f"line id {line.line_id} is already used")
         await conn.execute(
@@ -529,11 +568,10 @@ async def serve_receipt_catchups(deliveries: list[Delivery[ReceiptCatchUpRequest
             _tell(d, ReceiptSnapshot(
                 request_id=r.request_id, receipt_id=receipt_id, status=statuses[receipt_id], events=tuple(events[receipt_id])
             ))
-        for unknown in sorted(set(r.receipt_ids) - set(receipt_ids)):
-            _tell(d, ReceiptSnapshot(request_id=r.request_id, receipt_id=unknown, status="unknown", events=()))
+        unknown = tuple(sorted(set(r.receipt_ids) - set(receipt_ids)))
         for row in await conn.fetch(
             "select * from handover_refusals where record_id = any($1::uuid[]) and till_id = $2", list(r.verdicts_for), r.till_id
         ):
             await _tell_refusal(d, conn, row)
-        _tell(d, ReceiptCatchUpDone(request_id=r.request_id, receipts=len(receipt_ids)))
+        _tell(d, ReceiptCatchUpDone(request_id=r.request_id, receipts=len(receipt_ids), unknown_receipts=unknown))
         d.outcome = "served"

@@ -16,7 +16,13 @@ import pytest
 
 from shared.fiscal import PaymentType, VatKey
 from shared.models import (
+    DOWNLOAD_ADAPTER,
     Cashier,
+    Download,
+    ReceiptCatchUpDone,
+    ReceiptCatchUpRequest,
+    ReceiptEvent,
+    ReceiptOpened,
     CustomSyncFlags,
     HandoverLine,
     LineAdded,
@@ -28,7 +34,14 @@ from shared.models import (
     SyncMode,
     Upload,
 )
-from shared.topology import RECEIPT_ROUTER_QUEUE, UPLOAD_EXCHANGE, till_queue_name, upload_routing_key
+from shared.topology import (
+    RECEIPT_CATCHUP_QUEUE,
+    RECEIPT_ROUTER_QUEUE,
+    UPLOAD_EXCHANGE,
+    receipt_catchup_routing_key,
+    till_queue_name,
+    upload_routing_key,
+)
 from tests.integration.test_masterdata_sync import join, new_account, now, stop
 from tests.support import Environment, dead_letters_matching, fetchval, publish_as_till, sell, wait_until
 from till_agent.booking import SaleLine
@@ -592,3 +605,158 @@ async def test_a_till_that_missed_events_asks_for_the_receipt_again(services, en
         assert c.relay.feed.status().outcomes.get("receipt_gap", 0) >= 1
     finally:
         await stop(a, c)
+
+
+async def publish_unconfirmed(env: Environment, till: Till) -> None:
+    """Publish the till's unsent rows as its relay would, but the till hears nothing back
+    (a reply lost): the rows stay unsent and are sent again when the till syncs."""
+    identity = till.store.identity()
+    for row in till.store.unsent(100):
+        upload = Upload(
+            record_id=row.record_id, account_id=identity.account_id, till_id=identity.till_id, till_seq=row.till_seq,
+            recorded_at=row.recorded_at, record=RECORD_ADAPTER.validate_json(row.body),
+        )
+        await publish_as_till(env, till, upload.model_dump_json().encode(),
+                              upload_routing_key(identity.account_id, identity.till_id, row.kind))  # type: ignore[arg-type]
+
+
+async def test_a_line_from_a_lost_table_race_never_lands_on_another_tables_bill(services, env: Environment, tmp_path: Path) -> None:
+    account = await new_account(env, tmp_path)
+    a = await join(env, tmp_path, account, RECEIPTS, "Kasse A")
+    c = await join(env, tmp_path, account, RECEIPTS, "Kasse C", start=False)
+    d = await join(env, tmp_path, account, RECEIPTS, "Kasse D", start=False)
+    try:
+        moved = a.open_receipt(table_nr="5", cashier=WAITER, at=now())
+        paid = a.open_receipt(table_nr="6", cashier=WAITER, at=now())
+        a.add_line(paid, beer(1, 500), now())
+        await wait_until(lambda: not a.receipt(moved).pending and not a.receipt(paid).pending, what="A's receipts accepted")
+        # C and D open the same tables offline; their openings reach the router, the replies are lost
+        on_c = c.open_receipt(table_nr="5", cashier=WAITER, at=now())
+        line_c = c.add_line(on_c, beer(2, 700), now())
+        on_d = d.open_receipt(table_nr="6", cashier=WAITER, at=now())
+        line_d = d.add_line(on_d, beer(3, 800), now())
+        for till in (c, d):
+            await publish_unconfirmed(env, till)
+            await wait_until(lambda t=till: fetchval(env, "select count(*) = 2 from handover_refusals where till_id = $1",
+                                                     t.store.identity().till_id), what="the opening and line refused")
+        # meanwhile table 5's receipt moves to table 7 and table 6 is paid
+        a.move_to_table(moved, "7", now())
+        a.pay_receipt(paid, PaymentType.CASH, "Bar", now())
+        await wait_until(lambda: a.receipt(moved).table_nr == "7" and a.receipt(paid).status == "closed", what="moved and paid")
+        c.start_sync()
+        d.start_sync()
+        for till, line_id, code in ((c, line_c, "table_changed"), (d, line_d, "receipt_closed")):
+            notices = await wait_until(lambda t=till: [n for n in t.notices() if n.code == code], what=f"the {code} notice")
+            assert "book it again" in notices[0].message and "'Bier" in notices[0].message
+            # the guest's line is on no other table's bill
+            assert await fetchval(env, "select count(*) from handover_lines where line_id = $1", line_id) == 0
+        assert a.receipt(moved).total == 0 and a.receipt(paid).total == 500
+    finally:
+        await stop(a, c, d)
+
+
+async def test_the_payer_records_its_receipt_even_after_leaving_the_receipt_mode(services, env: Environment, tmp_path: Path) -> None:
+    account = await new_account(env, tmp_path)
+    a = await join(env, tmp_path, account, RECEIPTS, "Kasse A")
+    b = await join(env, tmp_path, account, RECEIPTS, "Kasse B")
+    try:
+        receipt_id = a.open_receipt(table_nr="W", cashier=WAITER, at=now())
+        a.add_line(receipt_id, beer(1, 990), now())
+        await wait_until(lambda: knows(b, receipt_id) and len(b.receipt(receipt_id).lines) == 1
+                         and not b.receipt(receipt_id).pending, what="B sees the line")
+        await b.stop_sync()
+        b.pay_receipt(receipt_id, PaymentType.CASH, "Bar", now())
+        await publish_unconfirmed(env, b)
+        b.store.mark_sent([r.till_seq for r in b.store.unsent(10)])  # the confirm arrived, the verdict did not
+        await wait_until(lambda: a.receipt(receipt_id).status == "closed", what="the payment accepted")
+        connection = await aio_pika.connect(env.settings.amqp_url)
+        try:
+            channel = await connection.channel()
+            await (await channel.get_queue(till_queue_name(b.store.identity().till_id))).purge()  # the broadcast lost
+        finally:
+            await connection.close()
+        await b.set_sync_mode(True, SyncMode.ARCHIVE_MASTERDATA)
+        b.start_sync()
+        receipt = await archived_closed_receipt(env, b)
+        assert receipt.receipt_id == receipt_id and receipt.total == 990
+        assert b.receipt(receipt_id).receipt_number == receipt.receipt_number
+    finally:
+        await stop(a, b)
+
+
+async def test_another_tills_record_id_and_oversized_catch_ups_are_refused(services, env: Environment, tmp_path: Path) -> None:
+    victim_account = await new_account(env, tmp_path)
+    victim = await join(env, tmp_path, victim_account, RECEIPTS, "Opfer")
+    account = await new_account(env, tmp_path)
+    x = await join(env, tmp_path, account, RECEIPTS, "Kasse X", start=False)
+    try:
+        secret = victim.open_receipt(table_nr="1", cashier=WAITER, at=now())
+        victim.add_line(secret, SaleLine("S1", "Geheimes Menü", Decimal(1), 4200, VatKey.REGULAR), now())
+        await wait_until(lambda: not victim.receipt(secret).pending and victim.receipt(secret).lines, what="accepted")
+        [(stolen, _, _), *_] = victim.store.recorded("receipt_event")
+        me = x.store.identity()
+        forged = Upload(
+            record_id=stolen, account_id=me.account_id, till_id=me.till_id, till_seq=1, recorded_at=now(),
+            record=ReceiptEvent(receipt_id=uuid.uuid4(), event=ReceiptOpened(
+                table_nr="1", business_day=now().date(), opened_at=now(), cashier=WAITER)),
+        )
+        await publish_as_till(env, x, forged.model_dump_json().encode(), upload_routing_key(me.account_id, me.till_id, "receipt_event"))
+        letters = await wait_until(lambda: dead_letters_matching(env, RECEIPT_ROUTER_QUEUE, str(stolen)), what="dead-lettered")
+        assert "already used by another till" in letters[0].headers["x-tillsync-reason"]
+
+        too_many = ReceiptCatchUpRequest.model_construct(
+            request_id=uuid.uuid4(), account_id=me.account_id, till_id=me.till_id,
+            receipt_ids=tuple(uuid.uuid4() for _ in range(1001)), verdicts_for=(), schema_version=1,
+        )
+        await publish_as_till(env, x, too_many.model_dump_json().encode(), receipt_catchup_routing_key(me.account_id, me.till_id))
+        letters = await wait_until(lambda: dead_letters_matching(env, RECEIPT_CATCHUP_QUEUE, str(too_many.request_id)), what="refused")
+        assert "receipt_ids" in letters[0].headers["x-tillsync-reason"] and "1000" in letters[0].headers["x-tillsync-reason"]
+        many = ReceiptCatchUpRequest(
+            request_id=uuid.uuid4(), account_id=me.account_id, till_id=me.till_id,
+            receipt_ids=(secret, *(uuid.uuid4() for _ in range(999))),
+        )
+        await publish_as_till(env, x, many.model_dump_json().encode(), receipt_catchup_routing_key(me.account_id, me.till_id))
+        answers = await wait_until(
+            lambda: _queued_downloads(env, x), what="the answer on X's queue"
+        )
+        assert len(answers) == 1  # one answer, not one per unknown receipt; the other account's receipt is unknown here
+        done = answers[0].message
+        assert isinstance(done, ReceiptCatchUpDone) and done.receipts == 0 and len(done.unknown_receipts) == 1000
+    finally:
+        await stop(victim, x)
+
+
+async def _queued_downloads(env: Environment, till: Till) -> list[Download]:
+    connection = await aio_pika.connect(env.settings.amqp_url)
+    try:
+        channel = await connection.channel()
+        queue = await channel.get_queue(till_queue_name(till.store.identity().till_id))
+        taken = []
+        while (message := await queue.get(fail=False, no_ack=True)) is not None:
+            taken.append(DOWNLOAD_ADAPTER.validate_json(message.body))
+        return taken
+    finally:
+        await connection.close()
+
+
+async def test_a_second_closing_of_a_shared_receipt_is_flagged(services, env: Environment, tmp_path: Path) -> None:
+    account = await new_account(env, tmp_path)
+    a = await join(env, tmp_path, account, RECEIPTS, "Kasse A")
+    try:
+        receipt_id = a.open_receipt(table_nr="2", cashier=WAITER, at=now())
+        a.add_line(receipt_id, beer(1, 600), now())
+        a.pay_receipt(receipt_id, PaymentType.CASH, "Bar", now())
+        await wait_until(lambda: a.receipt(receipt_id).receipt_number, what="closed")
+        first = await archived_closed_receipt(env, a)
+        forged = Receipt.model_validate({**first.model_dump(), "receipt_number": 2, "total": 0, "lines": [], "vat": [],
+                                         "payments": [{"payment_type": "Bar", "payment_name": "Bar", "amount": 0}]})
+        with a.store.batch():  # as a faulty till might: the store itself refuses to change a closed receipt
+            a.store._enqueue(forged, now())
+        a.relay.wake()
+        reason = await wait_until(
+            lambda: fetchval(env, "select reason from shared_receipt_mismatches where receipt_id = $1", receipt_id), what="flagged"
+        )
+        assert "total 0 differs from the shared receipt's 600 cents" in reason and "closed already as receipt number 1" in reason
+        assert await fetchval(env, "select receipt_number from handover_receipts where receipt_id = $1", receipt_id) == 1
+    finally:
+        await stop(a)

@@ -211,7 +211,8 @@ def test_a_refused_table_opening_books_the_lines_onto_the_tables_receipt(store: 
     rebooked = [e for _, e in own_events(store) if e.receipt_id == theirs]
     assert [e.event.line.line_id for e in rebooked] == [first.line.line_id, second.line.line_id]  # type: ignore[union-attr]
     [notice] = store.notices()
-    assert notice.code == "table_taken" and "2 line(s) were booked onto receipt" in notice.message
+    assert notice.code == "table_taken" and "its lines were booked onto receipt" in notice.message
+    assert "'Bier' 1 × 3.50 EUR, 'Wasser' 1 × 2.00 EUR" in notice.message
     with pytest.raises(TillStoreError, match="was not opened"):
         store.record_receipt_event(mine, line(), T0)
     # the router's later refusals of the old receipt's lines add no second notice
@@ -320,7 +321,8 @@ def test_a_lost_table_race_books_the_voids_too_and_names_what_it_did_not_repeat(
     target = store.shared_receipt(theirs)
     assert [v.line.text for v in target.lines] == ["Bier"] and target.total == 350  # the void came along
     [notice] = store.notices()
-    assert "not repeated there: a payment" in notice.message
+    assert "not repeated there (do it again): a payment" in notice.message
+    assert "'Falsch'" not in notice.message  # voided before: not named as booked
     # the payment on the lost receipt is settled here; the router's refusal of it adds no notice
     paid_record = [r for r, e in own_events(store) if e.receipt_id == mine and e.event.type == "paid"][0]
     assert store.apply_handover_refused(ReceiptEventRefused(
