@@ -549,6 +549,11 @@ class ZReport(WireModel):
 # accepted or not.
 
 
+# A table's number or name, in Unicode normal form NFKC: "Café" typed either way, or a
+# full-width "９", names the same table.
+TableNr = Annotated[Key, AfterValidator(lambda text: unicodedata.normalize("NFKC", text))]
+
+
 class HandoverLine(LineFields):
     """A line of an open receipt; ``line_id`` is made by the till that enters it."""
 
@@ -563,7 +568,7 @@ class ReceiptOpened(WireModel):
     An account has at most one open receipt per table."""
 
     type: Literal["opened"] = "opened"
-    table_nr: Key | None = None
+    table_nr: TableNr | None = None
     business_day: dt.date
     opened_at: AwareDatetime = Field(description="BON_START")
     cashier: Cashier
@@ -576,7 +581,7 @@ class LineAdded(WireModel):
 
     type: Literal["line_added"] = "line_added"
     line: HandoverLine
-    expected_table_nr: Key | None = None
+    expected_table_nr: TableNr | None = None
 
 
 class LineVoided(WireModel):
@@ -590,7 +595,7 @@ class TableSet(WireModel):
     """The receipt moves to another table (None: to no table)."""
 
     type: Literal["table_set"] = "table_set"
-    table_nr: Key | None
+    table_nr: TableNr | None
 
 
 class CustomerSet(WireModel):
@@ -616,12 +621,16 @@ class LinesMoved(WireModel):
 
 
 class ReceiptPaid(WireModel):
-    """Payment, closing the receipt (optimistic): accepted only if the receipt is still
-    at ``seen_position`` (no event arrived since the payer totalled it) and the
-    payments add up to the sum of its standing lines, ``total`` in cents."""
+    """Payment, closing the receipt (optimistic). ``seen_position``: the last accepted
+    position the payer had applied; ``counted``: the payer's own events on the receipt
+    still on their way, which it counted in (in order). Accepted only if the events
+    after ``seen_position`` are exactly those (no other till's event came in, none of
+    them was refused) and the payments add up to the sum of the standing lines,
+    ``total`` in cents."""
 
     type: Literal["paid"] = "paid"
-    seen_position: Counter
+    seen_position: Count
+    counted: tuple[UUID, ...] = Field(default=(), max_length=1000)
     total: Total
     payments: tuple[Payment, ...] = Field(min_length=1, max_length=20)
     closed_at: AwareDatetime = Field(description="BON_ENDE")
@@ -870,6 +879,8 @@ class ReceiptEventRefused(WireModel):
 
 
 MAX_RECEIPTS_ASKED = 1000  # receipts and verdicts one catch-up request may name
+SHARED_RECORDS_DAYS = 31  # a till new to receiving receipts / Z-reports gets those of this many days
+MAX_SHARED_RECORDS = 5000  # other tills' records one catch-up sends at most (the newest)
 
 
 class ReceiptCatchUpRequest(WireModel):
@@ -883,6 +894,11 @@ class ReceiptCatchUpRequest(WireModel):
     till_id: UUID
     receipt_ids: tuple[UUID, ...] = Field(default=(), max_length=MAX_RECEIPTS_ASKED)
     verdicts_for: tuple[UUID, ...] = Field(default=(), max_length=MAX_RECEIPTS_ASKED)
+    shared_since: AwareDatetime | None = Field(
+        default=None,
+        description="also the other tills' receipts and Z-reports archived after this time (the as_of of the "
+        "till's last catch-up); None: those of the last SHARED_RECORDS_DAYS days",
+    )
 
 
 class ReceiptSnapshot(WireModel):
@@ -896,13 +912,16 @@ class ReceiptSnapshot(WireModel):
 
 
 class ReceiptCatchUpDone(WireModel):
-    """Last answer to a receipt catch-up: ``receipts`` snapshots were sent before it;
-    ``unknown_receipts``: the named receipts the router does not know (for this account)."""
+    """Last answer to a receipt catch-up: ``receipts`` snapshots (and ``shared_records``
+    other tills' records) were sent before it; ``unknown_receipts``: the named receipts
+    the router does not know (for this account)."""
 
     type: Literal["receipt_catchup_done"] = "receipt_catchup_done"
     request_id: UUID
     receipts: Count
     unknown_receipts: tuple[UUID, ...] = ()
+    shared_records: Count = Field(default=0, description="other tills' receipts and Z-reports sent before it")
+    as_of: AwareDatetime | None = Field(default=None, description="the router's time of the answer: the next shared_since")
 
 
 class TillRecordShared(WireModel):

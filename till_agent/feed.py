@@ -32,6 +32,7 @@ from pydantic import ValidationError
 
 from shared.models import (
     DOWNLOAD_ADAPTER,
+    MAX_RECEIPTS_ASKED,
     CatchUpPage,
     CatchUpRequest,
     FeedEntry,
@@ -224,8 +225,11 @@ class FeedClient:
         """Ask the router for the shared receipts' state (if this till hands them over)."""
         if self._exchange is None or self._identity is None:
             return
-        if not self._store.hands_over_receipts() and not self._store.receipts_awaiting_verdicts(1)[1]:
-            # no longer in a receipt mode, but a verdict on an own event (a payment) may be due
+        if not (
+            self._store.hands_over_receipts()
+            or self._store.receives_shared_records()
+            or self._store.receipts_awaiting_verdicts(1)[1]  # out of the receipt mode, a payment's verdict may be due
+        ):
             self._receipt_gaps.clear()
             return
         identity = self._identity
@@ -235,8 +239,9 @@ class FeedClient:
             request_id=uuid.uuid4(),
             account_id=identity.account_id,
             till_id=identity.till_id,
-            receipt_ids=tuple(dict.fromkeys([*receipt_ids, *self._receipt_gaps])),
+            receipt_ids=tuple(dict.fromkeys([*receipt_ids, *self._receipt_gaps]))[:MAX_RECEIPTS_ASKED],
             verdicts_for=tuple(verdicts_for),
+            shared_since=self._store.shared_records_since(),
         )
         self._receipts_request = request.request_id
         self._receipts_asked_at = time.monotonic()
@@ -303,6 +308,8 @@ class FeedClient:
         elif isinstance(body, ReceiptCatchUpDone):
             if body.request_id == self._receipts_request:
                 self._receipts_request = None
+                if body.as_of is not None:
+                    self._store.save_shared_records_as_of(body.as_of)
                 self._count("receipts_caught_up")
         elif isinstance(body, TillRecordShared):
             self._count(self._store.apply_shared_record(body, till_id))

@@ -51,7 +51,7 @@ from shared.models import (
     TillReceiptEvent,
     ZReport,
 )
-from shared.topology import hands_over_receipts
+from shared.topology import download_categories, hands_over_receipts
 from till_agent.booking import shared_closed_receipt
 from till_agent.db import TillStoreError, transaction
 
@@ -106,6 +106,8 @@ create table if not exists shared_records (
     body        text not null
 );
 """
+
+SHARED_RECORDS_OVERLAP = dt.timedelta(minutes=5)
 
 _EVENT_ADAPTER: TypeAdapter[Any] = TypeAdapter(HandoverEvent.model_fields["event"].annotation)
 
@@ -200,11 +202,29 @@ class HandoverStore:
     def _enqueue(self, record: Any, recorded_at: dt.datetime, record_id: UUID | None = None) -> tuple[UUID, int]: ...  # pragma: no cover
     def book_receipt(self, build: Callable[[int], Receipt], recorded_at: dt.datetime) -> Receipt: ...  # pragma: no cover
     def _get(self, key: str) -> str | None: ...  # pragma: no cover
+    def _set(self, **values: str | None) -> None: ...  # pragma: no cover
 
     def hands_over_receipts(self) -> bool:
         """True if this till's sync mode takes part in shared receipts."""
         _, mode, custom = self.sync_settings()
         return hands_over_receipts(SyncMode(mode), CustomSyncFlags.model_validate_json(custom) if custom else None)
+
+    def receives_shared_records(self) -> bool:
+        """True if this till's sync mode receives the other tills' receipts or Z-reports."""
+        _, mode, custom = self.sync_settings()
+        received = download_categories(SyncMode(mode), CustomSyncFlags.model_validate_json(custom) if custom else None)
+        return "receipts" in received or "zreports" in received
+
+    def shared_records_since(self) -> dt.datetime | None:
+        """Where the next catch-up of other tills' records starts: a few minutes before the
+        router's time of the last one (records archived while it ran are not missed), or
+        None if there was none."""
+        as_of = self._get("shared_records_as_of")
+        return dt.datetime.fromisoformat(as_of) - SHARED_RECORDS_OVERLAP if as_of else None
+
+    def save_shared_records_as_of(self, as_of: dt.datetime) -> None:
+        """Remember the router's time of a completed catch-up of other tills' records."""
+        self._set(shared_records_as_of=as_of.isoformat())
 
     # -- reading ------------------------------------------------------------------
 
@@ -277,6 +297,20 @@ class HandoverStore:
             payment_pending=payment_pending,
             merged_into=_uuid(row["merged_into"]),
         )
+
+    def _own_pending_records(self, receipt_id: UUID) -> list[UUID]:
+        """Record ids of this till's events that will add a position to ``receipt_id``,
+        in outbox order: its own pending events there and its pending moves into it."""
+        rows = self._db.execute(
+            """
+            select e.record_id from handover_events e join outbox o on o.record_id = e.record_id
+            where e.own and e.state = 'pending'
+              and (e.receipt_id = ? or (e.type = 'lines_moved' and json_extract(e.body, '$.to_receipt_id') = ?))
+            order by o.till_seq
+            """,
+            (str(receipt_id), str(receipt_id)),
+        ).fetchall()
+        return [UUID(r[0]) for r in rows]
 
     def _own_moves_into(self, receipt_id: UUID) -> list[list[ViewLine]]:
         """The lines of this till's moves into ``receipt_id`` still waiting for the router,
@@ -370,6 +404,13 @@ class HandoverStore:
         ]
         return receipts, records
 
+    def payments_awaiting_verdict(self) -> list[UUID]:
+        """The shared receipts this till has paid whose payment the router has not judged yet."""
+        rows = self._db.execute(
+            "select receipt_id from handover_events where own and state = 'pending' and type = 'paid' order by receipt_id"
+        ).fetchall()
+        return [UUID(r[0]) for r in rows]
+
     def pending_receipt_events(self) -> int:
         """Own events of shared receipts without a verdict yet."""
         return self._db.execute("select count(*) from handover_events where own and state = 'pending'").fetchone()[0]
@@ -385,7 +426,7 @@ class HandoverStore:
             )
         if view.status == "refused":
             into = f"; its table is on receipt {view.merged_into}" if view.merged_into else ""
-            raise TillStoreError(f"receipt {receipt_id} was not opened (another till opened its table first){into}")
+            raise TillStoreError(f"receipt {receipt_id} was not opened (see `tillsync till notices`){into}")
         return view
 
     def record_receipt_event(self, receipt_id: UUID, event: TillReceiptEvent, recorded_at: dt.datetime) -> UUID:
@@ -432,7 +473,11 @@ class HandoverStore:
                     target = self._open_view(event.to_receipt_id)
                     if target.receipt_id == receipt_id:
                         raise TillStoreError("lines cannot move to the receipt they are on")
-                if isinstance(event, TableSet) and event.table_nr != view.table_nr:
+                    if target.payment_pending:
+                        raise TillStoreError(f"receipt {target.receipt_id} is being paid on this till; wait for the cloud's answer")
+                if isinstance(event, TableSet):
+                    if event.table_nr == view.table_nr:
+                        raise TillStoreError(f"receipt {receipt_id} is on table {event.table_nr} already")
                     self._check_table_free(event.table_nr)
                 if isinstance(event, ReceiptPaid):
                     if event.total != view.total:
@@ -458,12 +503,13 @@ class HandoverStore:
     def payment_for(
         self, receipt_id: UUID, payment_type: PaymentType, payment_name: str, closed_at: dt.datetime
     ) -> ReceiptPaid:
-        """The payment of the whole receipt as this till sees it now: its total, and the
-        position it expects the receipt to be at when the payment arrives (the accepted
-        position plus this till's events still on their way)."""
+        """The payment of the whole receipt as this till sees it now: its total, the last
+        accepted position, and this till's events on the receipt still on their way (its
+        own events and moves into it), which the router must apply first and alone."""
         view = self._open_view(receipt_id)
         return ReceiptPaid(
-            seen_position=max(view.position + view.pending, 1),
+            seen_position=view.position,
+            counted=tuple(self._own_pending_records(receipt_id)),
             total=view.total,
             payments=(Payment(payment_type=payment_type, payment_name=payment_name, amount=view.total),),
             closed_at=closed_at,
@@ -579,7 +625,7 @@ class HandoverStore:
             "update handover_events set state = 'refused', reason = ? where record_id = ? and receipt_id = ?",
             (refused.reason, str(refused.record_id), str(refused.receipt_id)),
         )
-        if refused.event_type == "opened" and refused.code in ("table_taken", "receipt_exists") and refused.existing_receipt_id:
+        if refused.event_type == "opened":
             return self._rebook(refused)
         for event in refused.since:
             if event.receipt_id == refused.receipt_id:
@@ -613,13 +659,13 @@ class HandoverStore:
         or on another table, it books nothing and the notice lists the lines. Its other
         events on the refused receipt (a payment, a move) are not repeated: the notice
         names them."""
-        target = refused.existing_receipt_id
-        assert target is not None
+        raced = refused.code in ("table_taken", "receipt_exists")
+        target = refused.existing_receipt_id if raced else None
         lost = self._receipt_row(refused.receipt_id)
         table_nr = lost["table_nr"] if lost is not None else None
         self._db.execute(
             "update handover_receipts set status = 'refused', merged_into = ? where receipt_id = ?",
-            (str(target), str(refused.receipt_id)),
+            (str(target) if target else None, str(refused.receipt_id)),
         )
         pending = self._db.execute(
             """
@@ -628,13 +674,15 @@ class HandoverStore:
             """,
             (str(refused.receipt_id),),
         ).fetchall()
-        known = self._receipt_row(target)
-        if known is None:
+        known = self._receipt_row(target) if target else None
+        if target and known is None:
             self._db.execute(
                 "insert into handover_receipts (receipt_id, status, created_at) values (?, 'open', ?)",
                 (str(target), dt.datetime.now(dt.UTC).isoformat()),
             )
-        unfit = known is not None and known["position"] > 0 and (known["status"] != "open" or known["table_nr"] != table_nr)
+        unfit = target is None or (
+            known is not None and known["position"] > 0 and (known["status"] != "open" or known["table_nr"] != table_nr)
+        )
         now = dt.datetime.now(dt.UTC)
         lines: dict[UUID, str] = {}  # the lines still standing on the lost receipt
         others: list[str] = []
@@ -657,18 +705,22 @@ class HandoverStore:
                 (state, reason, e["record_id"], str(refused.receipt_id)),
             )
             if rebook and isinstance(event, LineAdded):
+                assert target is not None
                 self._enqueue_event(target, LineAdded(line=event.line, expected_table_nr=table_nr), now)
             elif rebook:
+                assert target is not None
                 self._enqueue_event(target, event, now)
         message = f"{refused.reason}. This till's receipt {refused.receipt_id} was not opened"
         if lines and not unfit:
             message += f"; its lines were booked onto receipt {target}: {', '.join(lines.values())}"
-        elif lines:
+        elif lines and target:
             message += f"; receipt {target} is closed or on another table now, so its lines were NOT booked (book them again): {', '.join(lines.values())}"
+        elif lines:
+            message += f"; its lines were NOT booked (book them again): {', '.join(lines.values())}"
         if others:
             message += f"; not repeated there (do it again): {', '.join(others)}"
         self._notice(refused.receipt_id, refused.record_id, refused.code, message)
-        return "rebooked"
+        return "rebooked" if target and not unfit else "refused"
 
     def apply_handover_snapshot(self, snapshot: ReceiptSnapshot, till_id: UUID | None) -> int:
         """Apply the accepted events of a snapshot this till has not applied; returns how

@@ -95,6 +95,7 @@ _KNOWN_ERRORS = (
     DemoError,
     ServiceStartError,
     BrokerAdminError,
+    asyncpg.PostgresError,
     RuntimeError,
     ValueError,
 )
@@ -249,7 +250,7 @@ def dead_letters(
 @_friendly
 def masterdata_conflicts(
     account_name: Optional[str] = typer.Argument(None, help="only this account (default: all)"),
-    limit: int = typer.Option(20, help="show the newest N conflicts"),
+    limit: int = typer.Option(20, min=1, help="show the newest N conflicts"),
 ) -> None:
     """Show the master-data changes the cloud did not apply, newest first, with the reason.
 
@@ -295,7 +296,7 @@ def masterdata_conflicts(
 @_friendly
 def receipt_refusals(
     account_name: Optional[str] = typer.Argument(None, help="only this account (default: all)"),
-    limit: int = typer.Option(20, help="show the newest N refusals"),
+    limit: int = typer.Option(20, min=1, help="show the newest N refusals"),
 ) -> None:
     """Show the events of shared receipts the receipt handover router refused, newest first,
     and any receipt number used twice by one till.
@@ -556,6 +557,8 @@ def _sale_line(item: str, articles: dict[str, dict[str, Any]]) -> SaleLine:
     if parsed is None:
         raise ValueError(f"{item!r}: expected ARTICLE_NR:QUANTITY[:PRICE_CENTS] with a known article number")
     article = articles[parsed[0]]
+    if not all(part.isascii() for part in parsed[1:]):
+        raise ValueError(f"{item!r}: write quantity and price with the digits 0-9")
     try:
         quantity = Decimal(parsed[1])
         price = int(parsed[2]) if len(parsed) == 3 else article["unit_price"]
@@ -563,6 +566,8 @@ def _sale_line(item: str, articles: dict[str, dict[str, Any]]) -> SaleLine:
         raise ValueError(f"{item!r}: quantity must be a number and price whole cents") from None
     if not quantity.is_finite():
         raise ValueError(f"{item!r}: quantity must be a finite number")
+    if quantity == 0:
+        raise ValueError(f"{item!r}: quantity must not be 0 (a negative quantity books a return)")
     if abs(quantity) > MAX_QUANTITY:
         raise ValueError(f"{item!r}: quantity must be within ±{MAX_QUANTITY}")
     if abs(price) > MAX_CENTS:
@@ -579,8 +584,15 @@ def till_close_day(
     """Record the Z-report of a business day."""
     till = _open_till(data_dir)
     business_day = dt.date.fromisoformat(day) if day else dt.datetime.now(dt.UTC).date()
+    waiting = till.store.payments_awaiting_verdict()
     report = till.close_day(business_day, dt.datetime.now(dt.UTC))
     out.print(f"Z-report {report.z_nr} for {business_day}: {report.receipt_count} receipts, {report.total / 100:.2f} EUR")
+    if waiting:
+        err.print(
+            f"warning: {len(waiting)} payment(s) of shared receipts ({', '.join(_short_id(r) for r in waiting)}) wait for the "
+            "receipt handover router: they are not in this Z-report; once accepted they get receipt numbers and go "
+            "into the next one (`tillsync till sync`)"
+        )
 
 
 @till_app.command("sync")
@@ -602,7 +614,7 @@ def till_sync(
     if not enabled:
         raise RuntimeError(f"the sync switch is off; {pending} records wait. Turn it on: `tillsync till mode {mode} --sync`")
     categories = till.store.participating_categories()
-    receipts = till.store.hands_over_receipts()
+    receipts = till.store.hands_over_receipts() or till.store.receives_shared_records()
     notices_before = len(till.notices())
 
     def receipts_done() -> bool:

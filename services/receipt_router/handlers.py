@@ -30,6 +30,8 @@ import structlog
 
 from shared.consumer import Delivery
 from shared.models import (
+    MAX_SHARED_RECORDS,
+    SHARED_RECORDS_DAYS,
     CustomSyncFlags,
     Download,
     HandoverEvent,
@@ -57,6 +59,7 @@ from shared.models import (
 )
 from shared.topology import (
     DOWNLOAD_EXCHANGE,
+    download_categories,
     download_routing_key,
     hands_over_receipts,
     receipt_catchup_routing_key,
@@ -483,19 +486,18 @@ async def _apply(u: Upload, record: ReceiptEvent, till: _Till, conn: asyncpg.Con
             event.to_receipt_id, target_position, moved,
         )
     elif isinstance(event, ReceiptPaid):
-        if event.seen_position != receipt["position"]:
-            since = await _events_after(conn, receipt_id, event.seen_position)
-            if since:
+        since = await _events_after(conn, receipt_id, event.seen_position)
+        if [e.record_id for e in since] != list(event.counted):
+            others = [e for e in since if e.record_id not in event.counted]
+            if others:
                 names = await _till_names(conn, u.account_id)
-                what = "; ".join(describe(e, names) for e in since)
-                reason = (
-                    f"the receipt changed after it was totalled (position {event.seen_position}, now "
-                    f"{receipt['position']}): {what}; total now {_cents(total)}"
-                )
+                what = "; ".join(describe(e, names) for e in others[:5])
+                more = f"; and {len(others) - 5} more" if len(others) > 5 else ""
+                reason = f"the receipt changed after it was totalled: {what}{more}; total now {_cents(total)}"
             else:
                 reason = (
-                    f"the payment counted on position {event.seen_position}, but the receipt is at position "
-                    f"{receipt['position']} (some of this till's events were refused); total now {_cents(total)}"
+                    "the payment counted on events of this till that were refused or not yet applied; "
+                    f"total now {_cents(total)}"
                 )
             raise Refusal("stale_payment", reason, receipt_id, since)
         if event.total != total:
@@ -539,20 +541,25 @@ async def serve_receipt_catchups(deliveries: list[Delivery[ReceiptCatchUpRequest
         if problem:
             d.refuse(problem, outcome="wrong_sender")
             continue
-        account = await conn.fetchval("select account_id from tills where till_id = $1", r.till_id)
-        if account != r.account_id:
+        till = await conn.fetchrow("select account_id, sync_mode, custom_flags from tills where till_id = $1", r.till_id)
+        if till is None or till["account_id"] != r.account_id:
             d.refuse(f"till {r.till_id} is not a till of account {r.account_id}", outcome="unknown_till")
             continue
+        as_of = await conn.fetchval("select now()")
+        mode = SyncMode(till["sync_mode"])
+        custom = CustomSyncFlags.model_validate(till["custom_flags"]) if till["custom_flags"] else None
+        shared = await _send_shared_records(d, conn, r, download_categories(mode, custom))
+        open_too = hands_over_receipts(mode, custom)
         receipt_ids = [
             row["receipt_id"]
             for row in await conn.fetch(
                 """
                 select receipt_id from handover_receipts
-                where account_id = $1 and (status = 'open' or receipt_id = any($2::uuid[])
+                where account_id = $1 and ((status = 'open' and $4) or receipt_id = any($2::uuid[])
                       or receipt_id in (select receipt_id from handover_events where record_id = any($3::uuid[])))
                 order by opened_at, receipt_id
                 """,
-                r.account_id, list(r.receipt_ids), list(r.verdicts_for),
+                r.account_id, list(r.receipt_ids), list(r.verdicts_for), open_too,
             )
         ]
         events: dict[UUID, list[HandoverEvent]] = {i: [] for i in receipt_ids}
@@ -573,5 +580,38 @@ async def serve_receipt_catchups(deliveries: list[Delivery[ReceiptCatchUpRequest
             "select * from handover_refusals where record_id = any($1::uuid[]) and till_id = $2", list(r.verdicts_for), r.till_id
         ):
             await _tell_refusal(d, conn, row)
-        _tell(d, ReceiptCatchUpDone(request_id=r.request_id, receipts=len(receipt_ids), unknown_receipts=unknown))
+        _tell(d, ReceiptCatchUpDone(
+            request_id=r.request_id, receipts=len(receipt_ids), unknown_receipts=unknown, shared_records=shared, as_of=as_of,
+        ))
         d.outcome = "served"
+        d.log["shared_records"] = shared
+
+
+async def _send_shared_records(
+    d: Delivery[ReceiptCatchUpRequest], conn: asyncpg.Connection, r: ReceiptCatchUpRequest, categories: tuple[str, ...]
+) -> int:
+    """Send the other tills' receipts and Z-reports archived after ``r.shared_since`` (or of
+    the last ``SHARED_RECORDS_DAYS`` days), at most ``MAX_SHARED_RECORDS``, the newest;
+    only the kinds the till's mode receives. Read from the archive (written by the
+    archive writer); live ones arrive through ``route_receipts``."""
+    kinds = [k for k, c in (("receipt", "receipts"), ("zreport", "zreports")) if c in categories]
+    if not kinds:
+        return 0
+    rows = await conn.fetch(
+        """
+        select * from (
+            select a.record_id, a.till_id, t.till_name, a.recorded_at, a.payload -> 'record' as record, a.archived_at
+            from archive_records a left join tills t on t.till_id = a.till_id
+            where a.account_id = $1 and a.kind = any($2::text[]) and a.till_id <> $3
+              and a.archived_at > coalesce($4, now() - make_interval(days => $5::int))
+            order by a.archived_at desc limit $6
+        ) newest order by archived_at
+        """,
+        r.account_id, kinds, r.till_id, r.shared_since, SHARED_RECORDS_DAYS, MAX_SHARED_RECORDS,
+    )
+    for row in rows:
+        _tell(d, TillRecordShared(
+            till_id=row["till_id"], till_name=row["till_name"] or "", record_id=row["record_id"],
+            recorded_at=row["recorded_at"], record=row["record"],
+        ))
+    return len(rows)

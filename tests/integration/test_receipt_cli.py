@@ -194,7 +194,13 @@ async def test_lines_are_voided_split_off_and_the_table_moved(services, env: Env
 
     ok(await run(env, a, "pay", "table:4"))
     ok(await run(env, a, "pay", new_id[:8], "--card"))
+    # closing the day before the payments are accepted: said, and they go into the next Z-report
+    closed = await run(env, a, "close-day")
+    assert closed.exit_code == 0 and "Z-report 1" in closed.stdout, closed.output
+    assert "warning: 2 payment(s) of shared receipts" in closed.stderr and "into the next one" in closed.stderr
     ok(await run(env, a, "sync"))
+    second = ok(await run(env, a, "close-day"))
+    assert "Z-report 2" in second and "2 receipts, 14.00 EUR" in second, second
     assert "no open shared receipts" in ok(await run(env, a, "receipts"))
     every = ok(await run(env, a, "receipts", "--all"))
     assert row_of(every, receipt_id[:8])[-1] == "closed" and row_of(every, new_id[:8])[-1] == "closed", every

@@ -381,7 +381,8 @@ async def test_other_tills_receipts_and_zreports_are_visible_in_receipt_mode(ser
         await d.set_sync_mode(True, SyncMode.CUSTOM, CustomSyncFlags(download_zreports=True))
         sell(a, 1)
         second = a.close_day(dt.date.today(), now())
-        await wait_until(lambda: [s.record for s in d.store.shared_records("zreport")] == [second], what="the Z-report on D")
+        # the earlier Z-report comes with D's first catch-up, the new one live
+        await wait_until(lambda: [s.record for s in d.store.shared_records("zreport")] == [report, second], what="the Z-reports on D")
         await wait_until(lambda: len(b.store.shared_records("receipt")) == 4, what="the 4th receipt on B")
         assert d.store.shared_records("receipt") == []
         with pytest.raises(TillStoreError, match="does not hand over receipts"):
@@ -758,5 +759,63 @@ async def test_a_second_closing_of_a_shared_receipt_is_flagged(services, env: En
         )
         assert "total 0 differs from the shared receipt's 600 cents" in reason and "closed already as receipt number 1" in reason
         assert await fetchval(env, "select receipt_number from handover_receipts where receipt_id = $1", receipt_id) == 1
+    finally:
+        await stop(a)
+
+
+async def test_a_payment_counting_a_refused_event_of_its_own_is_stale(services, env: Environment, tmp_path: Path) -> None:
+    account = await new_account(env, tmp_path)
+    a = await join(env, tmp_path, account, RECEIPTS, "Kasse A")
+    b = await join(env, tmp_path, account, RECEIPTS, "Kasse B")
+    try:
+        receipt_id = a.open_receipt(table_nr="V", cashier=WAITER, at=now())
+        wrong = a.add_line(receipt_id, beer(1, 500), now())
+        a.add_line(receipt_id, beer(2, 300), now())
+        await wait_until(lambda: knows(b, receipt_id) and len(b.receipt(receipt_id).lines) == 2
+                         and not a.receipt(receipt_id).pending, what="both lines everywhere")
+        await a.stop_sync()
+        b.void_line(receipt_id, wrong, now())  # B takes the line off ...
+        await wait_until(lambda: not b.receipt(receipt_id).pending, what="B's void accepted")
+        a.void_line(receipt_id, wrong, now())  # ... and A, offline, too: A's void will be refused
+        paid = a.pay_receipt(receipt_id, PaymentType.CASH, "Bar", now())
+        assert paid.total == 300 and len(paid.counted) == 1
+        a.start_sync()
+        notices = await wait_until(lambda: [n for n in a.notices() if n.code == "stale_payment"], what="the payment refused")
+        assert "voided on till Kasse B" in notices[0].message
+        assert [n.code for n in a.notices()] == ["unknown_line", "stale_payment"]
+        await wait_until(lambda: not a.receipt(receipt_id).pending, what="A settled")
+        assert a.receipt(receipt_id).status == "open" and a.receipt(receipt_id).total == 300
+        a.pay_receipt(receipt_id, PaymentType.CASH, "Bar", now())
+        await wait_until(lambda: a.receipt(receipt_id).receipt_number, what="paid")
+    finally:
+        await stop(a, b)
+
+
+async def test_a_till_that_starts_receiving_gets_the_other_tills_recent_records(services, env: Environment, tmp_path: Path) -> None:
+    account = await new_account(env, tmp_path)
+    a = await join(env, tmp_path, account, SyncMode.ARCHIVE, "Kasse A")
+    try:
+        sell(a, 2)
+        report = a.close_day(dt.date.today(), now())
+        assert await a.relay.drain(20)
+        await wait_until(lambda: fetchval(env, "select count(*) = 3 from archive_records where till_id = $1",
+                                          a.store.identity().till_id), what="archived")
+        late = await join(env, tmp_path, account, RECEIPTS, "Kasse Spät")
+        zonly = await join(env, tmp_path, account, SyncMode.ARCHIVE, "Kasse Z")
+        await zonly.set_sync_mode(True, SyncMode.CUSTOM, CustomSyncFlags(download_zreports=True))
+        await wait_until(lambda: len(late.store.shared_records("receipt")) == 2 and late.store.shared_records("zreport"),
+                         what="the earlier records on the late till")
+        assert [r.record for r in late.store.shared_records("zreport")] == [report]
+        assert late.store.shared_records("receipt")[0].till_name == "Kasse A"
+        await wait_until(lambda: zonly.store.shared_records("zreport"), what="the Z-report on the Z-only till")
+        await asyncio.sleep(0.3)
+        assert zonly.store.shared_records("receipt") == [] and zonly.store.shared_receipts(None) == []
+        # the next catch-up starts where the last ended: nothing twice
+        await late.stop_sync()
+        sell(a, 1)
+        assert await a.relay.drain(20)
+        late.start_sync()
+        await wait_until(lambda: len(late.store.shared_records("receipt")) == 3, what="the new receipt")
+        await stop(late, zonly)
     finally:
         await stop(a)

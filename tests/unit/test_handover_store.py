@@ -27,6 +27,7 @@ from shared.models import (
     ReceiptSnapshot,
     SignedIn,
     SyncMode,
+    TableSet,
     TillRecordShared,
 )
 from till_agent.booking import SaleLine, closed_receipt
@@ -251,7 +252,9 @@ def test_the_payment_counts_the_tills_own_events_still_on_their_way(store: TillS
     store.record_receipt_event(receipt_id, line(100), T0)
     store.record_receipt_event(receipt_id, line(200), T0)
     paid = store.payment_for(receipt_id, PaymentType.CASH, "Bar", T0)
-    assert (paid.seen_position, paid.total) == (3, 300)  # position 1 + its 2 lines
+    lines = [record_id for record_id, _ in own_events(store)]
+    # the accepted position 1, and its 2 lines the router must apply before the payment
+    assert (paid.seen_position, paid.counted, paid.total) == (1, tuple(lines), 300)
 
 
 def test_local_rules_refuse_what_the_router_would_refuse(store: TillStore, tmp_path: Path) -> None:
@@ -341,8 +344,10 @@ def test_lines_split_off_show_on_the_target_receipt_before_the_router_confirms(s
     assert store.shared_receipt(source).total == 0
     view = store.shared_receipt(target)
     assert (view.total, view.pending, [v.confirmed for v in view.lines]) == (500, 1, [False])
-    # paying the target now counts the position the router will give the moved lines
-    assert store.payment_for(target, PaymentType.CASH, "Bar", T0).seen_position == 2
+    # paying the target now counts the move, which the router appends to it first
+    [(move, _)] = own_events(store)
+    paid = store.payment_for(target, PaymentType.CASH, "Bar", T0)
+    assert (paid.seen_position, paid.counted) == (1, (move,))
 
 
 def test_a_stale_payments_refusal_brings_the_events_it_missed(store: TillStore) -> None:
@@ -357,3 +362,41 @@ def test_a_stale_payments_refusal_brings_the_events_it_missed(store: TillStore) 
     ), me(store))
     view = store.shared_receipt(receipt_id)
     assert (view.position, view.total) == (3, 450)
+
+
+def test_a_table_is_one_table_however_its_name_is_typed(store: TillStore) -> None:
+    assert opened("Cafe\u0301").table_nr == opened("Caf\u00e9").table_nr == "Café"
+    assert opened("\uff19").table_nr == "9"  # a full-width digit
+    store.record_receipt_event(uuid.uuid4(), opened("Caf\u00e9"), T0)
+    with pytest.raises(TillStoreError, match="already has open receipt"):
+        store.record_receipt_event(uuid.uuid4(), opened("Cafe\u0301"), T0)
+
+
+def test_an_opening_refused_for_another_reason_is_not_left_open(store: TillStore) -> None:
+    receipt_id = uuid.uuid4()
+    store.record_receipt_event(receipt_id, opened("Q"), T0)
+    store.record_receipt_event(receipt_id, line(350), T0)
+    [(opening, _), _] = own_events(store)
+    assert store.apply_handover_refused(ReceiptEventRefused(
+        record_id=opening, receipt_id=receipt_id, event_type="opened", code="not_taking_part",
+        reason="the till's sync mode (archive) does not hand over receipts",
+    )) == "refused"
+    assert store.shared_receipt(receipt_id).status == "refused"
+    assert store.open_receipt_of_table("Q") is None  # the table is free again on this till
+    [notice] = store.notices()
+    assert "its lines were NOT booked (book them again): 'Bier' 1 × 3.50 EUR" in notice.message
+    store.record_receipt_event(uuid.uuid4(), opened("Q"), T0)
+
+
+def test_pointless_or_clashing_moves_are_refused_on_the_till(store: TillStore) -> None:
+    source, target = uuid.uuid4(), uuid.uuid4()
+    store.apply_handover_event(accepted(source, 1, opened("1")), me(store))
+    moved = line(400)
+    store.apply_handover_event(accepted(source, 2, moved), me(store))
+    store.apply_handover_event(accepted(target, 1, opened("2")), me(store))
+    with pytest.raises(TillStoreError, match="is on table 1 already"):
+        store.record_receipt_event(source, TableSet(table_nr="1"), T0)
+    store.record_receipt_event(target, store.payment_for(target, PaymentType.CASH, "Bar", T0), T0)
+    with pytest.raises(TillStoreError, match="is being paid on this till"):
+        store.record_receipt_event(source, LinesMoved(line_ids=(moved.line.line_id,), to_receipt_id=target), T0)
+    assert store.payments_awaiting_verdict() == [target]
