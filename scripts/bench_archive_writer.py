@@ -64,7 +64,7 @@ async def _round(base: ServiceSettings, uploads: int, batch_size: int) -> float:
         account_id, till_id = uuid.uuid4(), uuid.uuid4()
         secret = secrets.token_urlsafe(16)
         await admin.put_user(till_broker_user(till_id), secret)
-        await admin.grant_till(settings.vhost, till_broker_user(till_id), till_permissions(account_id, till_id))
+        await admin.grant_permissions(settings.vhost, till_broker_user(till_id), till_permissions(account_id, till_id))
         connection = await aio_pika.connect(amqp_url_with_credentials(amqp_url, till_broker_user(till_id), secret))
         async with connection:
             channel = await connection.channel(publisher_confirms=True)

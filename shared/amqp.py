@@ -133,6 +133,7 @@ class RpcClient:
         reply_adapter: TypeAdapter[R],
         timeout_seconds: float = 30.0,
         persistent: bool = False,
+        user_id: str | None = None,
     ) -> R:
         """Publish ``request`` and return the validated reply.
 
@@ -140,6 +141,8 @@ class RpcClient:
         if the reply does not match ``reply_adapter``; ``aio_pika`` errors if the
         broker refuses the publish (e.g. no permission) or no queue is bound.
         Requests are non-persistent unless ``persistent``; they expire with the timeout.
+        ``user_id``: the connection's user, for receivers that act on who sent it
+        (RabbitMQ refuses a ``user_id`` that is not the connection's user).
         """
         if self._channel is None:
             raise RuntimeError("RpcClient.start() was not called")
@@ -155,6 +158,7 @@ class RpcClient:
                     correlation_id=correlation_id,
                     reply_to=DIRECT_REPLY_TO,
                     expiration=timeout_seconds,
+                    user_id=user_id,
                     delivery_mode=aio_pika.DeliveryMode.PERSISTENT if persistent else aio_pika.DeliveryMode.NOT_PERSISTENT,
                 ),
                 routing_key=routing_key,

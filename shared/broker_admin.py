@@ -12,7 +12,7 @@ from urllib.parse import quote
 
 import httpx
 
-from shared.topology import TillPermissions
+from shared.topology import UserPermissions
 
 
 class BrokerAdminError(RuntimeError):
@@ -95,8 +95,8 @@ class BrokerAdmin:
             json={"exchange": exchange, "write": write, "read": read},
         )
 
-    async def grant_till(self, vhost: str, user: str, permissions: TillPermissions) -> None:
-        """Apply a till's permissions and its topic permission on the upload exchange."""
+    async def grant_permissions(self, vhost: str, user: str, permissions: UserPermissions) -> None:
+        """Apply a user's vhost permissions and its topic permission on one exchange."""
         await self.set_permissions(vhost, user, permissions.configure, permissions.write, permissions.read)
         await self.set_topic_permissions(
             vhost, user, permissions.topic_exchange, permissions.topic_write, permissions.topic_read

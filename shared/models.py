@@ -1021,17 +1021,40 @@ class SetSyncMode(TillAuth):
         return self
 
 
+class RequestPasswordReset(WireModel):
+    """"Forgot password" on a till: ask for ``new_password`` to become the account's
+    password once a service technician approves it. Allowed only while every till of
+    the account is signed out; the old password stays valid until the approval."""
+
+    command: Literal["request_password_reset"] = "request_password_reset"
+    account_name: Annotated[Text, Field(min_length=1, max_length=320)]
+    new_password: SecretStr
+    serial_number: Key = Field(description="the till the owner asks on")
+    till_name: Name
+
+    reveal_password = field_serializer("new_password", when_used="json")(_reveal)
+
+
 class AccountRequest(WireModel):
     """Envelope of every account-service request."""
 
     schema_version: Literal[1] = SCHEMA_VERSION
-    request: Annotated[Union[CreateAccount, SignIn, SignOut, SetSyncMode], Field(discriminator="command")]
+    request: Annotated[
+        Union[CreateAccount, SignIn, SignOut, SetSyncMode, RequestPasswordReset], Field(discriminator="command")
+    ]
 
 
 class AccountCreated(WireModel):
     reply: Literal["account_created"] = "account_created"
     account_id: UUID
     account_name: str
+
+
+class AccountNotice(WireModel):
+    """A message for the account's owner, shown on a till at sign-in."""
+
+    at: AwareDatetime
+    message: str
 
 
 class SignedIn(WireModel):
@@ -1052,6 +1075,9 @@ class SignedIn(WireModel):
     sync_enabled: bool
     sync_mode: SyncMode
     custom: CustomSyncFlags | None = None
+    notices: tuple[AccountNotice, ...] = Field(
+        default=(), description="news for the account since this till last signed in (e.g. a password reset decided)"
+    )
 
     reveal_password = field_serializer("broker_password", when_used="json")(_reveal)
 
@@ -1071,6 +1097,15 @@ class SyncModeSet(WireModel):
     routing_keys: tuple[str, ...] = Field(description="binding keys of the till's queue on till.download")
 
 
+class PasswordResetRequested(WireModel):
+    """The reset request is recorded and waits for a service technician's approval."""
+
+    reply: Literal["password_reset_requested"] = "password_reset_requested"
+    request_id: UUID
+    requested_at: AwareDatetime
+    superseded: Count = Field(default=0, description="earlier pending requests of the account this one replaces")
+
+
 class ErrorCode(StrEnum):
     INVALID_REQUEST = "invalid_request"
     INVALID_ACCOUNT_NAME = "invalid_account_name"
@@ -1080,6 +1115,8 @@ class ErrorCode(StrEnum):
     TOO_MANY_ATTEMPTS = "too_many_attempts"
     TILL_IN_USE = "till_in_use"
     UNKNOWN_TILL = "unknown_till"
+    UNKNOWN_ACCOUNT = "unknown_account"
+    TILLS_SIGNED_IN = "tills_signed_in"
     INTERNAL = "internal"
 
 
@@ -1098,8 +1135,124 @@ class AccountReply(WireModel):
 
     schema_version: Literal[1] = SCHEMA_VERSION
     reply: Annotated[
-        Union[AccountCreated, SignedIn, SignedOut, SyncModeSet, ErrorReply], Field(discriminator="reply")
+        Union[AccountCreated, SignedIn, SignedOut, SyncModeSet, PasswordResetRequested, ErrorReply],
+        Field(discriminator="reply"),
     ]
+
+
+# ---------------------------------------------------------------------------
+# Password approval: the account service and ops talk to the password-approval worker
+#
+# Published to the topic exchange ``password.approval``: the account service with
+# routing key ``request`` (a new reset request, the password already hashed), ops users
+# with ``decision`` (approve / reject) or ``query`` (list), each with its AMQP
+# ``user_id`` (validated by RabbitMQ; the worker takes the approver from it) and a
+# ``reply_to`` for the answer (``ApprovalReply``). Ops users may publish only
+# ``decision`` and ``query``; tills may not publish to the exchange at all.
+
+ARGON2_HASH = Annotated[str, StringConstraints(pattern=r"^\$argon2id\$", max_length=500)]
+
+
+class PasswordResetRequest(WireModel):
+    """A new reset request (account service → worker). ``password_hash``: argon2id of
+    the new password; the clear password is never sent on."""
+
+    type: Literal["password_reset_request"] = "password_reset_request"
+    request_id: UUID
+    account_id: UUID
+    account_name: str
+    password_hash: ARGON2_HASH
+    requested_at: AwareDatetime
+    requested_on: Name = Field(description="the till the owner asked on: name (serial number)")
+
+
+class ApprovePasswordReset(WireModel):
+    """Ops: make the request's password the account's password. ``command_id`` makes a
+    repeated command (a retry) a no-op answered like the first."""
+
+    type: Literal["approve"] = "approve"
+    request_id: UUID
+    command_id: UUID
+
+
+class RejectPasswordReset(WireModel):
+    """Ops: refuse the request; the old password stays. ``reason`` is shown to the owner."""
+
+    type: Literal["reject"] = "reject"
+    request_id: UUID
+    command_id: UUID
+    reason: Annotated[Text, Field(min_length=1, max_length=500)]
+
+
+class ListPasswordResets(WireModel):
+    """Ops: list the pending requests (``include_decided``: also the decided ones of the
+    last ``days`` days)."""
+
+    type: Literal["list"] = "list"
+    include_decided: bool = False
+    days: Annotated[StrictInt, Field(ge=1, le=366)] = 30
+
+
+class ApprovalMessage(WireModel):
+    """Envelope of every message to the password-approval worker."""
+
+    schema_version: Literal[1] = SCHEMA_VERSION
+    message: Annotated[
+        Union[PasswordResetRequest, ApprovePasswordReset, RejectPasswordReset, ListPasswordResets],
+        Field(discriminator="type"),
+    ]
+
+
+PasswordResetStatus = Literal["pending", "approved", "rejected", "expired", "superseded"]
+
+
+class PasswordResetInfo(WireModel):
+    """One request as ops see it; ``overdue``: pending for longer than the 48 h target;
+    ``age_hours`` since it was requested."""
+
+    request_id: UUID
+    account_name: str
+    requested_on: str
+    requested_at: AwareDatetime
+    age_hours: float
+    overdue: bool
+    expires_at: AwareDatetime
+    status: PasswordResetStatus
+    decided_by: str | None = None
+    decided_at: AwareDatetime | None = None
+    reason: str | None = None
+
+
+class PasswordResetDecided(WireModel):
+    """Answer to approve / reject: the request's status now. ``repeat``: the command was
+    applied before (same ``command_id``) and nothing changed now."""
+
+    reply: Literal["decided"] = "decided"
+    request: PasswordResetInfo
+    repeat: bool = False
+
+
+class PasswordResetList(WireModel):
+    reply: Literal["list"] = "list"
+    requests: tuple[PasswordResetInfo, ...]
+
+
+class ApprovalError(WireModel):
+    """A refused ops command, e.g. an unknown, expired or already decided request."""
+
+    reply: Literal["error"] = "error"
+    code: Literal["unknown_request", "not_pending", "expired", "not_ops", "invalid", "internal"]
+    message: str
+
+
+class ApprovalReply(WireModel):
+    """Envelope of every answer of the password-approval worker."""
+
+    schema_version: Literal[1] = SCHEMA_VERSION
+    reply: Annotated[Union[PasswordResetDecided, PasswordResetList, ApprovalError], Field(discriminator="reply")]
+
+
+APPROVAL_ADAPTER: TypeAdapter[ApprovalMessage] = TypeAdapter(ApprovalMessage)
 
 
 def to_wire(model: BaseModel) -> bytes:

@@ -47,6 +47,11 @@ class BrokerSettings(BaseTillsyncSettings):
         return vhost_of(self.amqp_url)
 
     @property
+    def amqp_user(self) -> str:
+        """The broker user of ``amqp_url`` (the ``user_id`` this process publishes as)."""
+        return unquote(urlsplit(self.amqp_url).username or "guest")
+
+    @property
     def management_credentials(self) -> tuple[str, str]:
         """``(user, password)`` for the management HTTP API."""
         parts = urlsplit(self.amqp_url)

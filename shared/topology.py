@@ -31,6 +31,7 @@ from shared.models import MASTERDATA_CATEGORIES, RECORD_KINDS, CustomSyncFlags, 
 UPLOAD_EXCHANGE = "till.upload"
 DOWNLOAD_EXCHANGE = "till.download"
 ACCOUNT_EXCHANGE = "account.requests"
+APPROVAL_EXCHANGE = "password.approval"
 DEAD_LETTER_EXCHANGE = "tillsync.dead-letter"
 
 ARCHIVE_WRITER_QUEUE = "archive-writer"
@@ -41,11 +42,16 @@ RECEIPT_ROUTER_QUEUE = "receipt-handover-router"
 RECEIPT_CATCHUP_QUEUE = "receipt-catchup"
 RECEIPT_CATCHUP_KIND = "receipt_catchup"  # routing-key suffix of a till's receipt catch-up request
 ACCOUNT_SERVICE_QUEUE = "account-service"
+PASSWORD_APPROVAL_QUEUE = "password-approval"
+APPROVAL_REQUEST_KEY = "request"  # the account service: a new reset request
+APPROVAL_DECISION_KEY = "decision"  # ops: approve / reject
+APPROVAL_QUERY_KEY = "query"  # ops: list
 ACCOUNT_SERVICE_ROUTING_KEY = ACCOUNT_SERVICE_QUEUE
 
 DEFAULT_VHOST = "tillsync"
 SIGNUP_USER = "tillsync-signup"
 TILL_USER_PREFIX = "till-"
+OPS_USER_PREFIX = "ops-"
 TILL_QUEUE_PREFIX = "till."
 
 DELIVERY_LIMIT = 10  # redeliveries of one message before a service queue dead-letters it
@@ -157,6 +163,7 @@ TOPOLOGY = _merge(
             ExchangeSpec(name=UPLOAD_EXCHANGE, type="topic"),
             ExchangeSpec(name=DOWNLOAD_EXCHANGE, type="topic"),
             ExchangeSpec(name=ACCOUNT_EXCHANGE, type="direct"),
+            ExchangeSpec(name=APPROVAL_EXCHANGE, type="topic"),
             ExchangeSpec(name=DEAD_LETTER_EXCHANGE, type="direct"),
         ),
         queues=(ACCOUNT_SERVICE_QUEUE_SPEC, QueueSpec(name=dead_letter_queue_name(ACCOUNT_SERVICE_QUEUE), arguments={"x-queue-type": "quorum"})),
@@ -182,6 +189,12 @@ TOPOLOGY = _merge(
         single_active_consumer=True,
     ),
     service_queue(RECEIPT_CATCHUP_QUEUE, [(UPLOAD_EXCHANGE, f"*.*.{RECEIPT_CATCHUP_KIND}")]),
+    # Reset requests and ops decisions in one queue, so they are applied in arrival order.
+    service_queue(
+        PASSWORD_APPROVAL_QUEUE,
+        [(APPROVAL_EXCHANGE, key) for key in (APPROVAL_REQUEST_KEY, APPROVAL_DECISION_KEY, APPROVAL_QUERY_KEY)],
+        single_active_consumer=True,
+    ),
 )
 
 # Bindings of earlier releases that ``tillsync setup`` removes (the archive writer used
@@ -232,8 +245,9 @@ def till_queue_spec(till_id: UUID) -> QueueSpec:
     )
 
 
-class TillPermissions(BaseModel):
-    """A till's vhost permissions and its topic permissions on the upload exchange."""
+class UserPermissions(BaseModel):
+    """A broker user's vhost permissions and its topic permission on one exchange (tills: the
+    upload exchange; ops users: the password-approval exchange)."""
 
     model_config = ConfigDict(frozen=True)
     configure: str
@@ -244,19 +258,37 @@ class TillPermissions(BaseModel):
     topic_read: str
 
 
-def till_permissions(account_id: UUID, till_id: UUID) -> TillPermissions:
+def till_permissions(account_id: UUID, till_id: UUID) -> UserPermissions:
     """Permissions of a till's broker user (regular expressions, RabbitMQ access control).
 
     The till may publish only to ``till.upload`` and only with routing keys that begin
     with its own ``<account_id>.<till_id>.``; it may read only its own queue; it may
     not declare, delete or bind anything.
     """
-    return TillPermissions(
+    return UserPermissions(
         configure="^$",
         write=f"^{re.escape(UPLOAD_EXCHANGE)}$",
         read=f"^{re.escape(till_queue_name(till_id))}$",
         topic_exchange=UPLOAD_EXCHANGE,
         topic_write=f"^{re.escape(str(account_id))}\\.{re.escape(str(till_id))}\\.[a-z_]+$",
+        topic_read="^$",
+    )
+
+
+def ops_broker_user(name: str) -> str:
+    """The RabbitMQ user of a service technician: ``ops-<name>``."""
+    return f"{OPS_USER_PREFIX}{name}"
+
+
+def ops_permissions() -> UserPermissions:
+    """Permissions of an ops user: publish only decisions and queries to ``password.approval``
+    (answers come through direct reply-to), nothing else."""
+    return UserPermissions(
+        configure="^$",
+        write=f"^{re.escape(APPROVAL_EXCHANGE)}$",
+        read="^$",
+        topic_exchange=APPROVAL_EXCHANGE,
+        topic_write=f"^({APPROVAL_DECISION_KEY}|{APPROVAL_QUERY_KEY})$",
         topic_read="^$",
     )
 

@@ -25,7 +25,7 @@ from shared.db import init_connection
 from shared.fiscal import PaymentType, VatKey
 from shared.models import Cashier
 from shared.settings import amqp_url_with_credentials
-from shared.topology import TILL_USER_PREFIX
+from shared.topology import OPS_USER_PREFIX, TILL_USER_PREFIX
 from tillsync.demo import DemoSettings
 from tillsync.setup import setup
 from till_agent.booking import SaleLine
@@ -101,9 +101,9 @@ class Environment:
         await setup(self.settings)
 
     async def destroy(self) -> None:
-        """Delete the vhost, the till users made in it, and the database."""
+        """Delete the vhost, the till and ops users made in it, and the database."""
         for permission in await self.admin.vhost_permissions(self.vhost):
-            if permission["user"].startswith(TILL_USER_PREFIX):
+            if permission["user"].startswith((TILL_USER_PREFIX, OPS_USER_PREFIX)):
                 await self.admin.delete_user(permission["user"])
         await self.admin.delete_vhost(self.vhost)
         await drop_database(self.infra, self.database)

@@ -41,6 +41,8 @@ from shared.models import (
     CustomSyncFlags,
     ErrorReply,
     MasterDataEntity,
+    PasswordResetRequested,
+    RequestPasswordReset,
     MasterDataRecord,
     SharedSetting,
     is_local_only_setting,
@@ -103,7 +105,7 @@ class Till:
 
     # -- account requests ------------------------------------------------------
 
-    async def _request(self, request: CreateAccount | SignIn | SignOut | SetSyncMode) -> AccountReply:
+    async def _request(self, request: CreateAccount | SignIn | SignOut | SetSyncMode | RequestPasswordReset) -> AccountReply:
         try:
             connection = await aio_pika.connect(
                 self.settings.cloud_amqp_url,
@@ -172,6 +174,29 @@ class Till:
         self.store.save_sign_in(signed_in)
         self.relay.wake()
         return signed_in
+
+    async def request_password_reset(self, account_name: str, new_password: str) -> PasswordResetRequested:
+        """"Forgot password": ask for ``new_password`` to become the account's password once
+        a service technician approves it (target: 48 h). Every till of the account must be
+        signed out; they keep recording meanwhile and upload after signing in with the new
+        password. Raises ``AccountError`` (a till still signed in, each named; a weak
+        password; an unknown account) and ``RuntimeError`` if this till is signed in or
+        belongs to another account."""
+        identity = self.store.identity()
+        if identity.signed_in:
+            raise RuntimeError("this till is signed in; sign it (and every other till of the account) out first")
+        if identity.account_name and identity.account_name != account_name.strip().lower():
+            raise RuntimeError(f"this till belongs to account {identity.account_name}")
+        reply = await self._request(
+            RequestPasswordReset(
+                account_name=account_name,
+                new_password=new_password,
+                serial_number=identity.serial_number,
+                till_name=identity.till_name,
+            )
+        )
+        assert isinstance(reply.reply, PasswordResetRequested)
+        return reply.reply
 
     def _auth(self) -> tuple[UUID, str]:
         identity = self.store.identity()

@@ -17,6 +17,7 @@ import sys
 from decimal import Decimal, InvalidOperation
 from pathlib import Path
 from typing import Any, Callable, Optional, TypeVar
+import uuid
 from uuid import UUID
 
 import aio_pika
@@ -38,17 +39,34 @@ from shared.models import (
     ENTITY_KINDS,
     MAX_CENTS,
     MAX_QUANTITY,
+    ApprovalError,
+    ApprovalMessage,
+    ApprovalReply,
+    ApprovePasswordReset,
     Article,
     Cashier,
     CustomSyncFlags,
+    ListPasswordResets,
+    PasswordResetDecided,
+    PasswordResetInfo,
+    PasswordResetList,
     Receipt,
+    RejectPasswordReset,
     SyncMode,
     ZReport,
 )
 from shared.settings import BrokerSettings, ServiceSettings
-from shared.topology import TOPOLOGY, dead_letter_queue_name, definitions, download_categories
+from shared.topology import (
+    APPROVAL_DECISION_KEY,
+    APPROVAL_QUERY_KEY,
+    TOPOLOGY,
+    dead_letter_queue_name,
+    definitions,
+    download_categories,
+)
 from tillsync.bakery import BakeryFormatError, read_export
 from tillsync.demo import DemoError, DemoSettings, run_demo, summary_table
+from tillsync.ops import OpsError, OpsSettings, add_technician, call_worker, ops_user_name, remove_technician
 from tillsync.processes import SERVICES, ServiceStartError
 from tillsync.setup import SetupError, SetupSettings, setup
 from till_agent.booking import SaleLine
@@ -60,6 +78,13 @@ app = typer.Typer(help="tillsync: cloud sync and legal archive for tills.", no_a
 till_app = typer.Typer(help="Commands of the till agent (one till per data directory).", no_args_is_help=True)
 ops_app = typer.Typer(help="Commands for operators and service technicians.", no_args_is_help=True)
 topology_app = typer.Typer(help="The RabbitMQ topology.", no_args_is_help=True)
+technician_app = typer.Typer(help="Service technicians: their own broker users (admin).", no_args_is_help=True)
+password_requests_app = typer.Typer(
+    help="Password resets waiting for a technician's approval (run as the technician: TILLSYNC_OPS_USER).",
+    no_args_is_help=True,
+)
+ops_app.add_typer(technician_app, name="technician")
+ops_app.add_typer(password_requests_app, name="password-requests")
 app.add_typer(till_app, name="till")
 app.add_typer(ops_app, name="ops")
 app.add_typer(topology_app, name="topology")
@@ -96,6 +121,7 @@ _KNOWN_ERRORS = (
     ServiceStartError,
     BrokerAdminError,
     asyncpg.PostgresError,
+    OpsError,
     RuntimeError,
     ValueError,
 )
@@ -364,6 +390,112 @@ def _till_label(row: Any) -> str:
     return f"{row['till_name']} ({row['serial_number']})" if row["till_name"] else f"till {row['till_id']}"
 
 
+@technician_app.command("add")
+@_friendly
+def technician_add(
+    name: str = typer.Argument(..., help="the technician's name; the broker user is ops-NAME"),
+    password_stdin: bool = typer.Option(False, help="read the password from stdin instead of prompting"),
+    management_ui: bool = typer.Option(False, "--management-ui", help="may also log in to the RabbitMQ management UI"),
+) -> None:
+    """Create a technician's broker user (or set a new password): it may only send
+    password-reset decisions and queries. Uses the admin credentials of TILLSYNC_AMQP_URL."""
+    user = asyncio.run(add_technician(BrokerSettings(), name, _read_password(password_stdin, confirm=True), management_ui))
+    out.print(f"technician {user} can now list, approve and reject password resets (TILLSYNC_OPS_USER={user.removeprefix('ops-')})")
+
+
+@technician_app.command("remove")
+@_friendly
+def technician_remove(name: str = typer.Argument(...)) -> None:
+    """Delete a technician's broker user; their open connections close."""
+    removed = asyncio.run(remove_technician(BrokerSettings(), name))
+    out.print(f"technician {ops_user_name(name)} removed" if removed else f"there is no technician {ops_user_name(name)}")
+
+
+def _ops_call(routing_key: str, message: Any, user: str | None, password_stdin: bool) -> ApprovalReply:
+    settings = OpsSettings()
+    name = user or settings.ops_user
+    if not name:
+        raise ValueError("who are you? give --user NAME or set TILLSYNC_OPS_USER (see `tillsync ops technician add`)")
+    if password_stdin:
+        password = sys.stdin.readline().rstrip("\r\n")
+    elif settings.ops_password is not None:
+        password = settings.ops_password.get_secret_value()
+    else:
+        password = typer.prompt(f"Password of {ops_user_name(name)}", hide_input=True)
+    reply = asyncio.run(call_worker(settings, ops_user_name(name), password, routing_key, ApprovalMessage(message=message)))
+    if isinstance(reply.reply, ApprovalError):
+        raise OpsError(reply.reply.message)
+    return reply
+
+
+OpsUser = typer.Option(None, "--user", help="technician name (default: $TILLSYNC_OPS_USER)")
+OpsPasswordStdin = typer.Option(False, help="read the technician's password from stdin (else $TILLSYNC_OPS_PASSWORD or a prompt)")
+
+
+def _request_line(r: PasswordResetInfo) -> str:
+    """One request on one line: id, account, where and when asked, age (OVERDUE past 48 h), status."""
+    age = f"{r.age_hours:.1f} h old" + (", OVERDUE (waiting more than 48 h)" if r.overdue else "")
+    state = (
+        f"pending, expires {_utc(r.expires_at)} UTC" if r.status == "pending"
+        else f"{r.status} by {r.decided_by} at {_utc(r.decided_at)} UTC" + (f": {r.reason}" if r.reason else "")
+    )
+    return f"{r.request_id}  {r.account_name}  asked on {r.requested_on} at {_utc(r.requested_at)} UTC ({age})  {state}"
+
+
+@password_requests_app.command("list")
+@_friendly
+def password_requests_list(
+    all_: bool = typer.Option(False, "--all", help="also the requests decided in the last 30 days"),
+    user: Optional[str] = OpsUser,
+    password_stdin: bool = OpsPasswordStdin,
+) -> None:
+    """List the pending password resets, oldest first, with their age; those waiting longer
+    than 48 h are flagged OVERDUE; a request expires after 14 days."""
+    reply = _ops_call(APPROVAL_QUERY_KEY, ListPasswordResets(include_decided=all_), user, password_stdin)
+    assert isinstance(reply.reply, PasswordResetList)
+    requests = reply.reply.requests
+    if not requests:
+        out.print("no pending password resets" if not all_ else "no password resets in the last 30 days")
+        return
+    overdue = sum(1 for r in requests if r.overdue)
+    out.print(f"{len(requests)} password reset(s)" + (f", {overdue} OVERDUE" if overdue else "") + ", oldest first:")
+    for r in requests:
+        out.print(_request_line(r))
+
+
+def _decide(message: Any, user: str | None, password_stdin: bool) -> None:
+    reply = _ops_call(APPROVAL_DECISION_KEY, message, user, password_stdin)
+    assert isinstance(reply.reply, PasswordResetDecided)
+    r = reply.reply.request
+    again = " (this command was applied before; nothing changed)" if reply.reply.repeat else ""
+    out.print(f"request {r.request_id} of {r.account_name}: {r.status} by {r.decided_by} at {_utc(r.decided_at)} (UTC){again}")
+
+
+@password_requests_app.command("approve")
+@_friendly
+def password_requests_approve(
+    request_id: UUID = typer.Argument(..., help="the request's id, as listed"),
+    command_id: Optional[UUID] = typer.Option(None, help="repeat a command with its id (a retry changes nothing twice)"),
+    user: Optional[str] = OpsUser,
+    password_stdin: bool = OpsPasswordStdin,
+) -> None:
+    """Approve a password reset: the new password replaces the old one at once."""
+    _decide(ApprovePasswordReset(request_id=request_id, command_id=command_id or uuid.uuid4()), user, password_stdin)
+
+
+@password_requests_app.command("reject")
+@_friendly
+def password_requests_reject(
+    request_id: UUID = typer.Argument(..., help="the request's id, as listed"),
+    reason: str = typer.Option(..., "--reason", help="why, shown to the owner at the next sign-in"),
+    command_id: Optional[UUID] = typer.Option(None, help="repeat a command with its id (a retry changes nothing twice)"),
+    user: Optional[str] = OpsUser,
+    password_stdin: bool = OpsPasswordStdin,
+) -> None:
+    """Reject a password reset; the old password stays valid."""
+    _decide(RejectPasswordReset(request_id=request_id, command_id=command_id or uuid.uuid4(), reason=reason), user, password_stdin)
+
+
 def _x_death_reason(headers: dict[str, Any]) -> str:
     deaths = headers.get("x-death") or []
     if deaths:
@@ -425,6 +557,28 @@ def till_sign_in(
     out.print(
         f"signed in to {signed_in.account_name} as till {signed_in.till_id} (mode {signed_in.sync_mode.value}); "
         f"{pending} records waiting for upload"
+    )
+    for notice in signed_in.notices:
+        out.print(f"notice of {_utc(notice.at)} (UTC): {notice.message}")
+
+
+@till_app.command("forgot-password")
+@_friendly
+def till_forgot_password(
+    account_name: str = typer.Argument(...),
+    password_stdin: bool = typer.Option(False, help="read the new password from stdin instead of prompting"),
+    data_dir: Optional[Path] = DataDir,
+) -> None:
+    """Ask for a new account password; a service technician must approve it.
+
+    Sign out every till of the account first. The tills keep selling meanwhile; the old
+    password stays valid until the approval; then sign in with the new one."""
+    till = _open_till(data_dir)
+    requested = asyncio.run(till.request_password_reset(account_name, _read_password(password_stdin, confirm=True)))
+    out.print(
+        f"password reset requested ({requested.request_id}); a service technician must approve it, usually within "
+        "48 hours (it expires after 14 days). The old password stays valid until then; keep selling: the tills upload "
+        "everything after signing in with the new password"
     )
 
 

@@ -14,17 +14,22 @@ both tills open the same table at the same moment (one receipt for the table, a 
 on the till that came second, its line booked onto the table's receipt); till 2 goes
 offline and pays the old total while till 1 adds a line (the stale payment is refused
 when till 2 is back, it re-totals and pays again).
-Finally wait until every outbox is empty, every record is archived and both tills
-hold the same master data; compare archive and input.
+Then wait until every outbox is empty, every record is archived and both tills
+hold the same master data; compare archive and input. Last, a password reset: both
+tills sign out, till 2 keeps selling, till 1 asks for a new password, a service
+technician (a broker user made for the run) approves it, till 2 signs in with the new
+password and uploads what it sold meanwhile.
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import datetime as dt
 import json
 import secrets
 import time
+import uuid
 from dataclasses import asdict, dataclass, field
 from decimal import Decimal
 from pathlib import Path
@@ -43,12 +48,21 @@ from shared.db import create_pool
 from shared.settings import amqp_url_with_credentials
 from shared.topology import ARCHIVE_WRITER_QUEUE, SIGNUP_USER
 from tillsync.bakery import ARTICLE_GROUPS, CASHIERS, PAYMENT_TYPES, VAT_RATES, BakeryExport, Ticket, read_export
+from tillsync.ops import OpsSettings, add_technician, call_worker, remove_technician
 from tillsync.processes import SERVICES, ServiceProcess, service_env
 from tillsync.setup import SetupSettings, setup
 from till_agent.booking import SaleLine
 from till_agent.store import TillStore
-from till_agent.till import Till, TillSettings
-from shared.models import Cashier, SyncMode
+from till_agent.till import AccountError, Till, TillSettings
+from shared.models import (
+    ApprovalMessage,
+    ApprovePasswordReset,
+    Cashier,
+    ListPasswordResets,
+    PasswordResetDecided,
+    SyncMode,
+)
+from shared.topology import APPROVAL_DECISION_KEY, APPROVAL_QUERY_KEY
 
 OFFLINE_FROM = 0.30  # till 2 goes offline at 30 % of the replay ...
 OFFLINE_UNTIL = 0.60  # ... and comes back at 60 %
@@ -98,6 +112,8 @@ class DemoReport:
     stale_payments_refused: int
     seconds: float
     run_dir: str
+    password_reset_approved: bool = False
+    sales_while_signed_out_archived: int = 0
     ok: bool = field(init=False)
 
     def __post_init__(self) -> None:
@@ -112,6 +128,7 @@ class DemoReport:
             and self.other_tills_records_visible
             and self.shared_receipts_closed == 1
             and self.shared_receipts_same_on_all_tills
+            and self.password_reset_approved
         )
 
     def as_json(self) -> str:
@@ -200,7 +217,8 @@ async def run_demo(
         for till in tills:
             await till.stop_sync()
             await till.sign_out()
-        return report
+        reset = await _password_reset_scene(settings, tills, export, account_name, password, run_id, console)
+        return dataclasses.replace(report, password_reset_approved=reset[0], sales_while_signed_out_archived=reset[1])
     finally:
         for till in tills:
             await till.stop_sync()
@@ -336,6 +354,75 @@ async def _restaurant_scene(tills: list[Till], export: BakeryExport, timeout_sec
         "table T1 is closed on both tills"
     )
     return scene
+
+
+async def _password_reset_scene(
+    settings: DemoSettings, tills: list[Till], export: BakeryExport, account_name: str, password: str, run_id: str,
+    console: Console,
+) -> tuple[bool, int]:
+    """The owner forgot the password (both tills are signed out): till 2 keeps selling, till 1
+    asks for a new password, a service technician approves it, till 2 signs in with it and
+    uploads its sales. Returns (approved and the new password works and the old one not,
+    sales made while signed out that are archived)."""
+    one, two = tills
+    console.print("Password reset: both tills are signed out; till 2 keeps selling, till 1 asks for a new password")
+    article = sorted(export.articles.values(), key=lambda a: a.article_nr)[0]
+    sold = [two.sell(
+        [SaleLine(article.article_nr, article.text, Decimal(1), article.unit_price, article.vat_key)],
+        payment_type=PaymentType.CASH, payment_name=PAYMENT_TYPES[PaymentType.CASH].name,
+        cashier=Cashier(cashier_id=CASHIERS["1"].cashier_id, name=CASHIERS["1"].name), at=dt.datetime.now(dt.UTC),
+    ) for _ in range(2)]
+    new_password = secrets.token_urlsafe(12) + "Bb2!"
+    requested = await one.request_password_reset(account_name, new_password)
+    technician_password = secrets.token_urlsafe(16)
+    technician = await add_technician(settings, f"demo-{run_id.lower()}", technician_password, management_ui=False)
+    try:
+        ops = OpsSettings(amqp_url=settings.amqp_url)
+        listed = await call_worker(ops, technician, technician_password, APPROVAL_QUERY_KEY, ApprovalMessage(message=ListPasswordResets()))
+        pending = [r for r in getattr(listed.reply, "requests", ()) if r.request_id == requested.request_id]
+        console.print(f"  technician {technician} sees the request pending ({len(pending)} of the list) and approves it")
+        decided = await call_worker(
+            ops, technician, technician_password, APPROVAL_DECISION_KEY,
+            ApprovalMessage(message=ApprovePasswordReset(request_id=requested.request_id, command_id=uuid.uuid4())),
+        )
+    finally:
+        await remove_technician(settings, technician)
+    approved = isinstance(decided.reply, PasswordResetDecided) and decided.reply.request.status == "approved"
+    try:
+        await two.sign_in(account_name, password)
+        old_refused = False
+    except AccountError:
+        old_refused = True
+    await asyncio.sleep(1.1)  # the sign-in throttle after a wrong password
+    signed_in = await two.sign_in(account_name, new_password)
+    for notice in signed_in.notices:
+        console.print(f"  till 2 at sign-in: {notice.message}")
+    two.start_sync()
+    await _wait(lambda: two.status().pending == 0, settings.drain_timeout_seconds, "till 2 uploading its sales")
+    await two.stop_sync()
+    await two.sign_out()
+    pool = await create_pool(settings.database_url, 1)
+    try:
+        archived = await _wait_count(
+            pool, "select count(*) from archive_records where kind = 'receipt' and payload->'record'->>'receipt_id' = any($1::text[])",
+            [str(r.receipt_id) for r in sold], len(sold), settings.drain_timeout_seconds,
+        )
+    finally:
+        await pool.close()
+    console.print(
+        f"  approved: {approved}; the old password refused: {old_refused}; {archived} of {len(sold)} sales made while "
+        "signed out archived"
+    )
+    return approved and old_refused, archived
+
+
+async def _wait_count(pool: asyncpg.Pool, query: str, arg: Any, want: int, timeout_seconds: float) -> int:
+    deadline = time.monotonic() + timeout_seconds
+    while True:
+        count = await pool.fetchval(query, arg)
+        if count >= want or time.monotonic() > deadline:
+            return count
+        await asyncio.sleep(0.2)
 
 
 async def _other_tills_visible(tills: list[Till], timeout_seconds: float, console: Console) -> bool:

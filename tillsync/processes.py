@@ -22,6 +22,7 @@ SERVICES = {
     "archive-writer": "services.archive_writer",
     "masterdata-broadcaster": "services.masterdata_broadcaster",
     "receipt-handover-router": "services.receipt_router",
+    "password-approval-worker": "services.password_approval",
 }
 
 

@@ -1,4 +1,5 @@
-"""Account service handlers: create account, sign a till in or out, store its sync mode.
+"""Account service handlers: create account, sign a till in or out, store its sync mode,
+take a password-reset request.
 
 Each handler takes a validated request, the transaction's connection and the
 service's dependencies, and returns the reply model. Refusals (bad name, weak
@@ -29,8 +30,12 @@ from shared.models import (
     AccountRequest,
     CreateAccount,
     CustomSyncFlags,
+    AccountNotice,
     ErrorCode,
     ErrorReply,
+    PasswordResetRequest,
+    PasswordResetRequested,
+    RequestPasswordReset,
     SetSyncMode,
     SignedIn,
     SignedOut,
@@ -51,6 +56,13 @@ from shared.topology import (
 log = structlog.get_logger()
 
 WRONG_CREDENTIALS_MESSAGE = "account name or password is wrong"
+
+
+class ApprovalQueue(Protocol):
+    """Where reset requests go (real: published to ``password.approval`` for the
+    password-approval worker, confirmed by the broker; raises if it cannot be delivered)."""
+
+    async def submit(self, request: PasswordResetRequest) -> None: ...
 
 
 class TillBroker(Protocol):
@@ -90,6 +102,7 @@ class AccountDeps:
     broker: TillBroker
     vhost: str
     throttle: ThrottlePolicy
+    approvals: ApprovalQueue | None = None
 
 
 def normalise_account_name(account_name: str) -> str:
@@ -188,7 +201,8 @@ async def sign_in(cmd: SignIn, conn: asyncpg.Connection, deps: AccountDeps) -> A
             await hash_password(cmd.password.get_secret_value()),
         )
     existing = await conn.fetchrow(
-        "select till_name, signed_in, signed_in_at, installation_id from tills where account_id = $1 and serial_number = $2 for update",
+        "select till_name, signed_in, signed_in_at, signed_out_at, installation_id from tills "
+        "where account_id = $1 and serial_number = $2 for update",
         account_id,
         cmd.serial_number,
     )
@@ -246,6 +260,16 @@ async def sign_in(cmd: SignIn, conn: asyncpg.Connection, deps: AccountDeps) -> A
         """,
         till_id,
     )
+    # news since this till last signed in (a new till: of the last 14 days)
+    since = existing["signed_in_at"] if existing is not None and existing["signed_in_at"] else now - dt.timedelta(days=14)
+    notices = tuple(
+        AccountNotice(at=r["created_at"], message=r["message"])
+        for r in await conn.fetch(
+            "select created_at, message from account_notices where account_id = $1 and created_at > $2 "
+            "order by created_at limit 20",
+            account_id, since,
+        )
+    )
     log.info("till_signed_in", account_id=str(account_id), till_id=str(till_id), serial_number=cmd.serial_number)
     return AccountReply(
         reply=SignedIn(
@@ -263,6 +287,7 @@ async def sign_in(cmd: SignIn, conn: asyncpg.Connection, deps: AccountDeps) -> A
             sync_enabled=till["sync_enabled"],
             sync_mode=mode,
             custom=custom,
+            notices=notices,
         )
     )
 
@@ -319,11 +344,58 @@ async def set_sync_mode(cmd: SetSyncMode, conn: asyncpg.Connection, deps: Accoun
     )
 
 
+async def request_password_reset(cmd: RequestPasswordReset, conn: asyncpg.Connection, deps: AccountDeps) -> AccountReply:
+    """Take a "forgot password" request for the password-approval worker.
+
+    Refused, with the reason: an unknown account; a till of the account still signed in
+    (each is named: the seed's flow signs out all tills first); a new password that
+    breaks the rules. Otherwise the new password is hashed at once (argon2id) and only
+    the hash goes on, to ``password.approval``; the old password stays valid until a
+    service technician approves. The worker records the request and supersedes an
+    older pending one.
+    """
+    try:
+        name = normalise_account_name(cmd.account_name)
+    except ValueError as exc:
+        return _error(ErrorCode.INVALID_ACCOUNT_NAME, f"account name is not an email address: {exc}")
+    account = await conn.fetchrow("select account_id, account_name from accounts where account_name = $1", name)
+    if account is None:
+        return _error(ErrorCode.UNKNOWN_ACCOUNT, f"there is no account named {name}")
+    signed_in = await conn.fetch(
+        "select till_name, serial_number from tills where account_id = $1 and signed_in order by till_name, serial_number",
+        account["account_id"],
+    )
+    if signed_in:
+        tills = [f"{r['till_name']} ({r['serial_number']})" for r in signed_in]
+        return _error(
+            ErrorCode.TILLS_SIGNED_IN,
+            f"sign out every till of the account first; still signed in: {', '.join(tills)}",
+            details=tills,
+        )
+    problems = password_problems(cmd.new_password.get_secret_value())
+    if problems:
+        return _error(ErrorCode.WEAK_PASSWORD, "the new password breaks these rules: " + "; ".join(problems), details=problems)
+    if deps.approvals is None:
+        return _error(ErrorCode.INTERNAL, "password resets are not set up on this account service")
+    request = PasswordResetRequest(
+        request_id=uuid.uuid4(),
+        account_id=account["account_id"],
+        account_name=account["account_name"],
+        password_hash=await hash_password(cmd.new_password.get_secret_value()),
+        requested_at=dt.datetime.now(dt.UTC),
+        requested_on=f"{cmd.till_name} ({cmd.serial_number})",
+    )
+    await deps.approvals.submit(request)
+    log.info("password_reset_requested", account_id=str(request.account_id), request_id=str(request.request_id))
+    return AccountReply(reply=PasswordResetRequested(request_id=request.request_id, requested_at=request.requested_at))
+
+
 _HANDLERS = {
     "create_account": create_account,
     "sign_in": sign_in,
     "sign_out": sign_out,
     "set_sync_mode": set_sync_mode,
+    "request_password_reset": request_password_reset,
 }
 
 
@@ -387,9 +459,9 @@ def request_log_context(request: AccountRequest) -> dict[str, Any]:
     """Fields bound to each request's log line (never the password)."""
     inner = request.request
     context: dict[str, Any] = {"command": inner.command}
-    if isinstance(inner, (CreateAccount, SignIn)):
+    if isinstance(inner, (CreateAccount, SignIn, RequestPasswordReset)):
         context["account_name"] = inner.account_name
-    if isinstance(inner, SignIn):
+    if isinstance(inner, (SignIn, RequestPasswordReset)):
         context["serial_number"] = inner.serial_number
     if isinstance(inner, TillAuth):
         context["till_id"] = str(inner.till_id)

@@ -8,7 +8,7 @@ import functools
 import structlog
 from pydantic import Field, TypeAdapter
 
-from services.account_service.broker import RabbitTillBroker
+from services.account_service.broker import RabbitApprovalQueue, RabbitTillBroker
 from services.account_service.handlers import (
     AccountDeps,
     ThrottlePolicy,
@@ -61,6 +61,7 @@ async def main(settings: AccountServiceSettings, stop: asyncio.Event) -> None:
             throttle=ThrottlePolicy(
                 settings.signin_free_attempts, settings.signin_base_delay_seconds, settings.signin_max_delay_seconds
             ),
+            approvals=RabbitApprovalQueue(publish_channel, settings.amqp_user),
         )
         adapter = ConsumeAdapter(
             channel=channel,

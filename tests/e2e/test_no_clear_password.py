@@ -1,23 +1,33 @@
 """After a full run, no log line, database row or persisted message holds a clear password.
 
 The run includes the paths where a password could leak: account creation, sign-in,
-a wrong password, a weak password refused, and a malformed request carrying a
-password that is dead-lettered.
+a wrong password, a weak password refused, a malformed request carrying a password
+that is dead-lettered, and a password reset (a weak one refused, one approved by a
+technician, then used to sign in).
 """
 
 from __future__ import annotations
 
 import io
 import json
+import uuid
 
 import aio_pika
 import pytest
 from rich.console import Console
 
-from shared.topology import ACCOUNT_EXCHANGE, ACCOUNT_SERVICE_ROUTING_KEY, ACCOUNT_SERVICE_QUEUE, dead_letter_queue_name
+from shared.models import ApprovalMessage, ApprovePasswordReset
+from shared.topology import (
+    ACCOUNT_EXCHANGE,
+    ACCOUNT_SERVICE_QUEUE,
+    ACCOUNT_SERVICE_ROUTING_KEY,
+    APPROVAL_DECISION_KEY,
+    dead_letter_queue_name,
+)
 from tests.e2e.conftest import one_business_day
 from tests.support import new_account_name, new_till, wait_until
 from tillsync.demo import run_demo
+from tillsync.ops import OpsSettings, add_technician, call_worker
 from till_agent.till import AccountError
 
 pytestmark = pytest.mark.e2e
@@ -26,7 +36,12 @@ ACCOUNT_PASSWORD = "Zimtschnecke-7§"
 WRONG_PASSWORD = "Falsches-Passwort-3!"
 WEAK_PASSWORD = "schwach-ohne-ziffer"
 MALFORMED_PASSWORD = "Kaputt-Anfrage-9#"
-SECRETS = (ACCOUNT_PASSWORD, WRONG_PASSWORD, WEAK_PASSWORD, MALFORMED_PASSWORD)
+RESET_PASSWORD = "Vergessen-Neu-5%"
+WEAK_RESET_PASSWORD = "vergessen-schwach"
+TECHNICIAN_PASSWORD = "Techniker-Geheim-8"
+SECRETS = (
+    ACCOUNT_PASSWORD, WRONG_PASSWORD, WEAK_PASSWORD, MALFORMED_PASSWORD, RESET_PASSWORD, WEAK_RESET_PASSWORD, TECHNICIAN_PASSWORD
+)
 
 
 async def test_no_clear_password_in_logs_tables_or_persisted_messages(fresh_env, service_processes, admin, tmp_path) -> None:  # type: ignore[no-untyped-def]
@@ -49,6 +64,18 @@ async def test_no_clear_password_in_logs_tables_or_persisted_messages(fresh_env,
     with pytest.raises(AccountError):
         await till.create_account(new_account_name(), WEAK_PASSWORD)
     await till.sign_in(report.account_name, ACCOUNT_PASSWORD)
+    # a password reset: all tills signed out, a weak new password refused, one approved
+    await till.sign_out()
+    with pytest.raises(AccountError):
+        await till.request_password_reset(report.account_name, WEAK_RESET_PASSWORD)
+    requested = await till.request_password_reset(report.account_name, RESET_PASSWORD)
+    technician = await add_technician(fresh_env.settings, f"secrets-{uuid.uuid4().hex[:6]}", TECHNICIAN_PASSWORD, management_ui=False)
+    decided = await call_worker(
+        OpsSettings(amqp_url=fresh_env.settings.amqp_url), technician, TECHNICIAN_PASSWORD, APPROVAL_DECISION_KEY,
+        ApprovalMessage(message=ApprovePasswordReset(request_id=requested.request_id, command_id=uuid.uuid4())),
+    )
+    assert decided.reply.reply == "decided"
+    await till.sign_in(report.account_name, RESET_PASSWORD)
     # a request the account service cannot parse, with a password in it: dead-lettered
     async with await aio_pika.connect(fresh_env.signup_url) as connection:
         channel = await connection.channel(publisher_confirms=True)
@@ -68,6 +95,7 @@ async def test_no_clear_password_in_logs_tables_or_persisted_messages(fresh_env,
     # 1. logs: every service log line, and what the demo printed
     logs = "".join(p.log_path.read_text() for p in service_processes.values()) + demo_output.getvalue()
     assert "account_created" in logs and "sign_in_refused" in logs  # the logs cover these requests
+    assert "password_reset_requested" in logs and "password_reset_decided" in logs
     # 2. every row of every table, as text
     conn = await fresh_env.db()
     try:

@@ -14,6 +14,8 @@ from services.archive_writer.main import ArchiveWriterSettings
 from services.archive_writer.main import main as archive_writer_main
 from services.masterdata_broadcaster.main import BroadcasterSettings
 from services.masterdata_broadcaster.main import main as broadcaster_main
+from services.password_approval.main import ApprovalSettings
+from services.password_approval.main import main as approval_main
 from services.receipt_router.main import RouterSettings
 from services.receipt_router.main import main as router_main
 from tests.support import Environment
@@ -22,7 +24,7 @@ pytestmark = pytest.mark.integration
 
 
 class RunningServices:
-    """The account service, archive writer, master-data broadcaster and receipt handover router as tasks of this event loop."""
+    """The account service, archive writer, master-data broadcaster, receipt handover router and password-approval worker as tasks of this event loop."""
 
     def __init__(self, env: Environment) -> None:
         self.env = env
@@ -38,6 +40,7 @@ class RunningServices:
         self.writer_settings = ArchiveWriterSettings(**common, batch_size=100, batch_window_seconds=0.02)
         self.broadcaster_settings = BroadcasterSettings(**common, catchup_page_size=100)
         self.router_settings = RouterSettings(**common)
+        self.approval_settings = ApprovalSettings(**common)
         self.tasks: list[asyncio.Task[None]] = []
 
     async def start(self) -> None:
@@ -46,6 +49,7 @@ class RunningServices:
             asyncio.create_task(archive_writer_main(self.writer_settings, self.stop)),
             asyncio.create_task(broadcaster_main(self.broadcaster_settings, self.stop)),
             asyncio.create_task(router_main(self.router_settings, self.stop)),
+            asyncio.create_task(approval_main(self.approval_settings, self.stop)),
         ]
         await asyncio.sleep(0.5)
         for task in self.tasks:

@@ -1,0 +1,3 @@
+from services.password_approval.main import run
+
+run()
