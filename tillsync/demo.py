@@ -112,8 +112,9 @@ class DemoReport:
     stale_payments_refused: int
     seconds: float
     run_dir: str
-    password_reset_approved: bool = False
+    password_reset_approved: bool | None = None  # None: the password-reset scene did not run
     sales_while_signed_out_archived: int = 0
+    receipts_not_in_input: list[str] = field(default_factory=list)  # the scenes' receipt ids
     ok: bool = field(init=False)
 
     def __post_init__(self) -> None:
@@ -128,7 +129,7 @@ class DemoReport:
             and self.other_tills_records_visible
             and self.shared_receipts_closed == 1
             and self.shared_receipts_same_on_all_tills
-            and self.password_reset_approved
+            and self.password_reset_approved is not False
         )
 
     def as_json(self) -> str:
@@ -159,10 +160,12 @@ async def run_demo(
     start_services: bool = True,
     on_services_started: Callable[[dict[str, ServiceProcess]], None] | None = None,
     account_password: str | None = None,
+    password_reset: bool = True,
 ) -> DemoReport:
     """Run the main job on ``input_path``; see the module docstring. Raises ``DemoError``.
 
-    ``account_password``: the new account's password (default: a random strong one).
+    ``account_password``: the new account's password (default: a random strong one);
+    ``password_reset``: end with the password-reset scene (which changes it).
     """
     started = time.monotonic()
     export = read_export(input_path)
@@ -217,8 +220,14 @@ async def run_demo(
         for till in tills:
             await till.stop_sync()
             await till.sign_out()
-        reset = await _password_reset_scene(settings, tills, export, account_name, password, run_id, console)
-        return dataclasses.replace(report, password_reset_approved=reset[0], sales_while_signed_out_archived=reset[1])
+        report.receipts_not_in_input = [str(scene.receipt_id)] if scene.receipt_id else []
+        if not password_reset:
+            return report
+        approved, archived, sold = await _password_reset_scene(settings, tills, export, account_name, password, run_id, console)
+        return dataclasses.replace(
+            report, password_reset_approved=approved, sales_while_signed_out_archived=archived,
+            receipts_not_in_input=report.receipts_not_in_input + sold,
+        )
     finally:
         for till in tills:
             await till.stop_sync()
@@ -359,11 +368,11 @@ async def _restaurant_scene(tills: list[Till], export: BakeryExport, timeout_sec
 async def _password_reset_scene(
     settings: DemoSettings, tills: list[Till], export: BakeryExport, account_name: str, password: str, run_id: str,
     console: Console,
-) -> tuple[bool, int]:
+) -> tuple[bool, int, list[str]]:
     """The owner forgot the password (both tills are signed out): till 2 keeps selling, till 1
     asks for a new password, a service technician approves it, till 2 signs in with it and
     uploads its sales. Returns (approved and the new password works and the old one not,
-    sales made while signed out that are archived)."""
+    how many sales made while signed out are archived, their receipt ids)."""
     one, two = tills
     console.print("Password reset: both tills are signed out; till 2 keeps selling, till 1 asks for a new password")
     article = sorted(export.articles.values(), key=lambda a: a.article_nr)[0]
@@ -413,7 +422,7 @@ async def _password_reset_scene(
         f"  approved: {approved}; the old password refused: {old_refused}; {archived} of {len(sold)} sales made while "
         "signed out archived"
     )
-    return approved and old_refused, archived
+    return approved and old_refused, archived, [str(r.receipt_id) for r in sold]
 
 
 async def _wait_count(pool: asyncpg.Pool, query: str, arg: Any, want: int, timeout_seconds: float) -> int:
@@ -652,7 +661,7 @@ def summary_table(report: DemoReport) -> Table:
     table.add_column("figure")
     table.add_column("value", justify="right")
     for key, value in asdict(report).items():
-        if key in ("run_dir",):
+        if key in ("run_dir", "receipts_not_in_input"):
             continue
         table.add_row(key, str(value))
     return table

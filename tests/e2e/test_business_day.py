@@ -46,6 +46,9 @@ async def test_a_business_day_is_archived_equal_to_the_input(fresh_env, service_
     # the restaurant scene's table (a shared receipt, with its events) is not a bakery ticket
     shared = {r["payload"]["record"]["receipt_id"] for r in rows if r["kind"] == "receipt_event"}
     assert len(shared) == 2  # both tills opened table T1: one receipt won, the other was refused
+    # ... and the password-reset scene's sales, made while the tills were signed out
+    assert report.password_reset_approved and report.sales_while_signed_out_archived == 2
+    shared |= set(report.receipts_not_in_input)
     receipts = [r["payload"]["record"] for r in rows if r["kind"] == "receipt" and r["payload"]["record"]["receipt_id"] not in shared]
     archived = Counter(
         (r["business_day"], tuple((l["text"], l["quantity"], l["unit_price"]) for l in r["lines"]), r["total"])

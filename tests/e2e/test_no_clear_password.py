@@ -56,6 +56,7 @@ async def test_no_clear_password_in_logs_tables_or_persisted_messages(fresh_env,
         console=Console(file=demo_output),
         start_services=False,
         account_password=ACCOUNT_PASSWORD,
+        password_reset=False,  # this test makes its own reset below
     )
     assert report.ok
     till = new_till(fresh_env, tmp_path / "extra")
