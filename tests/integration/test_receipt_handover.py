@@ -54,6 +54,12 @@ RECEIPTS = SyncMode.ARCHIVE_MASTERDATA_RECEIPTS
 WAITER = Cashier(cashier_id="7", name="Ben")
 
 
+async def receipt_tills(env: Environment, tmp_path: Path, *names: str) -> list[Till]:
+    """Tills named ``names`` of one new account, syncing in mode ``archive_masterdata_receipts``."""
+    account = await new_account(env, tmp_path)
+    return [await join(env, tmp_path, account, RECEIPTS, name) for name in names]
+
+
 def beer(n: int = 1, price: int = 350) -> SaleLine:
     return SaleLine(f"B{n}", f"Bier {n}", Decimal("1"), price, VatKey.REGULAR)
 
@@ -105,9 +111,7 @@ async def archived_closed_receipt(env: Environment, till: Till) -> Receipt:
 
 
 async def test_two_tills_opening_the_same_table_end_with_one_receipt(services, env: Environment, tmp_path: Path) -> None:
-    account = await new_account(env, tmp_path)
-    a = await join(env, tmp_path, account, RECEIPTS, "Kasse A")
-    b = await join(env, tmp_path, account, RECEIPTS, "Kasse B")
+    a, b = await receipt_tills(env, tmp_path, "Kasse A", "Kasse B")
     try:
         # both open table 5 before either hears of the other
         on_a = a.open_receipt(table_nr="5", cashier=WAITER, at=now())
@@ -148,10 +152,7 @@ async def test_two_tills_opening_the_same_table_end_with_one_receipt(services, e
 
 
 async def test_lines_added_concurrently_are_in_the_same_order_on_every_till(services, env: Environment, tmp_path: Path) -> None:
-    account = await new_account(env, tmp_path)
-    a = await join(env, tmp_path, account, RECEIPTS, "Kasse A")
-    b = await join(env, tmp_path, account, RECEIPTS, "Kasse B")
-    c = await join(env, tmp_path, account, RECEIPTS, "Kasse C")
+    a, b, c = await receipt_tills(env, tmp_path, "Kasse A", "Kasse B", "Kasse C")
     try:
         receipt_id = a.open_receipt(table_nr="12", cashier=WAITER, at=now())
         await wait_until(lambda: knows(b, receipt_id) and knows(c, receipt_id), what="the receipt on B and C")
@@ -189,9 +190,7 @@ async def test_lines_added_concurrently_are_in_the_same_order_on_every_till(serv
 
 
 async def test_a_receipt_paid_on_another_till_while_offline_is_closed_on_return(services, env: Environment, tmp_path: Path) -> None:
-    account = await new_account(env, tmp_path)
-    a = await join(env, tmp_path, account, RECEIPTS, "Kasse A")
-    b = await join(env, tmp_path, account, RECEIPTS, "Kasse B")
+    a, b = await receipt_tills(env, tmp_path, "Kasse A", "Kasse B")
     try:
         receipt_id = a.open_receipt(table_nr="3", cashier=WAITER, at=now())
         a.add_line(receipt_id, beer(1), now())
@@ -232,9 +231,7 @@ async def test_a_receipt_paid_on_another_till_while_offline_is_closed_on_return(
 async def test_a_stale_payment_is_refused_and_the_total_stays_the_sum_of_the_lines(
     services, env: Environment, tmp_path: Path
 ) -> None:
-    account = await new_account(env, tmp_path)
-    a = await join(env, tmp_path, account, RECEIPTS, "Kasse A")
-    b = await join(env, tmp_path, account, RECEIPTS, "Kasse B")
+    a, b = await receipt_tills(env, tmp_path, "Kasse A", "Kasse B")
     try:
         receipt_id = a.open_receipt(table_nr="8", cashier=WAITER, at=now())
         a.add_line(receipt_id, beer(1, 400), now())
@@ -267,9 +264,7 @@ async def test_a_stale_payment_is_refused_and_the_total_stays_the_sum_of_the_lin
 
 
 async def test_a_lost_reply_and_a_retry_add_the_line_once(services, env: Environment, tmp_path: Path) -> None:
-    account = await new_account(env, tmp_path)
-    a = await join(env, tmp_path, account, RECEIPTS, "Kasse A")
-    b = await join(env, tmp_path, account, RECEIPTS, "Kasse B")
+    a, b = await receipt_tills(env, tmp_path, "Kasse A", "Kasse B")
     try:
         receipt_id = a.open_receipt(table_nr="4", cashier=WAITER, at=now())
         await wait_until(lambda: knows(a, receipt_id) and knows(b, receipt_id), what="the receipt on both")
@@ -428,9 +423,7 @@ async def refusal(env: Environment, till: Till, record_id: UUID) -> str:
 
 
 async def test_voids_table_moves_and_splits_reach_every_till(services, env: Environment, tmp_path: Path) -> None:
-    account = await new_account(env, tmp_path)
-    a = await join(env, tmp_path, account, RECEIPTS, "Kasse A")
-    b = await join(env, tmp_path, account, RECEIPTS, "Kasse B")
+    a, b = await receipt_tills(env, tmp_path, "Kasse A", "Kasse B")
     try:
         first = a.open_receipt(table_nr="1", cashier=WAITER, at=now())
         lines = [a.add_line(first, beer(i, 100 * (i + 1)), now()) for i in range(3)]
@@ -463,9 +456,7 @@ async def test_voids_table_moves_and_splits_reach_every_till(services, env: Envi
 
 
 async def test_the_router_refuses_events_that_break_the_rules(services, env: Environment, tmp_path: Path) -> None:
-    account = await new_account(env, tmp_path)
-    a = await join(env, tmp_path, account, RECEIPTS, "Kasse A")
-    b = await join(env, tmp_path, account, RECEIPTS, "Kasse B")
+    a, b = await receipt_tills(env, tmp_path, "Kasse A", "Kasse B")
     try:
         receipt_id = a.open_receipt(table_nr="1", cashier=WAITER, at=now())
         line_id = a.add_line(receipt_id, beer(1, 300), now())
@@ -535,9 +526,7 @@ async def test_bad_receipt_messages_are_dead_lettered_with_the_reason(services, 
 
 
 async def test_paying_while_another_till_adds_lines_never_loses_a_line(services, env: Environment, tmp_path: Path) -> None:
-    account = await new_account(env, tmp_path)
-    a = await join(env, tmp_path, account, RECEIPTS, "Kasse A")
-    b = await join(env, tmp_path, account, RECEIPTS, "Kasse B")
+    a, b = await receipt_tills(env, tmp_path, "Kasse A", "Kasse B")
     try:
         receipt_id = a.open_receipt(table_nr="6", cashier=WAITER, at=now())
         a.add_line(receipt_id, beer(0, 100), now())
@@ -657,9 +646,7 @@ async def test_a_line_from_a_lost_table_race_never_lands_on_another_tables_bill(
 
 
 async def test_the_payer_records_its_receipt_even_after_leaving_the_receipt_mode(services, env: Environment, tmp_path: Path) -> None:
-    account = await new_account(env, tmp_path)
-    a = await join(env, tmp_path, account, RECEIPTS, "Kasse A")
-    b = await join(env, tmp_path, account, RECEIPTS, "Kasse B")
+    a, b = await receipt_tills(env, tmp_path, "Kasse A", "Kasse B")
     try:
         receipt_id = a.open_receipt(table_nr="W", cashier=WAITER, at=now())
         a.add_line(receipt_id, beer(1, 990), now())
@@ -764,9 +751,7 @@ async def test_a_second_closing_of_a_shared_receipt_is_flagged(services, env: En
 
 
 async def test_a_payment_counting_a_refused_event_of_its_own_is_stale(services, env: Environment, tmp_path: Path) -> None:
-    account = await new_account(env, tmp_path)
-    a = await join(env, tmp_path, account, RECEIPTS, "Kasse A")
-    b = await join(env, tmp_path, account, RECEIPTS, "Kasse B")
+    a, b = await receipt_tills(env, tmp_path, "Kasse A", "Kasse B")
     try:
         receipt_id = a.open_receipt(table_nr="V", cashier=WAITER, at=now())
         wrong = a.add_line(receipt_id, beer(1, 500), now())
