@@ -53,6 +53,10 @@ class BrokerAdmin:
         """GET /api/overview (RabbitMQ version, cluster name, ...)."""
         return (await self._call("GET", "/overview")).json()
 
+    async def vhosts(self) -> list[dict[str, Any]]:
+        """GET /api/vhosts: every vhost (``name`` ...)."""
+        return (await self._call("GET", "/vhosts")).json()
+
     async def create_vhost(self, vhost: str) -> None:
         """Create ``vhost`` (no-op if it exists)."""
         await self._call("PUT", f"/vhosts/{_q(vhost)}")

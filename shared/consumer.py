@@ -34,7 +34,7 @@ import structlog
 from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, AbstractQueue
 from pydantic import BaseModel, TypeAdapter, ValidationError
 
-from shared.amqp import Publisher, dead_letter
+from shared.amqp import DIRECT_REPLY_TO, Publisher, dead_letter
 from shared.topology import DELIVERY_LIMIT
 
 M = TypeVar("M")
@@ -109,7 +109,9 @@ class ConsumeAdapter(Generic[M]):
     collected for at most ``batch_window_seconds`` after the first. ``concurrency``
     batches run at once, each in its own transaction. ``log_context(body)`` gives the
     fields bound to each message's log line. ``redact(body_bytes)`` replaces a body
-    before it is dead-lettered (for requests that carry secrets).
+    before it is dead-lettered (for requests that carry secrets). Replies go only to
+    RabbitMQ's direct reply-to; ``invalid_reply(reason)`` answers a message that is not
+    valid (else the caller only times out).
     """
 
     def __init__(
@@ -127,6 +129,7 @@ class ConsumeAdapter(Generic[M]):
         concurrency: int = 1,
         redact: Callable[[bytes], bytes] | None = None,
         error_reply: Callable[[Exception], BaseModel] | None = None,
+        invalid_reply: Callable[[str], BaseModel] | None = None,
     ) -> None:
         self._channel = channel
         self._publish_channel = publish_channel
@@ -140,6 +143,7 @@ class ConsumeAdapter(Generic[M]):
         self._concurrency = concurrency
         self._redact = redact
         self._error_reply = error_reply
+        self._invalid_reply = invalid_reply
         self._publisher = Publisher(publish_channel)
         self._inbox: asyncio.Queue[AbstractIncomingMessage] = asyncio.Queue()
         self._workers: list[asyncio.Task[None]] = []
@@ -248,16 +252,8 @@ class ConsumeAdapter(Generic[M]):
         elapsed_ms = round((time.monotonic() - started) * 1000, 1)
         await self._publish_outgoing(deliveries)
         for d in deliveries:
-            if d.reply is not None and d.message.reply_to:
-                await self._publish_channel.default_exchange.publish(
-                    aio_pika.Message(
-                        d.reply.model_dump_json().encode(),
-                        content_type="application/json",
-                        correlation_id=d.message.correlation_id,
-                    ),
-                    routing_key=d.message.reply_to,
-                    mandatory=False,
-                )
+            if d.reply is not None:
+                await self._reply(d.message, d.reply)
             if d.refused is not None:
                 await self._dead_letter(d.message, d.refused)
         if self._concurrency == 1:
@@ -287,7 +283,20 @@ class ConsumeAdapter(Generic[M]):
         body = self._redact(message.body) if self._redact else None
         await dead_letter(self._publish_channel, message, self._queue.name, reason, body=body)
 
+    async def _reply(self, message: AbstractIncomingMessage, reply: BaseModel) -> None:
+        """Answer through RabbitMQ's direct reply-to only: a ``reply_to`` naming any other
+        queue (e.g. another till's) is not answered."""
+        if not (message.reply_to or "").startswith(DIRECT_REPLY_TO):
+            return
+        await self._publish_channel.default_exchange.publish(
+            aio_pika.Message(reply.model_dump_json().encode(), content_type="application/json", correlation_id=message.correlation_id),
+            routing_key=message.reply_to,  # type: ignore[arg-type]
+            mandatory=False,
+        )
+
     async def _refuse_invalid(self, message: AbstractIncomingMessage, reason: str) -> None:
+        if self._invalid_reply is not None:
+            await self._reply(message, self._invalid_reply(reason))
         await self._dead_letter(message, reason)
         await message.ack()
         self._log.warning("message_handled", outcome="invalid", reason=reason, message_id=message.message_id)

@@ -102,6 +102,13 @@ def single_line(text: str) -> str:
     return text
 
 
+def not_blank(text: str) -> str:
+    """Return ``text``; raises ``ValueError`` if it is only whitespace."""
+    if not text.strip():
+        raise ValueError("must not be blank")
+    return text
+
+
 def trimmed(text: str) -> str:
     """Return ``text``; raises ``ValueError`` if it starts or ends with whitespace."""
     if text != text.strip():
@@ -1035,12 +1042,22 @@ class RequestPasswordReset(WireModel):
     reveal_password = field_serializer("new_password", when_used="json")(_reveal)
 
 
+class PasswordResetStatusQuery(WireModel):
+    """Where a reset request stands, asked by the till that made it (it knows the request
+    id and the verification code; the owner may not know any valid password)."""
+
+    command: Literal["password_reset_status"] = "password_reset_status"
+    request_id: UUID
+    verification_code: Annotated[str, StringConstraints(max_length=20)]
+
+
 class AccountRequest(WireModel):
     """Envelope of every account-service request."""
 
     schema_version: Literal[1] = SCHEMA_VERSION
     request: Annotated[
-        Union[CreateAccount, SignIn, SignOut, SetSyncMode, RequestPasswordReset], Field(discriminator="command")
+        Union[CreateAccount, SignIn, SignOut, SetSyncMode, RequestPasswordReset, PasswordResetStatusQuery],
+        Field(discriminator="command"),
     ]
 
 
@@ -1098,12 +1115,27 @@ class SyncModeSet(WireModel):
 
 
 class PasswordResetRequested(WireModel):
-    """The reset request is recorded and waits for a service technician's approval."""
+    """The reset request is recorded and waits for a service technician's approval.
+    ``verification_code``: the owner reads it to the technician, who approves only a
+    request whose code the caller knows (so no stranger's request is approved instead)."""
 
     reply: Literal["password_reset_requested"] = "password_reset_requested"
     request_id: UUID
     requested_at: AwareDatetime
-    superseded: Count = Field(default=0, description="earlier pending requests of the account this one replaces")
+    verification_code: str
+
+
+class PasswordResetStatusReply(WireModel):
+    """A reset request's status (``pending``, ``approved``, ``rejected``, ``expired``,
+    ``superseded``), with who decided when and why."""
+
+    reply: Literal["password_reset_status"] = "password_reset_status"
+    request_id: UUID
+    status: str
+    requested_at: AwareDatetime
+    decided_by: str | None = None
+    decided_at: AwareDatetime | None = None
+    reason: str | None = None
 
 
 class ErrorCode(StrEnum):
@@ -1117,6 +1149,8 @@ class ErrorCode(StrEnum):
     UNKNOWN_TILL = "unknown_till"
     UNKNOWN_ACCOUNT = "unknown_account"
     TILLS_SIGNED_IN = "tills_signed_in"
+    TOO_MANY_REQUESTS = "too_many_requests"
+    UNKNOWN_REQUEST = "unknown_request"
     INTERNAL = "internal"
 
 
@@ -1135,7 +1169,7 @@ class AccountReply(WireModel):
 
     schema_version: Literal[1] = SCHEMA_VERSION
     reply: Annotated[
-        Union[AccountCreated, SignedIn, SignedOut, SyncModeSet, PasswordResetRequested, ErrorReply],
+        Union[AccountCreated, SignedIn, SignedOut, SyncModeSet, PasswordResetRequested, PasswordResetStatusReply, ErrorReply],
         Field(discriminator="reply"),
     ]
 
@@ -1163,7 +1197,10 @@ class PasswordResetRequest(WireModel):
     account_name: str
     password_hash: ARGON2_HASH
     requested_at: AwareDatetime
-    requested_on: Name = Field(description="the till the owner asked on: name (serial number)")
+    requested_on: Annotated[Text, Field(min_length=1, max_length=400)] = Field(
+        description="the till the owner asked on: name (serial number)"
+    )
+    verification_code: Annotated[str, StringConstraints(pattern=r"^[0-9A-Z]{4}-[0-9A-Z]{4}$")]
 
 
 class ApprovePasswordReset(WireModel):
@@ -1173,6 +1210,9 @@ class ApprovePasswordReset(WireModel):
     type: Literal["approve"] = "approve"
     request_id: UUID
     command_id: UUID
+    verification_code: Annotated[str, StringConstraints(strip_whitespace=True, to_upper=True, max_length=20)] = Field(
+        description="the code the caller read from the till that asked; must match the request's"
+    )
 
 
 class RejectPasswordReset(WireModel):
@@ -1181,7 +1221,7 @@ class RejectPasswordReset(WireModel):
     type: Literal["reject"] = "reject"
     request_id: UUID
     command_id: UUID
-    reason: Annotated[Text, Field(min_length=1, max_length=500)]
+    reason: Annotated[Name, AfterValidator(not_blank)]
 
 
 class ListPasswordResets(WireModel):
@@ -1208,7 +1248,10 @@ PasswordResetStatus = Literal["pending", "approved", "rejected", "expired", "sup
 
 class PasswordResetInfo(WireModel):
     """One request as ops see it; ``overdue``: pending for longer than the 48 h target;
-    ``age_hours`` since it was requested."""
+    ``age_hours`` since it was requested; warnings for the technician (the verification
+    code is not shown: the caller must read it out): ``superseded_recently`` (other requests of the
+    account replaced in the last 14 days) and ``signed_in_since`` (tills that signed in
+    with the old password after the request)."""
 
     request_id: UUID
     account_name: str
@@ -1221,6 +1264,8 @@ class PasswordResetInfo(WireModel):
     decided_by: str | None = None
     decided_at: AwareDatetime | None = None
     reason: str | None = None
+    superseded_recently: Count = 0
+    signed_in_since: tuple[str, ...] = ()
 
 
 class PasswordResetDecided(WireModel):
@@ -1241,7 +1286,7 @@ class ApprovalError(WireModel):
     """A refused ops command, e.g. an unknown, expired or already decided request."""
 
     reply: Literal["error"] = "error"
-    code: Literal["unknown_request", "not_pending", "expired", "not_ops", "invalid", "internal"]
+    code: Literal["unknown_request", "not_pending", "expired", "not_ops", "invalid", "wrong_code", "internal"]
     message: str
 
 

@@ -22,6 +22,9 @@ _hasher = PasswordHasher()  # argon2id, RFC 9106 low-memory parameters
 _DUMMY_HASH = _hasher.hash("unknown-account-dummy-Pw1!")
 
 
+MAX_LENGTH = 256  # beyond the rules of DESIGN.md §2: hashing a huge password costs the service, not the caller
+
+
 def password_problems(password: str) -> list[str]:
     """Return one sentence per password rule that ``password`` breaks (empty if valid)."""
     problems = []
@@ -37,6 +40,8 @@ def password_problems(password: str) -> list[str]:
         problems.append(f"must contain one of the special characters {SPECIAL_CHARACTERS}")
     if any(c.isspace() for c in password):
         problems.append("must not contain whitespace")
+    if len(password) > MAX_LENGTH:
+        problems.append(f"must be at most {MAX_LENGTH} characters long")
     return problems
 
 

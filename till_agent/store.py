@@ -351,6 +351,16 @@ class TillStore(HandoverStore):
                 if server_value > int(self._get(key) or 0):
                     self._set(**{key: str(server_value)})
 
+    def save_password_reset(self, request_id: UUID, verification_code: str) -> None:
+        """Keep the id and verification code of the reset request made on this till."""
+        with _transaction(self._db):
+            self._set(password_reset_request=str(request_id), password_reset_code=verification_code)
+
+    def password_reset(self) -> tuple[UUID, str] | None:
+        """``(request_id, verification_code)`` of the last reset request made on this till."""
+        request_id, code = self._get("password_reset_request"), self._get("password_reset_code")
+        return (UUID(request_id), code) if request_id and code else None
+
     def installation_id(self) -> UUID:
         """This local store's own id (made at ``till init``), told to the cloud at sign-in."""
         return UUID(self._get("installation_id"))

@@ -42,6 +42,8 @@ from shared.models import (
     ErrorReply,
     MasterDataEntity,
     PasswordResetRequested,
+    PasswordResetStatusQuery,
+    PasswordResetStatusReply,
     RequestPasswordReset,
     MasterDataRecord,
     SharedSetting,
@@ -105,7 +107,9 @@ class Till:
 
     # -- account requests ------------------------------------------------------
 
-    async def _request(self, request: CreateAccount | SignIn | SignOut | SetSyncMode | RequestPasswordReset) -> AccountReply:
+    async def _request(
+        self, request: CreateAccount | SignIn | SignOut | SetSyncMode | RequestPasswordReset | PasswordResetStatusQuery
+    ) -> AccountReply:
         try:
             connection = await aio_pika.connect(
                 self.settings.cloud_amqp_url,
@@ -196,6 +200,18 @@ class Till:
             )
         )
         assert isinstance(reply.reply, PasswordResetRequested)
+        self.store.save_password_reset(reply.reply.request_id, reply.reply.verification_code)
+        return reply.reply
+
+    async def password_reset_status(self) -> PasswordResetStatusReply:
+        """The status of the last reset request made on this till (approved, rejected with
+        the reason, expired ...). Raises ``RuntimeError`` if this till made none and
+        ``AccountError`` if the cloud does not know it (yet)."""
+        last = self.store.password_reset()
+        if last is None:
+            raise RuntimeError("no password reset was requested on this till (`tillsync till forgot-password`)")
+        reply = await self._request(PasswordResetStatusQuery(request_id=last[0], verification_code=last[1]))
+        assert isinstance(reply.reply, PasswordResetStatusReply)
         return reply.reply
 
     def _auth(self) -> tuple[UUID, str]:

@@ -57,6 +57,7 @@ from shared.models import (
 )
 from shared.settings import BrokerSettings, ServiceSettings
 from shared.topology import (
+    till_broker_user,
     APPROVAL_DECISION_KEY,
     APPROVAL_QUERY_KEY,
     TOPOLOGY,
@@ -403,6 +404,43 @@ def technician_add(
     out.print(f"technician {user} can now list, approve and reject password resets (TILLSYNC_OPS_USER={user.removeprefix('ops-')})")
 
 
+@ops_app.command("sign-out-till")
+@_friendly
+def ops_sign_out_till(
+    account_name: str = typer.Argument(...),
+    serial_number: str = typer.Argument(..., help="the till's serial number, as `till forgot-password` named it"),
+) -> None:
+    """Sign out a till that is lost or broken while signed in (administrator): its broker
+    user is deleted and its connections close; the account's other tills and the
+    archive are untouched. Then a password reset can be requested."""
+    settings = ServiceSettings()
+
+    async def body() -> str:
+        conn = await asyncpg.connect(settings.database_url)
+        try:
+            till = await conn.fetchrow(
+                "select t.till_id, t.till_name, t.signed_in from tills t join accounts a using (account_id) "
+                "where a.account_name = lower($1) and t.serial_number = $2",
+                account_name.strip(), serial_number,
+            )
+            if till is None:
+                raise ValueError(f"account {account_name} has no till with serial number {serial_number!r}")
+            if not till["signed_in"]:
+                return f"till {till['till_name']} ({serial_number}) is signed out already"
+            user, password = settings.management_credentials
+            async with BrokerAdmin(settings.management_url, user, password) as admin:
+                await admin.delete_user(till_broker_user(till["till_id"]))
+            await conn.execute(
+                "update tills set signed_in = false, secret_sha256 = null, signed_out_at = now() where till_id = $1",
+                till["till_id"],
+            )
+            return f"till {till['till_name']} ({serial_number}) signed out; it must sign in again to sync"
+        finally:
+            await conn.close()
+
+    out.print(asyncio.run(body()))
+
+
 @technician_app.command("remove")
 @_friendly
 def technician_remove(name: str = typer.Argument(...)) -> None:
@@ -434,12 +472,18 @@ OpsPasswordStdin = typer.Option(False, help="read the technician's password from
 
 def _request_line(r: PasswordResetInfo) -> str:
     """One request on one line: id, account, where and when asked, age (OVERDUE past 48 h), status."""
-    age = f"{r.age_hours:.1f} h old" + (", OVERDUE (waiting more than 48 h)" if r.overdue else "")
+    age = f"{r.age_hours:.1f} h old" + (", OVERDUE" if r.overdue else "")
+    warnings = []
+    if r.superseded_recently:
+        warnings.append(f"{r.superseded_recently} other request(s) of this account superseded in 14 days")
+    if r.signed_in_since:
+        warnings.append(f"signed in with the old password since: {', '.join(r.signed_in_since)}")
     state = (
         f"pending, expires {_utc(r.expires_at)} UTC" if r.status == "pending"
         else f"{r.status} by {r.decided_by} at {_utc(r.decided_at)} UTC" + (f": {r.reason}" if r.reason else "")
     )
-    return f"{r.request_id}  {r.account_name}  asked on {r.requested_on} at {_utc(r.requested_at)} UTC ({age})  {state}"
+    warn = f"  CHECK: {'; '.join(warnings)}" if warnings and r.status == "pending" else ""
+    return f"{r.request_id}  {r.account_name}  asked on {r.requested_on} at {_utc(r.requested_at)} UTC ({age})  {state}{warn}"
 
 
 @password_requests_app.command("list")
@@ -475,12 +519,17 @@ def _decide(message: Any, user: str | None, password_stdin: bool) -> None:
 @_friendly
 def password_requests_approve(
     request_id: UUID = typer.Argument(..., help="the request's id, as listed"),
+    code: str = typer.Option(..., "--code", help="the verification code the caller reads from the till that asked"),
     command_id: Optional[UUID] = typer.Option(None, help="repeat a command with its id (a retry changes nothing twice)"),
     user: Optional[str] = OpsUser,
     password_stdin: bool = OpsPasswordStdin,
 ) -> None:
-    """Approve a password reset: the new password replaces the old one at once."""
-    _decide(ApprovePasswordReset(request_id=request_id, command_id=command_id or uuid.uuid4()), user, password_stdin)
+    """Approve a password reset once the caller has read you its verification code: the
+    new password replaces the old one at once."""
+    _decide(
+        ApprovePasswordReset(request_id=request_id, command_id=command_id or uuid.uuid4(), verification_code=code),
+        user, password_stdin,
+    )
 
 
 @password_requests_app.command("reject")
@@ -575,10 +624,33 @@ def till_forgot_password(
     password stays valid until the approval; then sign in with the new one."""
     till = _open_till(data_dir)
     requested = asyncio.run(till.request_password_reset(account_name, _read_password(password_stdin, confirm=True)))
+    out.print(f"password reset requested: {requested.request_id}")
+    out.print(f"verification code: {requested.verification_code}")
     out.print(
-        f"password reset requested ({requested.request_id}); a service technician must approve it, usually within "
-        "48 hours (it expires after 14 days). The old password stays valid until then; keep selling: the tills upload "
-        "everything after signing in with the new password"
+        "Call the service technician and read them the request and the code: they approve only a request whose code "
+        "you know (the target is 48 hours; an unapproved request expires after 14 days). The old password stays "
+        "valid until then. Keep selling: the tills upload everything after signing in with the new password"
+    )
+
+
+@till_app.command("reset-status")
+@_friendly
+def till_reset_status(data_dir: Optional[Path] = DataDir) -> None:
+    """Show where the password reset requested on this till stands (works signed out)."""
+    till = _open_till(data_dir)
+    status = asyncio.run(till.password_reset_status())
+    decided = f" by {status.decided_by} at {_utc(status.decided_at)} UTC" if status.decided_at else ""
+    why = f": {status.reason}" if status.reason else ""
+    next_step = {
+        "pending": "waiting for the service technician; the old password stays valid",
+        "approved": "sign in with the new password",
+        "rejected": "the old password stays valid; call the service technician or ask again",
+        "expired": "the old password stays valid; ask again if needed",
+        "superseded": "a newer request replaced it",
+    }.get(status.status, "")
+    out.print(
+        f"password reset {status.request_id} (requested {_utc(status.requested_at)} UTC): {status.status}{decided}{why}"
+        + (f" — {next_step}" if next_step else "")
     )
 
 

@@ -392,7 +392,9 @@ async def _password_reset_scene(
         console.print(f"  technician {technician} sees the request pending ({len(pending)} of the list) and approves it")
         decided = await call_worker(
             ops, technician, technician_password, APPROVAL_DECISION_KEY,
-            ApprovalMessage(message=ApprovePasswordReset(request_id=requested.request_id, command_id=uuid.uuid4())),
+            ApprovalMessage(message=ApprovePasswordReset(
+            request_id=requested.request_id, command_id=uuid.uuid4(), verification_code=requested.verification_code
+        )),
         )
     finally:
         await remove_technician(settings, technician)

@@ -34,7 +34,7 @@ class OpsError(RuntimeError):
 
 def ops_user_name(name: str) -> str:
     """``anna`` or ``ops-anna`` → ``ops-anna``; ``ValueError`` for anything but letters, digits, ``.``, ``_``, ``-``."""
-    short = name.removeprefix(OPS_USER_PREFIX)
+    short = name.strip().lower().removeprefix(OPS_USER_PREFIX)
     if not short or not all(c.isascii() and (c.isalnum() or c in "._-") for c in short) or len(short) > 64:
         raise ValueError(f"{name!r} is no technician name: use 1 to 64 letters, digits, '.', '_' or '-'")
     return ops_broker_user(short)
@@ -50,6 +50,8 @@ async def add_technician(settings: BrokerSettings, name: str, password: str, man
         raise ValueError("a technician's password needs at least 12 characters")
     admin_user, admin_password = settings.management_credentials
     async with BrokerAdmin(settings.management_url, admin_user, admin_password) as admin:
+        if settings.vhost not in {v["name"] for v in await admin.vhosts()}:
+            raise ValueError(f"the broker has no vhost {settings.vhost!r} (TILLSYNC_AMQP_URL); run `tillsync setup` first")
         await admin.put_user(user, password, tags="management" if management_ui else "")
         await admin.grant_permissions(settings.vhost, user, ops_permissions())
     return user
@@ -74,6 +76,10 @@ async def call_worker(
         connection = await aio_pika.connect(url, client_properties={"connection_name": f"tillsync ops {user}"}, timeout=10)
     except ProbableAuthenticationError as exc:
         raise OpsError(f"the broker refused {user}: wrong password, or no such technician (`tillsync ops technician add`)") from exc
+    except aio_pika.exceptions.AMQPConnectionError as exc:
+        raise OpsError(
+            f"the broker refused the connection to vhost {settings.vhost!r} for {user} (no such vhost, or no access there)"
+        ) from exc
     except Exception as exc:
         raise OpsError(f"cannot reach the broker at {settings.amqp_url.split('@')[-1]}: {type(exc).__name__}: {exc}") from exc
     try:

@@ -7,6 +7,7 @@ create table password_reset_requests (
     password_hash  text not null check (password_hash like '$argon2id$%'),
     requested_at   timestamptz not null,
     requested_on   text not null,              -- the till the owner asked on
+    verification_code text not null,           -- shown on that till; the caller reads it to the technician
     status         text not null default 'pending'
                    check (status in ('pending', 'approved', 'rejected', 'expired', 'superseded')),
     decided_by     text,                       -- the ops user (broker-validated user_id), or 'system'
@@ -31,6 +32,14 @@ create table password_reset_audit (
     at          timestamptz not null default now()
 );
 create index password_reset_audit_request on password_reset_audit (request_id, at);
+
+create function password_reset_audit_is_append_only() returns trigger language plpgsql as $$
+begin
+    raise exception 'password_reset_audit is append-only: % is not allowed', tg_op;
+end
+$$;
+create trigger password_reset_audit_append_only before update or delete on password_reset_audit
+    for each statement execute function password_reset_audit_is_append_only();
 
 -- Messages for an account's owner, shown on a till at its next sign-in.
 create table account_notices (

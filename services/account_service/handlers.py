@@ -35,6 +35,8 @@ from shared.models import (
     ErrorReply,
     PasswordResetRequest,
     PasswordResetRequested,
+    PasswordResetStatusQuery,
+    PasswordResetStatusReply,
     RequestPasswordReset,
     SetSyncMode,
     SignedIn,
@@ -56,6 +58,7 @@ from shared.topology import (
 log = structlog.get_logger()
 
 WRONG_CREDENTIALS_MESSAGE = "account name or password is wrong"
+MAX_RESET_REQUESTS_PER_HOUR = 5  # per account: a newer request supersedes the older, so a flood would hide the owner's
 
 
 class ApprovalQueue(Protocol):
@@ -377,6 +380,16 @@ async def request_password_reset(cmd: RequestPasswordReset, conn: asyncpg.Connec
         return _error(ErrorCode.WEAK_PASSWORD, "the new password breaks these rules: " + "; ".join(problems), details=problems)
     if deps.approvals is None:
         return _error(ErrorCode.INTERNAL, "password resets are not set up on this account service")
+    recent = await conn.fetchval(
+        "select count(*) from password_reset_requests where account_id = $1 and received_at > now() - interval '1 hour'",
+        account["account_id"],
+    )
+    if recent >= MAX_RESET_REQUESTS_PER_HOUR:
+        return _error(
+            ErrorCode.TOO_MANY_REQUESTS,
+            f"{recent} password resets were requested for this account in the last hour; try again later "
+            "or call the service technician about the one already made",
+        )
     request = PasswordResetRequest(
         request_id=uuid.uuid4(),
         account_id=account["account_id"],
@@ -384,10 +397,43 @@ async def request_password_reset(cmd: RequestPasswordReset, conn: asyncpg.Connec
         password_hash=await hash_password(cmd.new_password.get_secret_value()),
         requested_at=dt.datetime.now(dt.UTC),
         requested_on=f"{cmd.till_name} ({cmd.serial_number})",
+        verification_code=verification_code(),
     )
     await deps.approvals.submit(request)
     log.info("password_reset_requested", account_id=str(request.account_id), request_id=str(request.request_id))
-    return AccountReply(reply=PasswordResetRequested(request_id=request.request_id, requested_at=request.requested_at))
+    return AccountReply(
+        reply=PasswordResetRequested(
+            request_id=request.request_id, requested_at=request.requested_at, verification_code=request.verification_code
+        )
+    )
+
+
+async def password_reset_status(cmd: PasswordResetStatusQuery, conn: asyncpg.Connection, deps: AccountDeps) -> AccountReply:
+    """The status of a reset request, for whoever knows its id and verification code (the
+    till that asked); anything else gets the same "unknown" answer."""
+    row = await conn.fetchrow("select * from password_reset_requests where request_id = $1", cmd.request_id)
+    given = cmd.verification_code.strip().upper().replace("-", "")
+    if row is None or not hmac.compare_digest(row["verification_code"].replace("-", ""), given):
+        return _error(
+            ErrorCode.UNKNOWN_REQUEST,
+            f"no password reset request {cmd.request_id} with this verification code (a request made moments ago "
+            "may not be recorded yet)",
+        )
+    return AccountReply(
+        reply=PasswordResetStatusReply(
+            request_id=row["request_id"], status=row["status"], requested_at=row["requested_at"],
+            decided_by=row["decided_by"], decided_at=row["decided_at"], reason=row["reason"],
+        )
+    )
+
+
+_CODE_ALPHABET = "23456789ABCDEFGHJKLMNPQRSTUVWXYZ"  # no 0/O, 1/I: read out on the phone
+
+
+def verification_code() -> str:
+    """``XXXX-XXXX`` from 32 unambiguous characters (40 bits), made with ``secrets``."""
+    code = "".join(secrets.choice(_CODE_ALPHABET) for _ in range(8))
+    return f"{code[:4]}-{code[4:]}"
 
 
 _HANDLERS = {
@@ -396,6 +442,7 @@ _HANDLERS = {
     "sign_out": sign_out,
     "set_sync_mode": set_sync_mode,
     "request_password_reset": request_password_reset,
+    "password_reset_status": password_reset_status,
 }
 
 

@@ -49,6 +49,7 @@ from shared.topology import (
 log = structlog.get_logger()
 
 SYSTEM = "system"  # the actor of expiries and supersessions
+ACCOUNT_SERVICE = "account-service"  # the actor of requests (made on a till, checked by the account service)
 
 
 @dataclass(frozen=True)
@@ -79,13 +80,22 @@ def info(row: asyncpg.Record | dict[str, Any], policy: ApprovalPolicy, now: dt.d
         decided_by=row["decided_by"],
         decided_at=row["decided_at"],
         reason=row["reason"],
+        superseded_recently=row["superseded_recently"],
+        signed_in_since=tuple(row["signed_in_since"] or ()),
     )
 
 
-_REQUEST = """
-select r.*, a.account_name from password_reset_requests r join accounts a using (account_id)
-where r.request_id = $1
+# a request with its account name and the technician's warnings (see PasswordResetInfo)
+_INFO = """
+select r.*, a.account_name,
+       (select count(*) from password_reset_requests o
+        where o.account_id = r.account_id and o.status = 'superseded' and o.decided_at > now() - interval '14 days')
+           as superseded_recently,
+       (select array_agg(t.till_name || ' (' || t.serial_number || ')' order by t.signed_in_at)
+        from tills t where t.account_id = r.account_id and t.signed_in_at > r.requested_at) as signed_in_since
+from password_reset_requests r join accounts a using (account_id)
 """
+_REQUEST = _INFO + " where r.request_id = $1"
 
 
 async def handle_approval_messages(
@@ -97,6 +107,7 @@ async def handle_approval_messages(
         if isinstance(message, PasswordResetRequest):
             user = d.user_id or ""
             if d.routing_key != APPROVAL_REQUEST_KEY or not user or user.startswith((OPS_USER_PREFIX, TILL_USER_PREFIX)):
+                d.reply = ApprovalReply(reply=ApprovalError(code="invalid", message="reset requests come from the account service only"))
                 d.refuse(
                     f"a reset request must come from the account service with routing key {APPROVAL_REQUEST_KEY!r} "
                     f"(user_id {user!r}, routing key {d.routing_key!r})",
@@ -145,16 +156,18 @@ async def record_request(d: Delivery[ApprovalMessage], request: PasswordResetReq
     )
     await conn.execute(
         """
-        insert into password_reset_requests (request_id, account_id, password_hash, requested_at, requested_on)
-        values ($1, $2, $3, $4, $5)
+        insert into password_reset_requests
+            (request_id, account_id, password_hash, requested_at, requested_on, verification_code)
+        values ($1, $2, $3, $4, $5, $6)
         """,
         request.request_id, request.account_id, request.password_hash, request.requested_at, request.requested_on,
+        request.verification_code,
     )
     await conn.executemany(
         "insert into password_reset_audit (request_id, account_id, action, actor, reason) values ($1, $2, $3, $4, $5)",
         [(r["request_id"], request.account_id, "superseded", SYSTEM, f"replaced by the newer request {request.request_id}")
          for r in superseded]
-        + [(request.request_id, request.account_id, "requested", actor, f"asked on {request.requested_on}")],
+        + [(request.request_id, request.account_id, "requested", ACCOUNT_SERVICE, f"asked on {request.requested_on} (broker user {actor})")],
     )
     d.outcome = "recorded"
     d.log.update(request_id=str(request.request_id), superseded=len(superseded))
@@ -195,8 +208,7 @@ async def list_requests(
 ) -> PasswordResetList:
     """The pending requests, oldest first (and with ``include_decided`` the decided ones of the last days)."""
     rows = await conn.fetch(
-        """
-        select r.*, a.account_name from password_reset_requests r join accounts a using (account_id)
+        _INFO + """
         where r.status = 'pending' or ($1 and r.decided_at > $2::timestamptz - make_interval(days => $3::int))
         order by r.status <> 'pending', r.requested_at
         """,
@@ -213,8 +225,17 @@ async def decide(
     now: dt.datetime,
 ) -> PasswordResetDecided | ApprovalError:
     """Apply an approval or rejection by ops user ``user`` (see the module docstring)."""
-    done = await conn.fetchrow("select request_id from password_reset_audit where command_id = $1", command.command_id)
+    done = await conn.fetchrow(
+        "select request_id, action, actor from password_reset_audit where command_id = $1", command.command_id
+    )
     if done is not None:
+        action = "approved" if isinstance(command, ApprovePasswordReset) else "rejected"
+        if (done["request_id"], done["action"], done["actor"]) != (command.request_id, action, user):
+            return ApprovalError(
+                code="invalid",
+                message=f"command id {command.command_id} was used for another command "
+                f"({done['action']} {done['request_id']} by {done['actor']}); give a new one",
+            )
         row = await conn.fetchrow(_REQUEST, done["request_id"])
         return PasswordResetDecided(request=info(row, policy, now), repeat=True)
     row = await conn.fetchrow(_REQUEST + " for update of r", command.request_id)
@@ -232,6 +253,12 @@ async def decide(
             + "; only a pending request can be decided",
         )
     approve = isinstance(command, ApprovePasswordReset)
+    if approve and command.verification_code.replace("-", "") != row["verification_code"].replace("-", ""):  # type: ignore[union-attr]
+        return ApprovalError(
+            code="wrong_code",
+            message=f"the verification code does not match request {command.request_id}: approve only a request "
+            "whose code the caller reads from the till that asked",
+        )
     reason = None if approve else command.reason  # type: ignore[union-attr]
     status = "approved" if approve else "rejected"
     await conn.execute(
@@ -268,6 +295,11 @@ def approval_log_context(message: ApprovalMessage) -> dict[str, Any]:
     if hasattr(inner, "request_id"):
         context["request_id"] = str(inner.request_id)
     return context
+
+
+def invalid_message_reply(reason: str) -> ApprovalReply:
+    """The answer to a message the worker cannot read (it is dead-lettered with ``reason``)."""
+    return ApprovalReply(reply=ApprovalError(code="invalid", message=reason))
 
 
 def internal_error_reply(exc: Exception) -> ApprovalReply:

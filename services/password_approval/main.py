@@ -15,6 +15,7 @@ from services.password_approval.handlers import (
     expire_requests,
     handle_approval_messages,
     internal_error_reply,
+    invalid_message_reply,
 )
 from shared.amqp import connect
 from shared.consumer import ConsumeAdapter
@@ -55,6 +56,7 @@ async def main(settings: ApprovalSettings, stop: asyncio.Event) -> None:
             pool=pool,
             log_context=approval_log_context,
             error_reply=internal_error_reply,
+            invalid_reply=invalid_message_reply,
         )
         await adapter.start()
         sweeper = asyncio.create_task(_sweep(pool, policy, settings.expiry_check_seconds, stop))

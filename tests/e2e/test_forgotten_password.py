@@ -81,7 +81,11 @@ async def test_a_forgotten_password_is_reset_after_approval_and_nothing_recorded
     # until the approval the old password is the one
     with pytest.raises(AccountError, match="wrong"):
         await two.sign_in(account, NEW_PASSWORD)
-    code, approved = await asyncio.to_thread(ops, fresh_env, technician, "approve", str(requested.request_id))
+    code, wrong = await asyncio.to_thread(ops, fresh_env, technician, "approve", str(requested.request_id), "--code", "ZZZZ-ZZZZ")
+    assert code == 1 and "the verification code does not match" in wrong, wrong
+    code, approved = await asyncio.to_thread(
+        ops, fresh_env, technician, "approve", str(requested.request_id), "--code", requested.verification_code.lower()
+    )
     assert code == 0, approved
     assert f"approved by ops-{technician}" in approved
 

@@ -73,7 +73,9 @@ async def test_no_clear_password_in_logs_tables_or_persisted_messages(fresh_env,
     technician = await add_technician(fresh_env.settings, f"secrets-{uuid.uuid4().hex[:6]}", TECHNICIAN_PASSWORD, management_ui=False)
     decided = await call_worker(
         OpsSettings(amqp_url=fresh_env.settings.amqp_url), technician, TECHNICIAN_PASSWORD, APPROVAL_DECISION_KEY,
-        ApprovalMessage(message=ApprovePasswordReset(request_id=requested.request_id, command_id=uuid.uuid4())),
+        ApprovalMessage(message=ApprovePasswordReset(
+            request_id=requested.request_id, command_id=uuid.uuid4(), verification_code=requested.verification_code
+        )),
     )
     assert decided.reply.reply == "decided"
     await till.sign_in(report.account_name, RESET_PASSWORD)

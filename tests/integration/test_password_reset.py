@@ -2,15 +2,21 @@
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 from pathlib import Path
 
 import aio_pika
+import asyncpg
 import pytest
+from pydantic import TypeAdapter
+from typer.testing import CliRunner
 from aiormq.exceptions import ChannelAccessRefused
 
+from shared.amqp import RpcClient
 from shared.models import (
     ApprovalError,
+    ApprovalReply,
     ApprovalMessage,
     ApprovePasswordReset,
     ListPasswordResets,
@@ -26,6 +32,7 @@ from shared.topology import (
     PASSWORD_APPROVAL_QUEUE,
 )
 from tests.support import STRONG_PASSWORD, Environment, dead_letters_matching, fetchval, new_account_name, new_till, wait_until
+from tillsync.cli import app
 from tillsync.ops import OpsError, OpsSettings, add_technician, call_worker
 from till_agent.till import AccountError, Till
 
@@ -65,7 +72,7 @@ async def test_a_till_cannot_send_an_approval(services, env: Environment, tmp_pa
     try:
         channel = await connection.channel(publisher_confirms=True)
         exchange = await channel.get_exchange(APPROVAL_EXCHANGE, ensure=False)
-        body = ApprovalMessage(message=ApprovePasswordReset(request_id=uuid.uuid4(), command_id=uuid.uuid4()))
+        body = ApprovalMessage(message=ApprovePasswordReset(request_id=uuid.uuid4(), command_id=uuid.uuid4(), verification_code="AAAA-AAAA"))
         with pytest.raises(ChannelAccessRefused, match="access to exchange 'password.approval'"):
             await exchange.publish(aio_pika.Message(body.model_dump_json().encode()), routing_key=APPROVAL_DECISION_KEY)
     finally:
@@ -90,7 +97,7 @@ async def test_a_decision_from_a_non_ops_user_is_refused(services, env: Environm
     try:
         channel = await connection.channel(publisher_confirms=True)
         exchange = await channel.get_exchange(APPROVAL_EXCHANGE, ensure=False)
-        body = ApprovalMessage(message=ApprovePasswordReset(request_id=requested.request_id, command_id=uuid.uuid4()))
+        body = ApprovalMessage(message=ApprovePasswordReset(request_id=requested.request_id, command_id=uuid.uuid4(), verification_code=requested.verification_code))
         await exchange.publish(aio_pika.Message(body.model_dump_json().encode(), user_id="guest"), routing_key=APPROVAL_DECISION_KEY)
     finally:
         await connection.close()
@@ -118,7 +125,7 @@ async def test_old_requests_are_flagged_after_48_hours_and_expire_after_14_days(
     by_id = {r.request_id: r for r in listed.requests}
     assert by_id[old.request_id].overdue and by_id[old.request_id].age_hours >= 49
     assert ancient.request_id not in by_id  # expired: no longer pending
-    refused = await as_ops(env, user, ApprovePasswordReset(request_id=ancient.request_id, command_id=uuid.uuid4()))
+    refused = await as_ops(env, user, ApprovePasswordReset(request_id=ancient.request_id, command_id=uuid.uuid4(), verification_code=ancient.verification_code))
     assert isinstance(refused, ApprovalError) and refused.code == "expired"
     assert await fetchval(env, "select status from password_reset_requests where request_id = $1", ancient.request_id) == "expired"
     # the old password still works for the expired one; the owner hears of the expiry at sign-in
@@ -133,16 +140,25 @@ async def test_decisions_are_idempotent_audited_and_a_newer_request_supersedes(s
     second = await till.request_password_reset(account, NEW_PASSWORD)
     await wait_until(lambda: fetchval(env, "select status from password_reset_requests where request_id = $1", first.request_id),
                      what="recorded")
-    superseded = await as_ops(env, user, ApprovePasswordReset(request_id=first.request_id, command_id=uuid.uuid4()))
+    superseded = await as_ops(env, user, ApprovePasswordReset(request_id=first.request_id, command_id=uuid.uuid4(), verification_code=first.verification_code))
     assert isinstance(superseded, ApprovalError) and superseded.code == "not_pending" and "superseded" in superseded.message
 
-    command = ApprovePasswordReset(request_id=second.request_id, command_id=uuid.uuid4())
+    wrong = await as_ops(env, user, ApprovePasswordReset(
+        request_id=second.request_id, command_id=uuid.uuid4(), verification_code=first.verification_code))
+    assert isinstance(wrong, ApprovalError) and wrong.code == "wrong_code"  # the code of another request
+    command = ApprovePasswordReset(request_id=second.request_id, command_id=uuid.uuid4(), verification_code=second.verification_code)
+    listed = await as_ops(env, user, ListPasswordResets(), APPROVAL_QUERY_KEY)
+    [shown] = [r for r in listed.requests if r.request_id == second.request_id]
+    assert shown.superseded_recently == 1  # the technician is warned
     approved = await as_ops(env, user, command)
     again = await as_ops(env, user, command)  # a retry of the same command
     assert isinstance(approved, PasswordResetDecided) and approved.request.status == "approved" and not approved.repeat
     assert isinstance(again, PasswordResetDecided) and again.repeat and again.request.decided_by == user
     late_reject = await as_ops(env, user, RejectPasswordReset(request_id=second.request_id, command_id=uuid.uuid4(), reason="zu spät"))
     assert isinstance(late_reject, ApprovalError) and f"approved by {user}" in late_reject.message
+    # a command id used before belongs to its command only
+    reused = await as_ops(env, user, RejectPasswordReset(request_id=first.request_id, command_id=command.command_id, reason="x"))
+    assert isinstance(reused, ApprovalError) and reused.code == "invalid" and "was used for another command" in reused.message
     conn = await env.db()
     try:
         audit = [(r["action"], r["actor"]) for r in await conn.fetch(
@@ -150,7 +166,13 @@ async def test_decisions_are_idempotent_audited_and_a_newer_request_supersedes(s
             "order by audit_id", account)]
     finally:
         await conn.close()
-    assert audit == [("requested", "guest"), ("superseded", "system"), ("requested", "guest"), ("approved", user)]
+    assert audit == [("requested", "account-service"), ("superseded", "system"), ("requested", "account-service"), ("approved", user)]
+    conn = await env.db()
+    try:
+        with pytest.raises(asyncpg.RaiseError, match="append-only"):
+            await conn.execute("delete from password_reset_audit")
+    finally:
+        await conn.close()
     with pytest.raises(AccountError, match="wrong"):
         await till.sign_in(account, STRONG_PASSWORD)
     signed_in = await till.sign_in(account, NEW_PASSWORD)
@@ -185,3 +207,91 @@ async def test_reset_requests_are_refused_with_the_reason(services, env: Environ
     with pytest.raises(OpsError, match="the broker refused ops-nobody"):
         await call_worker(OpsSettings(amqp_url=env.settings.amqp_url), "ops-nobody", "x" * 12, APPROVAL_QUERY_KEY,
                           ApprovalMessage(message=ListPasswordResets()))
+
+
+async def test_requests_are_limited_and_sign_ins_meanwhile_are_shown(services, env: Environment, tmp_path: Path) -> None:
+    user = await technician(env)
+    account, till = await signed_out_account(env, tmp_path)
+    for _ in range(5):
+        last = await till.request_password_reset(account, NEW_PASSWORD)
+        await wait_until(lambda r=last: fetchval(env, "select 1 from password_reset_requests where request_id = $1", r.request_id),
+                         what="recorded")
+    with pytest.raises(AccountError, match="5 password resets were requested for this account in the last hour") as limited:
+        await till.request_password_reset(account, NEW_PASSWORD)
+    assert limited.value.code == "too_many_requests"
+    other = new_till(env, tmp_path, name="Kasse 2")
+    await other.sign_in(account, STRONG_PASSWORD)  # someone knows the old password after all
+    listed = await as_ops(env, user, ListPasswordResets(), APPROVAL_QUERY_KEY)
+    [shown] = [r for r in listed.requests if r.request_id == last.request_id]
+    assert shown.superseded_recently == 4 and shown.signed_in_since and shown.signed_in_since[0].startswith("Kasse 2 (")
+
+
+async def test_an_answer_goes_only_to_the_callers_direct_reply_to(services, env: Environment, tmp_path: Path) -> None:
+    user = await technician(env)
+    account = new_account_name()
+    till = new_till(env, tmp_path)
+    await till.create_account(account, STRONG_PASSWORD)
+    await till.sign_in(account, STRONG_PASSWORD)
+    queue_name = till.store.queue_name()
+    connection = await aio_pika.connect(env.till_url(user, TECH_PASSWORD))
+    try:
+        channel = await connection.channel(publisher_confirms=True)
+        exchange = await channel.get_exchange(APPROVAL_EXCHANGE, ensure=False)
+        body = ApprovalMessage(message=ListPasswordResets(include_decided=True))
+        await exchange.publish(
+            aio_pika.Message(body.model_dump_json().encode(), user_id=user, reply_to=queue_name), routing_key=APPROVAL_QUERY_KEY
+        )
+        # a message the worker cannot read, with a proper reply-to: answered at once
+        rpc = RpcClient(connection)
+        await rpc.start()
+        reply = await rpc.call(APPROVAL_EXCHANGE, APPROVAL_DECISION_KEY, ApprovalMessage.model_construct(
+            schema_version=1, message=ListPasswordResets()), TypeAdapter(ApprovalReply), timeout_seconds=10, user_id=user)
+        assert isinstance(reply.reply, ApprovalError) and reply.reply.code == "invalid"
+    finally:
+        await connection.close()
+    admin = await aio_pika.connect(env.settings.amqp_url)
+    try:
+        queue = await (await admin.channel()).get_queue(queue_name)
+        assert await queue.get(fail=False, no_ack=True) is None  # nothing was sent to the till's queue
+    finally:
+        await admin.close()
+
+
+async def test_a_till_lost_while_signed_in_is_signed_out_by_the_administrator(services, env: Environment, tmp_path: Path) -> None:
+    account, till = await signed_out_account(env, tmp_path)
+    lost = new_till(env, tmp_path, serial="SN-LOST", name="Kasse verloren")
+    await lost.sign_in(account, STRONG_PASSWORD)
+    lost.close()  # the store is gone with the till
+    with pytest.raises(AccountError, match=r"still signed in: Kasse verloren \(SN-LOST\)"):
+        await till.request_password_reset(account, NEW_PASSWORD)
+    result = await asyncio.to_thread(
+        CliRunner().invoke, app, ["ops", "sign-out-till", account, "SN-LOST"],
+        env={"TILLSYNC_DATABASE_URL": env.settings.database_url, "TILLSYNC_AMQP_URL": env.settings.amqp_url,
+             "TILLSYNC_MANAGEMENT_URL": env.settings.management_url},
+    )
+    assert result.exit_code == 0 and "Kasse verloren (SN-LOST) signed out" in result.output, result.output
+    assert await fetchval(env, "select signed_in from tills where serial_number = 'SN-LOST'") is False
+    assert (await till.request_password_reset(account, NEW_PASSWORD)).verification_code
+
+
+async def test_the_till_that_asked_can_see_a_rejection_without_any_password(services, env: Environment, tmp_path: Path) -> None:
+    user = await technician(env)
+    account, till = await signed_out_account(env, tmp_path)
+    requested = await till.request_password_reset(account, NEW_PASSWORD)
+    status = await wait_until(lambda: _status_or_none(till), what="the request recorded")
+    assert status.status == "pending"
+    await as_ops(env, user, RejectPasswordReset(request_id=requested.request_id, command_id=uuid.uuid4(), reason="Rückruf fehlgeschlagen"))
+    status = await till.password_reset_status()
+    assert (status.status, status.decided_by, status.reason) == ("rejected", user, "Rückruf fehlgeschlagen")
+    # another till (not knowing the code) learns nothing
+    other = new_till(env, tmp_path)
+    other.store.save_password_reset(requested.request_id, "AAAA-AAAA")
+    with pytest.raises(AccountError, match="no password reset request"):
+        await other.password_reset_status()
+
+
+async def _status_or_none(till: Till):  # type: ignore[no-untyped-def]
+    try:
+        return await till.password_reset_status()
+    except AccountError:
+        return None
