@@ -29,6 +29,7 @@ from uuid import UUID
 
 from pydantic import (
     AfterValidator,
+    BeforeValidator,
     AwareDatetime,
     BaseModel,
     ConfigDict,
@@ -558,7 +559,13 @@ class ZReport(WireModel):
 
 # A table's number or name, in Unicode normal form NFKC: "Café" typed either way, or a
 # full-width "９", names the same table.
-TableNr = Annotated[Key, AfterValidator(lambda text: unicodedata.normalize("NFKC", text))]
+def nfkc(value: Any) -> Any:
+    """A text in Unicode normal form NFKC (anything else as it is, for the type checks)."""
+    return unicodedata.normalize("NFKC", value) if isinstance(value, str) else value
+
+
+# normalised first, so the key rules (length, no surrounding whitespace ...) hold for what is stored
+TableNr = Annotated[Key, BeforeValidator(nfkc)]
 
 
 class HandoverLine(LineFields):
@@ -887,7 +894,7 @@ class ReceiptEventRefused(WireModel):
 
 MAX_RECEIPTS_ASKED = 1000  # receipts and verdicts one catch-up request may name
 SHARED_RECORDS_DAYS = 31  # a till new to receiving receipts / Z-reports gets those of this many days
-MAX_SHARED_RECORDS = 5000  # other tills' records one catch-up sends at most (the newest)
+MAX_SHARED_RECORDS = 5000  # other tills' records one catch-up sends at most (the oldest; the rest follow)
 
 
 class ReceiptCatchUpRequest(WireModel):
@@ -903,8 +910,8 @@ class ReceiptCatchUpRequest(WireModel):
     verdicts_for: tuple[UUID, ...] = Field(default=(), max_length=MAX_RECEIPTS_ASKED)
     shared_since: AwareDatetime | None = Field(
         default=None,
-        description="also the other tills' receipts and Z-reports archived after this time (the as_of of the "
-        "till's last catch-up); None: those of the last SHARED_RECORDS_DAYS days",
+        description="also the other tills' receipts and Z-reports archived at or after this time (from the as_of "
+        "of the till's last catch-up); None: those of the last SHARED_RECORDS_DAYS days",
     )
 
 
@@ -928,7 +935,12 @@ class ReceiptCatchUpDone(WireModel):
     receipts: Count
     unknown_receipts: tuple[UUID, ...] = ()
     shared_records: Count = Field(default=0, description="other tills' receipts and Z-reports sent before it")
-    as_of: AwareDatetime | None = Field(default=None, description="the router's time of the answer: the next shared_since")
+    as_of: AwareDatetime | None = Field(
+        default=None,
+        description="where the next catch-up of other tills' records starts: the router's time of the answer, or "
+        "with more_shared_records the archive time of the last record sent",
+    )
+    more_shared_records: bool = Field(default=False, description="MAX_SHARED_RECORDS were sent and more are waiting")
 
 
 class TillRecordShared(WireModel):

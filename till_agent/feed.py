@@ -302,15 +302,17 @@ class FeedClient:
             outcome = self._store.apply_handover_refused(body, till_id)
             self._count(f"receipt_{outcome}")
             log.info("receipt_event_refused", receipt_id=str(body.receipt_id), code=body.code, reason=body.reason)
-            return outcome == "rebooked"
+            return outcome in ("rebooked", "recorded_as_sale")
         elif isinstance(body, ReceiptSnapshot):
             return self._store.apply_handover_snapshot(body, till_id) > 0
         elif isinstance(body, ReceiptCatchUpDone):
             if body.request_id == self._receipts_request:
                 self._receipts_request = None
-                if body.as_of is not None:
-                    self._store.save_shared_records_as_of(body.as_of)
+                if body.as_of is not None and self._store.receives_shared_records():
+                    self._store.save_shared_records_as_of(body.as_of, body.more_shared_records)
                 self._count("receipts_caught_up")
+                if body.more_shared_records:
+                    self._refresh.set()  # the next page of other tills' records
         elif isinstance(body, TillRecordShared):
             self._count(self._store.apply_shared_record(body, till_id))
         return False

@@ -108,6 +108,7 @@ create table if not exists shared_records (
 """
 
 SHARED_RECORDS_OVERLAP = dt.timedelta(minutes=5)
+MAX_COUNTED = 1000  # own events a payment may count in (ReceiptPaid.counted)
 
 _EVENT_ADAPTER: TypeAdapter[Any] = TypeAdapter(HandoverEvent.model_fields["event"].annotation)
 
@@ -216,15 +217,23 @@ class HandoverStore:
         return "receipts" in received or "zreports" in received
 
     def shared_records_since(self) -> dt.datetime | None:
-        """Where the next catch-up of other tills' records starts: a few minutes before the
-        router's time of the last one (records archived while it ran are not missed), or
-        None if there was none."""
+        """Where the next catch-up of other tills' records starts: right at the last record
+        of a catch-up that had more to send, else a few minutes before the router's time
+        of the last one (records archived while it ran are not missed); None if there was none."""
         as_of = self._get("shared_records_as_of")
-        return dt.datetime.fromisoformat(as_of) - SHARED_RECORDS_OVERLAP if as_of else None
+        if not as_of:
+            return None
+        exact = self._get("shared_records_more") == "1"
+        return dt.datetime.fromisoformat(as_of) - (dt.timedelta(0) if exact else SHARED_RECORDS_OVERLAP)
 
-    def save_shared_records_as_of(self, as_of: dt.datetime) -> None:
-        """Remember the router's time of a completed catch-up of other tills' records."""
-        self._set(shared_records_as_of=as_of.isoformat())
+    def save_shared_records_as_of(self, as_of: dt.datetime, more: bool = False) -> None:
+        """Remember how far the catch-ups of other tills' records got (``more``: a page
+        ended there and the rest is still to come)."""
+        self._set(shared_records_as_of=as_of.isoformat(), shared_records_more="1" if more else "0")
+
+    def forget_shared_records_as_of(self) -> None:
+        """Start the catch-ups of other tills' records anew (a kind is received anew)."""
+        self._set(shared_records_as_of=None)
 
     # -- reading ------------------------------------------------------------------
 
@@ -507,9 +516,14 @@ class HandoverStore:
         accepted position, and this till's events on the receipt still on their way (its
         own events and moves into it), which the router must apply first and alone."""
         view = self._open_view(receipt_id)
+        counted = self._own_pending_records(receipt_id)
+        if len(counted) > MAX_COUNTED:
+            raise TillStoreError(
+                f"{len(counted)} events of this till on receipt {receipt_id} still wait for the router; sync before paying"
+            )
         return ReceiptPaid(
             seen_position=view.position,
-            counted=tuple(self._own_pending_records(receipt_id)),
+            counted=tuple(counted),
             total=view.total,
             payments=(Payment(payment_type=payment_type, payment_name=payment_name, amount=view.total),),
             closed_at=closed_at,
@@ -651,17 +665,25 @@ class HandoverStore:
         return "refused"
 
     def _rebook(self, refused: ReceiptEventRefused) -> str:
-        """This till opened a table another till had opened first: book the lines it
-        entered meanwhile (and its voids of them) onto that receipt, so the table keeps
-        one receipt. Each line is booked for the table (``expected_table_nr``): should
-        that receipt have moved to another table or been paid by then, the router refuses
-        the line and the till says so. If the till already knows that receipt is closed
-        or on another table, it books nothing and the notice lists the lines. Its other
-        events on the refused receipt (a payment, a move) are not repeated: the notice
-        names them."""
+        """This till's opening of a receipt was refused (most often: another till opened
+        the table first). What it recorded on that receipt meanwhile:
+
+        - if it was paid here, the guest has paid: the receipt is recorded as a receipt
+          paid at once (the fiscal record, under this till's next number) and nothing
+          goes onto the other receipt;
+        - else the lines it entered (and its voids of them) are booked onto the receipt
+          that holds the table, each for the table it was meant for
+          (``expected_table_nr``, following this till's own table moves): should that
+          receipt have moved to another table or been paid by then, the router refuses
+          the line and the till says so. If the till already knows that receipt is
+          closed or on another table, or there is none, it books nothing and the notice
+          lists the lines. Other events (a move of lines, a customer) are not repeated.
+
+        Returns ``rebooked`` (records queued), ``recorded_as_sale`` or ``refused``."""
         raced = refused.code in ("table_taken", "receipt_exists")
         target = refused.existing_receipt_id if raced else None
         lost = self._receipt_row(refused.receipt_id)
+        lost_view = self._view(lost) if lost is not None else None
         table_nr = lost["table_nr"] if lost is not None else None
         self._db.execute(
             "update handover_receipts set status = 'refused', merged_into = ? where receipt_id = ?",
@@ -674,6 +696,22 @@ class HandoverStore:
             """,
             (str(refused.receipt_id),),
         ).fetchall()
+        events = [(e["record_id"], _EVENT_ADAPTER.validate_json(e["body"])) for e in pending]
+        paid = next((event for _, event in events if isinstance(event, ReceiptPaid)), None)
+        message = f"{refused.reason}. This till's receipt {refused.receipt_id} was not opened"
+        if paid is not None and lost is not None and lost_view is not None:
+            for record_id, _ in events:
+                self._db.execute(
+                    "update handover_events set state = 'refused', reason = ? where record_id = ? and receipt_id = ?",
+                    ("paid here: recorded as a receipt paid at once", record_id, str(refused.receipt_id)),
+                )
+            receipt = self._record_sale(lost, [v.line for v in lost_view.lines], paid)
+            self._notice(
+                refused.receipt_id, refused.record_id, refused.code,
+                f"{message}; it had been paid here ({paid.total / 100:.2f} EUR), so it is recorded as receipt "
+                f"{receipt.receipt_number} of this till, paid at once; nothing of it goes onto another receipt",
+            )
+            return "recorded_as_sale"
         known = self._receipt_row(target) if target else None
         if target and known is None:
             self._db.execute(
@@ -686,8 +724,7 @@ class HandoverStore:
         now = dt.datetime.now(dt.UTC)
         lines: dict[UUID, str] = {}  # the lines still standing on the lost receipt
         others: list[str] = []
-        for e in pending:
-            event = _EVENT_ADAPTER.validate_json(e["body"])
+        for record_id, event in events:
             rebook = not unfit and (
                 isinstance(event, LineAdded) or (isinstance(event, LineVoided) and event.line_id in lines)
             )
@@ -695,14 +732,15 @@ class HandoverStore:
                 lines[event.line.line_id] = _line_words(event.line)
             elif isinstance(event, LineVoided):
                 lines.pop(event.line_id, None)
+            elif isinstance(event, TableSet):
+                table_nr = event.table_nr  # later lines were meant for the new table
             else:
-                others.append({"paid": "a payment", "lines_moved": "a move of lines", "table_set": "a table change",
-                               "customer_set": "a customer"}.get(event.type, event.type))
+                others.append({"lines_moved": "a move of lines", "customer_set": "a customer"}.get(event.type, event.type))
             state, reason = ("rebooked", f"booked onto receipt {target}") if rebook else (
                 "refused", f"receipt {refused.receipt_id} was not opened")
             self._db.execute(
                 "update handover_events set state = ?, reason = ? where record_id = ? and receipt_id = ?",
-                (state, reason, e["record_id"], str(refused.receipt_id)),
+                (state, reason, record_id, str(refused.receipt_id)),
             )
             if rebook and isinstance(event, LineAdded):
                 assert target is not None
@@ -710,7 +748,6 @@ class HandoverStore:
             elif rebook:
                 assert target is not None
                 self._enqueue_event(target, event, now)
-        message = f"{refused.reason}. This till's receipt {refused.receipt_id} was not opened"
         if lines and not unfit:
             message += f"; its lines were booked onto receipt {target}: {', '.join(lines.values())}"
         elif lines and target:
@@ -721,6 +758,27 @@ class HandoverStore:
             message += f"; not repeated there (do it again): {', '.join(others)}"
         self._notice(refused.receipt_id, refused.record_id, refused.code, message)
         return "rebooked" if target and not unfit else "refused"
+
+    def _record_sale(self, row: sqlite3.Row, lines: list[HandoverLine], paid: ReceiptPaid) -> Receipt:
+        """Record a shared receipt that was paid here but never opened in the cloud as a
+        receipt paid at once, under this till's next receipt number."""
+        receipt = self.book_receipt(
+            lambda number: shared_closed_receipt(
+                receipt_id=UUID(row["receipt_id"]),
+                receipt_number=number,
+                lines=lines,
+                payments=paid.payments,
+                cashier=Cashier.model_validate_json(row["cashier"]),
+                opened_at=dt.datetime.fromisoformat(row["opened_at"]),
+                closed_at=paid.closed_at,
+                business_day=dt.date.fromisoformat(row["business_day"]),
+            ),
+            dt.datetime.now(dt.UTC),
+        )
+        self._db.execute(
+            "update handover_receipts set receipt_number = ? where receipt_id = ?", (receipt.receipt_number, row["receipt_id"])
+        )
+        return receipt
 
     def apply_handover_snapshot(self, snapshot: ReceiptSnapshot, till_id: UUID | None) -> int:
         """Apply the accepted events of a snapshot this till has not applied; returns how

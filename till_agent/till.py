@@ -59,7 +59,7 @@ from shared.models import (
     ZReport,
 )
 from shared.settings import BaseTillsyncSettings
-from shared.topology import ACCOUNT_EXCHANGE, ACCOUNT_SERVICE_ROUTING_KEY, SIGNUP_USER
+from shared.topology import ACCOUNT_EXCHANGE, ACCOUNT_SERVICE_ROUTING_KEY, SIGNUP_USER, download_categories, hands_over_receipts
 from till_agent.booking import SaleLine, closed_receipt, z_report
 from till_agent.handover import Notice, ReceiptView, new_line
 from till_agent.relay import OutboxRelay, RelayStatus
@@ -229,15 +229,31 @@ class Till:
         self.store.save_sign_out()
         return self.store.outbox_counts()[0]
 
-    async def set_sync_mode(self, sync_enabled: bool, mode: SyncMode, custom: CustomSyncFlags | None = None) -> SyncModeSet:
-        """Store the sync switch and mode in the cloud (rebinding the till's queue) and locally."""
+    async def set_sync_mode(
+        self, sync_enabled: bool, mode: SyncMode, custom: CustomSyncFlags | None = None, force: bool = False
+    ) -> SyncModeSet:
+        """Store the sync switch and mode in the cloud (rebinding the till's queue) and locally.
+
+        Leaving the receipt handover while events of this till's shared receipts (a
+        payment above all) still wait for the router would have them refused: raises
+        ``TillStoreError`` then, unless ``force``."""
+        waiting = self.store.pending_receipt_events()
+        if waiting and not force and not hands_over_receipts(mode, custom):
+            paying = len(self.store.payments_awaiting_verdict())
+            raise TillStoreError(
+                f"{waiting} events of shared receipts ({paying} payment(s)) wait for the receipt handover router; in "
+                f"mode {mode.value} they would be refused. Sync first (`tillsync till sync`), or force the switch"
+            )
         till_id, secret = self._auth()
         reply = await self._request(
             SetSyncMode(till_id=till_id, till_secret=secret, sync_enabled=sync_enabled, sync_mode=mode, custom=custom)
         )
         assert isinstance(reply.reply, SyncModeSet)
         before = set(self.store.participating_categories())
+        received_before = set(download_categories(*self._mode()))
         self.store.save_sync_mode(sync_enabled, mode.value, custom.model_dump_json() if custom else None)
+        if {"receipts", "zreports"} & (set(download_categories(mode, custom)) - received_before):
+            self.store.forget_shared_records_as_of()  # a kind received anew: its last 31 days come first
         # categories received from now on are caught up first; shared changes wait for that
         self.store.start_receiving(c for c in self.store.participating_categories() if c not in before)
         self.relay.feed.refresh()
@@ -245,6 +261,10 @@ class Till:
         if not sync_enabled:
             await self.relay.disconnect()
         return reply.reply
+
+    def _mode(self) -> tuple[SyncMode, CustomSyncFlags | None]:
+        _, mode, custom = self.store.sync_settings()
+        return SyncMode(mode), CustomSyncFlags.model_validate_json(custom) if custom else None
 
     # -- local recording --------------------------------------------------------
 

@@ -47,6 +47,7 @@ from shared.models import (
     Cashier,
     CustomSyncFlags,
     ListPasswordResets,
+    nfkc,
     PasswordResetDecided,
     PasswordResetInfo,
     PasswordResetList,
@@ -671,6 +672,9 @@ def till_mode(
     custom: Optional[str] = typer.Option(
         None, help='custom switches as JSON, e.g. \'{"download_articles": true}\'; switches not named keep their value'
     ),
+    force: bool = typer.Option(
+        False, "--force", help="leave the receipt handover although this till's receipt events (payments) still wait"
+    ),
     data_dir: Optional[Path] = DataDir,
 ) -> None:
     """Set the till's sync switch and sync mode."""
@@ -692,7 +696,7 @@ def till_mode(
         if unknown:
             raise ValueError(f"unknown switch(es) {', '.join(unknown)}; known: {', '.join(CustomSyncFlags.model_fields)}")
         flags = CustomSyncFlags.model_validate({**current.model_dump(), **given})
-    result = asyncio.run(till.set_sync_mode(sync, mode, flags))
+    result = asyncio.run(till.set_sync_mode(sync, mode, flags, force=force))
     out.print(f"sync {'on' if result.sync_enabled else 'off'}, mode {result.sync_mode.value}" + _switches(result.custom))
 
 
@@ -1153,7 +1157,7 @@ def _resolve_receipt(till: Till, ref: str, last_closed: bool = False) -> Receipt
     else:
         hint = ""
     if ref.lower().startswith("table:"):
-        table_nr = ref[len("table:"):].strip()
+        table_nr = nfkc(ref[len("table:"):].strip())  # tables are named in NFKC (shared.models.TableNr)
         if not table_nr:
             raise ValueError("give the table after table:, e.g. table:5")
         matches = [v for v in till.open_receipts() if v.table_nr == table_nr]
@@ -1205,6 +1209,7 @@ def _cashier(cashier_id: str) -> Cashier:
 def _open_shared_receipt(data_dir: Path | None, table: str | None, cashier: str) -> None:
     till = _open_till(data_dir)
     receipt_id = till.open_receipt(cashier=_cashier(cashier), at=dt.datetime.now(dt.UTC), table_nr=table)
+    table = till.receipt(receipt_id).table_nr  # as stored (NFKC)
     out.print(
         f"receipt {receipt_id} opened" + (f" for table {table}" if table else "")
         + " (recorded here; `tillsync till sync` shares it)"

@@ -233,6 +233,11 @@ async def _check_shared_closing(d: Delivery[Upload], record: Receipt, conn: asyn
             problems.append(f"total {record.total} differs from the shared receipt's {shared['total']} cents")
         if shared["receipt_number"] is not None and shared["receipt_number"] != record.receipt_number:
             problems.append(f"the shared receipt was closed already as receipt number {shared['receipt_number']}")
+        first = await conn.fetchval(
+            "select record_id from receipt_numbers where till_id = $1 and receipt_number = $2", u.till_id, record.receipt_number
+        )
+        if first is not None and first != u.record_id:
+            problems.append(f"the shared receipt was closed already by record {first}")
     if problems:
         reason = f"closed receipt {record.receipt_id} (number {record.receipt_number}): " + "; ".join(problems)
         await conn.execute(
@@ -548,7 +553,8 @@ async def serve_receipt_catchups(deliveries: list[Delivery[ReceiptCatchUpRequest
         as_of = await conn.fetchval("select now()")
         mode = SyncMode(till["sync_mode"])
         custom = CustomSyncFlags.model_validate(till["custom_flags"]) if till["custom_flags"] else None
-        shared = await _send_shared_records(d, conn, r, download_categories(mode, custom))
+        shared, last_archived = await _send_shared_records(d, conn, r, download_categories(mode, custom))
+        more = shared == MAX_SHARED_RECORDS
         open_too = hands_over_receipts(mode, custom)
         receipt_ids = [
             row["receipt_id"]
@@ -581,7 +587,8 @@ async def serve_receipt_catchups(deliveries: list[Delivery[ReceiptCatchUpRequest
         ):
             await _tell_refusal(d, conn, row)
         _tell(d, ReceiptCatchUpDone(
-            request_id=r.request_id, receipts=len(receipt_ids), unknown_receipts=unknown, shared_records=shared, as_of=as_of,
+            request_id=r.request_id, receipts=len(receipt_ids), unknown_receipts=unknown, shared_records=shared,
+            as_of=last_archived if more else as_of, more_shared_records=more,
         ))
         d.outcome = "served"
         d.log["shared_records"] = shared
@@ -589,23 +596,22 @@ async def serve_receipt_catchups(deliveries: list[Delivery[ReceiptCatchUpRequest
 
 async def _send_shared_records(
     d: Delivery[ReceiptCatchUpRequest], conn: asyncpg.Connection, r: ReceiptCatchUpRequest, categories: tuple[str, ...]
-) -> int:
-    """Send the other tills' receipts and Z-reports archived after ``r.shared_since`` (or of
-    the last ``SHARED_RECORDS_DAYS`` days), at most ``MAX_SHARED_RECORDS``, the newest;
-    only the kinds the till's mode receives. Read from the archive (written by the
-    archive writer); live ones arrive through ``route_receipts``."""
+) -> tuple[int, Any]:
+    """Send the other tills' receipts and Z-reports archived at or after ``r.shared_since``
+    (or in the last ``SHARED_RECORDS_DAYS`` days), oldest first, at most
+    ``MAX_SHARED_RECORDS`` (the till asks for the rest); only the kinds the till's mode
+    receives. Read from the archive (written by the archive writer); live ones arrive
+    through ``route_receipts``. Returns (how many, the archive time of the last)."""
     kinds = [k for k, c in (("receipt", "receipts"), ("zreport", "zreports")) if c in categories]
     if not kinds:
-        return 0
+        return 0, None
     rows = await conn.fetch(
         """
-        select * from (
-            select a.record_id, a.till_id, t.till_name, a.recorded_at, a.payload -> 'record' as record, a.archived_at
-            from archive_records a left join tills t on t.till_id = a.till_id
-            where a.account_id = $1 and a.kind = any($2::text[]) and a.till_id <> $3
-              and a.archived_at > coalesce($4, now() - make_interval(days => $5::int))
-            order by a.archived_at desc limit $6
-        ) newest order by archived_at
+        select a.record_id, a.till_id, t.till_name, a.recorded_at, a.payload -> 'record' as record, a.archived_at
+        from archive_records a left join tills t on t.till_id = a.till_id
+        where a.account_id = $1 and a.kind = any($2::text[]) and a.till_id <> $3
+          and a.archived_at >= coalesce($4, now() - make_interval(days => $5::int))
+        order by a.archived_at, a.record_id limit $6
         """,
         r.account_id, kinds, r.till_id, r.shared_since, SHARED_RECORDS_DAYS, MAX_SHARED_RECORDS,
     )
@@ -614,4 +620,4 @@ async def _send_shared_records(
             till_id=row["till_id"], till_name=row["till_name"] or "", record_id=row["record_id"],
             recorded_at=row["recorded_at"], record=row["record"],
         ))
-    return len(rows)
+    return len(rows), (rows[-1]["archived_at"] if rows else None)

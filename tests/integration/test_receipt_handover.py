@@ -663,7 +663,7 @@ async def test_the_payer_records_its_receipt_even_after_leaving_the_receipt_mode
             await (await channel.get_queue(till_queue_name(b.store.identity().till_id))).purge()  # the broadcast lost
         finally:
             await connection.close()
-        await b.set_sync_mode(True, SyncMode.ARCHIVE_MASTERDATA)
+        await b.set_sync_mode(True, SyncMode.ARCHIVE_MASTERDATA, force=True)  # the owner insists
         b.start_sync()
         receipt = await archived_closed_receipt(env, b)
         assert receipt.receipt_id == receipt_id and receipt.total == 990
@@ -802,5 +802,41 @@ async def test_a_till_that_starts_receiving_gets_the_other_tills_recent_records(
         late.start_sync()
         await wait_until(lambda: len(late.store.shared_records("receipt")) == 3, what="the new receipt")
         await stop(late, zonly)
+    finally:
+        await stop(a)
+
+
+async def test_a_payment_waiting_for_the_router_keeps_the_till_in_the_receipt_mode(services, env: Environment, tmp_path: Path) -> None:
+    a, = await receipt_tills(env, tmp_path, "Kasse A")
+    try:
+        receipt_id = a.open_receipt(table_nr="40", cashier=WAITER, at=now())
+        a.add_line(receipt_id, beer(1), now())
+        await wait_until(lambda: not a.receipt(receipt_id).pending, what="accepted")
+        await a.stop_sync()
+        a.pay_receipt(receipt_id, PaymentType.CASH, "Bar", now())
+        with pytest.raises(TillStoreError, match=r"1 events of shared receipts \(1 payment\(s\)\) wait for the receipt handover router"):
+            await a.set_sync_mode(True, SyncMode.ARCHIVE_MASTERDATA)
+        a.start_sync()
+        await wait_until(lambda: a.receipt(receipt_id).receipt_number, what="paid and numbered")
+        await a.set_sync_mode(True, SyncMode.ARCHIVE_MASTERDATA)  # nothing waits now
+    finally:
+        await stop(a)
+
+
+async def test_an_exact_second_closing_of_a_shared_receipt_is_flagged(services, env: Environment, tmp_path: Path) -> None:
+    a, = await receipt_tills(env, tmp_path, "Kasse A")
+    try:
+        receipt_id = a.open_receipt(table_nr="3", cashier=WAITER, at=now())
+        a.add_line(receipt_id, beer(1, 600), now())
+        a.pay_receipt(receipt_id, PaymentType.CASH, "Bar", now())
+        await wait_until(lambda: a.receipt(receipt_id).receipt_number, what="closed")
+        first = await archived_closed_receipt(env, a)
+        with a.store.batch():  # the same closed receipt once more, as a new record
+            a.store._enqueue(first, now())
+        a.relay.wake()
+        reason = await wait_until(
+            lambda: fetchval(env, "select reason from shared_receipt_mismatches where receipt_id = $1", receipt_id), what="flagged"
+        )
+        assert "was closed already by record" in reason
     finally:
         await stop(a)

@@ -308,30 +308,52 @@ def test_a_catch_up_names_the_open_receipts_and_the_sent_events_without_verdict(
     assert store.pending_receipt_events() == 2
 
 
-def test_a_lost_table_race_books_the_voids_too_and_names_what_it_did_not_repeat(store: TillStore) -> None:
+def test_a_lost_table_race_books_the_voids_too_and_follows_the_tills_own_table_move(store: TillStore) -> None:
     mine, theirs = uuid.uuid4(), uuid.uuid4()
     store.record_receipt_event(mine, opened("5"), T0)
     wrong, right = line(999, "Falsch"), line(350, "Bier")
     store.record_receipt_event(mine, wrong, T0)
     store.record_receipt_event(mine, right, T0)
     store.record_receipt_event(mine, LineVoided(line_id=wrong.line.line_id), T0)
-    store.record_receipt_event(mine, store.payment_for(mine, PaymentType.CASH, "Bar", T0), T0)
+    store.record_receipt_event(mine, TableSet(table_nr="6"), T0)
+    later = line(200, "Wasser")
+    store.record_receipt_event(mine, later, T0)  # meant for table 6
     [(opening, _), *_] = own_events(store)
     store.apply_handover_refused(ReceiptEventRefused(
         record_id=opening, receipt_id=mine, event_type="opened", code="table_taken", reason="table 5 is taken",
         existing_receipt_id=theirs,
     ))
     target = store.shared_receipt(theirs)
-    assert [v.line.text for v in target.lines] == ["Bier"] and target.total == 350  # the void came along
+    assert [v.line.text for v in target.lines] == ["Bier", "Wasser"] and target.total == 550  # the void came along
+    rebooked = {e.event.line.line_id: e.event.expected_table_nr for _, e in own_events(store)  # type: ignore[union-attr]
+                if e.receipt_id == theirs and e.event.type == "line_added"}
+    # the router refuses the later line unless the receipt is on table 6 (so it never lands on table 5's bill)
+    assert rebooked == {wrong.line.line_id: "5", right.line.line_id: "5", later.line.line_id: "6"}
     [notice] = store.notices()
-    assert "not repeated there (do it again): a payment" in notice.message
     assert "'Falsch'" not in notice.message  # voided before: not named as booked
-    # the payment on the lost receipt is settled here; the router's refusal of it adds no notice
+
+
+def test_a_lost_receipt_paid_here_is_recorded_as_a_sale_not_billed_again(store: TillStore) -> None:
+    mine, theirs = uuid.uuid4(), uuid.uuid4()
+    store.record_receipt_event(mine, opened("5"), T0)
+    store.record_receipt_event(mine, line(450, "Menü"), T0)
+    store.record_receipt_event(mine, store.payment_for(mine, PaymentType.CASH, "Bar", T0), T0)
+    [(opening, _), *_] = own_events(store)
+    assert store.apply_handover_refused(ReceiptEventRefused(
+        record_id=opening, receipt_id=mine, event_type="opened", code="table_taken", reason="table 5 is taken",
+        existing_receipt_id=theirs,
+    )) == "recorded_as_sale"
+    assert not [e for _, e in own_events(store) if e.receipt_id == theirs]  # nothing billed on the other receipt
+    [sale] = [Receipt.model_validate_json(r.body) for r in store.unsent(100) if r.kind == "receipt"]
+    assert (sale.receipt_id, sale.receipt_number, sale.total, sale.status) == (mine, 1, 450, "closed")
+    assert store.shared_receipt(mine).receipt_number == 1
+    [notice] = store.notices()
+    assert "recorded as receipt 1 of this till, paid at once" in notice.message
+    # the router's refusal of the payment itself adds nothing
     paid_record = [r for r, e in own_events(store) if e.receipt_id == mine and e.event.type == "paid"][0]
     assert store.apply_handover_refused(ReceiptEventRefused(
         record_id=paid_record, receipt_id=mine, event_type="paid", code="unknown_receipt", reason="not opened",
     )) == "old"
-    assert len(store.notices()) == 1
 
 
 def test_lines_split_off_show_on_the_target_receipt_before_the_router_confirms(store: TillStore) -> None:
