@@ -595,26 +595,8 @@ class HandoverStore:
         """Record the fiscal closed receipt under this till's next receipt number (once)."""
         row = self._receipt_row(receipt_id)
         assert row is not None
-        if row["receipt_number"] is not None:
-            return
-        view = self._view(row)
-        lines = [v.line for v in view.lines if v.confirmed]
-        receipt = self.book_receipt(
-            lambda number: shared_closed_receipt(
-                receipt_id=receipt_id,
-                receipt_number=number,
-                lines=lines,
-                payments=paid.payments,
-                cashier=Cashier.model_validate_json(row["cashier"]),
-                opened_at=dt.datetime.fromisoformat(row["opened_at"]),
-                closed_at=paid.closed_at,
-                business_day=dt.date.fromisoformat(row["business_day"]),
-            ),
-            dt.datetime.now(dt.UTC),
-        )
-        self._db.execute(
-            "update handover_receipts set receipt_number = ? where receipt_id = ?", (receipt.receipt_number, str(receipt_id))
-        )
+        if row["receipt_number"] is None:
+            self._book_closed(row, [v.line for v in self._view(row).lines if v.confirmed], paid)
 
     def _notice(self, receipt_id: UUID | None, record_id: UUID | None, code: str, message: str) -> None:
         self._db.execute(
@@ -705,7 +687,7 @@ class HandoverStore:
                     "update handover_events set state = 'refused', reason = ? where record_id = ? and receipt_id = ?",
                     ("paid here: recorded as a receipt paid at once", record_id, str(refused.receipt_id)),
                 )
-            receipt = self._record_sale(lost, [v.line for v in lost_view.lines], paid)
+            receipt = self._book_closed(lost, [v.line for v in lost_view.lines], paid)
             self._notice(
                 refused.receipt_id, refused.record_id, refused.code,
                 f"{message}; it had been paid here ({paid.total / 100:.2f} EUR), so it is recorded as receipt "
@@ -759,9 +741,9 @@ class HandoverStore:
         self._notice(refused.receipt_id, refused.record_id, refused.code, message)
         return "rebooked" if target and not unfit else "refused"
 
-    def _record_sale(self, row: sqlite3.Row, lines: list[HandoverLine], paid: ReceiptPaid) -> Receipt:
-        """Record a shared receipt that was paid here but never opened in the cloud as a
-        receipt paid at once, under this till's next receipt number."""
+    def _book_closed(self, row: sqlite3.Row, lines: list[HandoverLine], paid: ReceiptPaid) -> Receipt:
+        """Record the shared receipt ``row`` paid here as a closed receipt (the fiscal
+        record) of ``lines`` with ``paid``'s payments, under this till's next receipt number."""
         receipt = self.book_receipt(
             lambda number: shared_closed_receipt(
                 receipt_id=UUID(row["receipt_id"]),
