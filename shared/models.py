@@ -564,8 +564,27 @@ def nfkc(value: Any) -> Any:
     return unicodedata.normalize("NFKC", value) if isinstance(value, str) else value
 
 
+# Characters that show as nothing (variation selectors, fillers, the combining grapheme
+# joiner ...): "5" with one of them would look like table 5 but be another table.
+_BLANK_LOOKING = frozenset(
+    [0x034F, 0x115F, 0x1160, 0x17B4, 0x17B5, 0x2800, 0x3164, 0xFFA0, *range(0x180B, 0x1810), *range(0xFE00, 0xFE10),
+     *range(0xE0100, 0xE01F0)]
+)
+
+
+def visible(text: str) -> str:
+    """Return ``text``; raises ``ValueError`` for characters that show as nothing or a
+    combining mark at the start (they make a name look like another)."""
+    bad = sorted({f"U+{ord(c):04X}" for c in text if ord(c) in _BLANK_LOOKING})
+    if bad:
+        raise ValueError(f"contains characters that show as nothing ({', '.join(bad)})")
+    if text and unicodedata.category(text[0]).startswith("M"):
+        raise ValueError("must not start with a combining mark")
+    return text
+
+
 # normalised first, so the key rules (length, no surrounding whitespace ...) hold for what is stored
-TableNr = Annotated[Key, BeforeValidator(nfkc)]
+TableNr = Annotated[Key, BeforeValidator(nfkc), AfterValidator(visible)]
 
 
 class HandoverLine(LineFields):
@@ -1050,6 +1069,7 @@ class RequestPasswordReset(WireModel):
     new_password: SecretStr
     serial_number: Key = Field(description="the till the owner asks on")
     till_name: Name
+    installation_id: UUID = Field(description="the till's local store: it must be one that signed in to the account")
 
     reveal_password = field_serializer("new_password", when_used="json")(_reveal)
 

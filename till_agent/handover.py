@@ -653,13 +653,14 @@ class HandoverStore:
         - if it was paid here, the guest has paid: the receipt is recorded as a receipt
           paid at once (the fiscal record, under this till's next number) and nothing
           goes onto the other receipt;
-        - else the lines it entered (and its voids of them) are booked onto the receipt
-          that holds the table, each for the table it was meant for
+        - else the lines still standing on it (voided ones are left out) are booked onto
+          the receipt that holds the table, each for the table it was meant for
           (``expected_table_nr``, following this till's own table moves): should that
           receipt have moved to another table or been paid by then, the router refuses
-          the line and the till says so. If the till already knows that receipt is
+          the line and the till says so. Lines this till had moved to another receipt
+          (a split) are booked there. If the till already knows the table's receipt is
           closed or on another table, or there is none, it books nothing and the notice
-          lists the lines. Other events (a move of lines, a customer) are not repeated.
+          lists the lines. A customer set is not repeated.
 
         Returns ``rebooked`` (records queued), ``recorded_as_sale`` or ``refused``."""
         raced = refused.code in ("table_taken", "receipt_exists")
@@ -703,43 +704,54 @@ class HandoverStore:
         unfit = target is None or (
             known is not None and known["position"] > 0 and (known["status"] != "open" or known["table_nr"] != table_nr)
         )
-        now = dt.datetime.now(dt.UTC)
-        lines: dict[UUID, str] = {}  # the lines still standing on the lost receipt
+        # what became of each line this till entered on the lost receipt
+        standing: dict[UUID, tuple[HandoverLine, str | None]] = {}  # still there: (line, the table it was meant for)
+        moved: list[tuple[UUID, HandoverLine]] = []  # moved on by this till: (the receipt it went to, line)
         others: list[str] = []
         for record_id, event in events:
-            rebook = not unfit and (
-                isinstance(event, LineAdded) or (isinstance(event, LineVoided) and event.line_id in lines)
-            )
             if isinstance(event, LineAdded):
-                lines[event.line.line_id] = _line_words(event.line)
+                standing[event.line.line_id] = (event.line, table_nr)
             elif isinstance(event, LineVoided):
-                lines.pop(event.line_id, None)
+                standing.pop(event.line_id, None)
             elif isinstance(event, TableSet):
                 table_nr = event.table_nr  # later lines were meant for the new table
+            elif isinstance(event, LinesMoved):
+                moved += [(event.to_receipt_id, standing.pop(i)[0]) for i in event.line_ids if i in standing]
             else:
-                others.append({"lines_moved": "a move of lines", "customer_set": "a customer"}.get(event.type, event.type))
-            state, reason = ("rebooked", f"booked onto receipt {target}") if rebook else (
-                "refused", f"receipt {refused.receipt_id} was not opened")
+                others.append({"customer_set": "a customer"}.get(event.type, event.type))
             self._db.execute(
-                "update handover_events set state = ?, reason = ? where record_id = ? and receipt_id = ?",
-                (state, reason, record_id, str(refused.receipt_id)),
+                "update handover_events set state = 'rebooked', reason = ? where record_id = ? and receipt_id = ?",
+                (f"receipt {refused.receipt_id} was not opened; its lines were booked anew", record_id, str(refused.receipt_id)),
             )
-            if rebook and isinstance(event, LineAdded):
-                assert target is not None
-                self._enqueue_event(target, LineAdded(line=event.line, expected_table_nr=table_nr), now)
-            elif rebook:
-                assert target is not None
-                self._enqueue_event(target, event, now)
-        if lines and not unfit:
-            message += f"; its lines were booked onto receipt {target}: {', '.join(lines.values())}"
-        elif lines and target:
-            message += f"; receipt {target} is closed or on another table now, so its lines were NOT booked (book them again): {', '.join(lines.values())}"
-        elif lines:
-            message += f"; its lines were NOT booked (book them again): {', '.join(lines.values())}"
+        now = dt.datetime.now(dt.UTC)
+        booked: dict[UUID, list[str]] = {}
+        not_booked: list[str] = []
+        for line, meant in standing.values():
+            if unfit:
+                not_booked.append(_line_words(line))
+                continue
+            assert target is not None
+            self._enqueue_event(target, LineAdded(line=line, expected_table_nr=meant), now)
+            booked.setdefault(target, []).append(_line_words(line))
+        for to, line in moved:
+            destination = self._receipt_row(to)
+            if destination is None or destination["status"] != "open":
+                not_booked.append(_line_words(line))
+                continue
+            self._enqueue_event(to, LineAdded(line=line), now)
+            booked.setdefault(to, []).append(_line_words(line))
+        for receipt_id, words in booked.items():
+            if receipt_id == target:
+                message += f"; its lines were booked onto receipt {receipt_id}: {', '.join(words)}"
+            else:
+                message += f"; the lines it had moved to receipt {receipt_id} were booked there: {', '.join(words)}"
+        if not_booked:
+            closed = f"receipt {target} is closed or on another table now, so " if target and unfit else ""
+            message += f"; {closed}its lines were NOT booked (book them again): {', '.join(not_booked)}"
         if others:
             message += f"; not repeated there (do it again): {', '.join(others)}"
         self._notice(refused.receipt_id, refused.record_id, refused.code, message)
-        return "rebooked" if target and not unfit else "refused"
+        return "rebooked" if booked else "refused"
 
     def _book_closed(self, row: sqlite3.Row, lines: list[HandoverLine], paid: ReceiptPaid) -> Receipt:
         """Record the shared receipt ``row`` paid here as a closed receipt (the fiscal

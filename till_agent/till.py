@@ -197,6 +197,7 @@ class Till:
                 new_password=new_password,
                 serial_number=identity.serial_number,
                 till_name=identity.till_name,
+                installation_id=self.store.installation_id(),
             )
         )
         assert isinstance(reply.reply, PasswordResetRequested)
@@ -242,7 +243,7 @@ class Till:
             paying = len(self.store.payments_awaiting_verdict())
             raise TillStoreError(
                 f"{waiting} events of shared receipts ({paying} payment(s)) wait for the receipt handover router; in "
-                f"mode {mode.value} they would be refused. Sync first (`tillsync till sync`), or force the switch"
+                f"mode {mode.value} they would be refused. Sync first (`tillsync till sync`), or switch anyway with --force"
             )
         till_id, secret = self._auth()
         reply = await self._request(

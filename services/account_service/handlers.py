@@ -375,6 +375,16 @@ async def request_password_reset(cmd: RequestPasswordReset, conn: asyncpg.Connec
             f"sign out every till of the account first; still signed in: {', '.join(tills)}",
             details=tills,
         )
+    own = await conn.fetchval(
+        "select 1 from tills where account_id = $1 and serial_number = $2 and installation_id = $3",
+        account["account_id"], cmd.serial_number, cmd.installation_id,
+    )
+    if own is None:
+        return _error(
+            ErrorCode.UNKNOWN_TILL,
+            "a password reset is asked on a till of the account: this till (its serial number and local store) has "
+            "never been signed in to it",
+        )
     problems = password_problems(cmd.new_password.get_secret_value())
     if problems:
         return _error(ErrorCode.WEAK_PASSWORD, "the new password breaks these rules: " + "; ".join(problems), details=problems)

@@ -259,6 +259,18 @@ async def decide(
             message=f"the verification code does not match request {command.request_id}: approve only a request "
             "whose code the caller reads from the till that asked",
         )
+    if approve:
+        signed_in = await conn.fetch(
+            "select till_name, serial_number from tills where account_id = $1 and signed_in order by till_name",
+            row["account_id"],
+        )
+        if signed_in:
+            tills = ", ".join(f"{t['till_name']} ({t['serial_number']})" for t in signed_in)
+            return ApprovalError(
+                code="not_pending",
+                message=f"tills of the account signed in again (with the old password) since the request: {tills}; "
+                "ask the owner, then reject, or sign them out (`tillsync ops sign-out-till`) and approve",
+            )
     reason = None if approve else command.reason  # type: ignore[union-attr]
     status = "approved" if approve else "rejected"
     await conn.execute(

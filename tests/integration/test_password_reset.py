@@ -295,3 +295,22 @@ async def _status_or_none(till: Till):  # type: ignore[no-untyped-def]
         return await till.password_reset_status()
     except AccountError:
         return None
+
+
+async def test_a_stranger_cannot_ask_and_a_signed_in_till_blocks_the_approval(services, env: Environment, tmp_path: Path) -> None:
+    user = await technician(env)
+    account, till = await signed_out_account(env, tmp_path)
+    identity = till.store.identity()
+    # the same serial number and name, but not the till's local store
+    stranger = new_till(env, tmp_path / "elsewhere", serial=identity.serial_number, name=identity.till_name)
+    with pytest.raises(AccountError, match="has never been signed in to it"):
+        await stranger.request_password_reset(account, "Fremdes-Passwort-1!")
+    requested = await till.request_password_reset(account, NEW_PASSWORD)
+    await wait_until(lambda: fetchval(env, "select 1 from password_reset_requests where request_id = $1", requested.request_id),
+                     what="recorded")
+    other = new_till(env, tmp_path, name="Kasse 2")
+    await other.sign_in(account, STRONG_PASSWORD)  # someone signs in with the old password meanwhile
+    refused = await as_ops(env, user, ApprovePasswordReset(
+        request_id=requested.request_id, command_id=uuid.uuid4(), verification_code=requested.verification_code))
+    assert isinstance(refused, ApprovalError) and "signed in again (with the old password) since the request" in refused.message
+    assert await fetchval(env, "select status from password_reset_requests where request_id = $1", requested.request_id) == "pending"

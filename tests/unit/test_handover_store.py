@@ -11,6 +11,7 @@ from typing import Any, Iterator
 from uuid import UUID
 
 import pytest
+from pydantic import ValidationError
 
 from shared.fiscal import PaymentType, VatKey
 from shared.models import (
@@ -308,7 +309,7 @@ def test_a_catch_up_names_the_open_receipts_and_the_sent_events_without_verdict(
     assert store.pending_receipt_events() == 2
 
 
-def test_a_lost_table_race_books_the_voids_too_and_follows_the_tills_own_table_move(store: TillStore) -> None:
+def test_a_lost_table_race_books_the_standing_lines_for_the_table_they_were_meant_for(store: TillStore) -> None:
     mine, theirs = uuid.uuid4(), uuid.uuid4()
     store.record_receipt_event(mine, opened("5"), T0)
     wrong, right = line(999, "Falsch"), line(350, "Bier")
@@ -324,11 +325,11 @@ def test_a_lost_table_race_books_the_voids_too_and_follows_the_tills_own_table_m
         existing_receipt_id=theirs,
     ))
     target = store.shared_receipt(theirs)
-    assert [v.line.text for v in target.lines] == ["Bier", "Wasser"] and target.total == 550  # the void came along
+    assert [v.line.text for v in target.lines] == ["Bier", "Wasser"] and target.total == 550
     rebooked = {e.event.line.line_id: e.event.expected_table_nr for _, e in own_events(store)  # type: ignore[union-attr]
                 if e.receipt_id == theirs and e.event.type == "line_added"}
     # the router refuses the later line unless the receipt is on table 6 (so it never lands on table 5's bill)
-    assert rebooked == {wrong.line.line_id: "5", right.line.line_id: "5", later.line.line_id: "6"}
+    assert rebooked == {right.line.line_id: "5", later.line.line_id: "6"}  # the voided line is left out
     [notice] = store.notices()
     assert "'Falsch'" not in notice.message  # voided before: not named as booked
 
@@ -389,6 +390,9 @@ def test_a_stale_payments_refusal_brings_the_events_it_missed(store: TillStore) 
 def test_a_table_is_one_table_however_its_name_is_typed(store: TillStore) -> None:
     assert opened("Cafe\u0301").table_nr == opened("Caf\u00e9").table_nr == "Café"
     assert opened("\uff19").table_nr == "9"  # a full-width digit
+    for look_alike in ("5\u034f", "5\ufe0f", "5\u180b", "\u3164", "\u2800", "\u0335"):
+        with pytest.raises(ValidationError, match="show as nothing|combining mark"):
+            opened(look_alike)
     store.record_receipt_event(uuid.uuid4(), opened("Caf\u00e9"), T0)
     with pytest.raises(TillStoreError, match="already has open receipt"):
         store.record_receipt_event(uuid.uuid4(), opened("Cafe\u0301"), T0)
@@ -422,3 +426,22 @@ def test_pointless_or_clashing_moves_are_refused_on_the_till(store: TillStore) -
     with pytest.raises(TillStoreError, match="is being paid on this till"):
         store.record_receipt_event(source, LinesMoved(line_ids=(moved.line.line_id,), to_receipt_id=target), T0)
     assert store.payments_awaiting_verdict() == [target]
+
+
+def test_lines_split_off_a_lost_receipt_are_booked_where_they_were_moved(store: TillStore) -> None:
+    mine, theirs, split = uuid.uuid4(), uuid.uuid4(), uuid.uuid4()
+    store.record_receipt_event(mine, opened("40"), T0)
+    beer, wine = line(350, "Bier"), line(1500, "Wein")
+    store.record_receipt_event(mine, beer, T0)
+    store.record_receipt_event(mine, wine, T0)
+    store.record_receipt_event(split, opened(None), T0)
+    store.record_receipt_event(mine, LinesMoved(line_ids=(wine.line.line_id,), to_receipt_id=split), T0)
+    [(opening, _), *_] = own_events(store)
+    store.apply_handover_refused(ReceiptEventRefused(
+        record_id=opening, receipt_id=mine, event_type="opened", code="table_taken", reason="table 40 is taken",
+        existing_receipt_id=theirs,
+    ))
+    assert [v.line.text for v in store.shared_receipt(theirs).lines] == ["Bier"]  # the wine is not billed to table 40
+    assert [v.line.text for v in store.shared_receipt(split).lines] == ["Wein"]
+    [notice] = store.notices()
+    assert f"the lines it had moved to receipt {split} were booked there: 'Wein'" in notice.message
