@@ -7,14 +7,17 @@ import json
 import uuid
 from decimal import Decimal
 
+from pathlib import Path
+
 import aio_pika
+import asyncpg
 import pytest
 
 from shared.amqp import ORIGINAL_USER_HEADER, REASON_HEADER
 from shared.fiscal import PaymentType, VatKey
 from shared.models import Cashier, Upload
 from shared.topology import ARCHIVE_WRITER_QUEUE, UPLOAD_EXCHANGE, upload_routing_key
-from tests.support import STRONG_PASSWORD, new_account_name, new_till, take_dead_letters, wait_until
+from tests.support import STRONG_PASSWORD, Environment, fetchval, new_account_name, new_till, sell, take_dead_letters, wait_until
 from till_agent.booking import SaleLine, closed_receipt
 
 pytestmark = pytest.mark.integration
@@ -186,3 +189,31 @@ async def test_a_body_naming_another_till_is_refused(env, till, publisher) -> No
     )
     assert "is not the till's broker user" in message.headers[REASON_HEADER]
     assert await archived(env, impostor.record_id) == []
+
+
+async def test_archived_records_cannot_be_changed_or_deleted(services, env: Environment, tmp_path: Path) -> None:
+    till = new_till(env, tmp_path)
+    account = new_account_name()
+    await till.create_account(account, STRONG_PASSWORD)
+    await till.sign_in(account, STRONG_PASSWORD)
+    till.start_sync()
+    try:
+        sell(till, 1)
+        await wait_until(lambda: fetchval(env, "select count(*) from archive_records where till_id = $1",
+                                          till.store.identity().till_id), what="archived")
+    finally:
+        await till.stop_sync()
+        till.close()
+    conn = await env.db()
+    try:
+        for statement in (
+            "update archive_records set payload = '{}'::jsonb",
+            "delete from archive_records",
+            "truncate archive_records",
+            "delete from archive_conflicts",
+        ):
+            with pytest.raises(asyncpg.InsufficientPrivilegeError, match="is append-only"):
+                await conn.execute(statement)
+        assert await conn.fetchval("select count(*) from archive_records") >= 1
+    finally:
+        await conn.close()
