@@ -297,6 +297,16 @@ SIGNUP_PERMISSIONS = {"configure": "^$", "write": f"^{re.escape(ACCOUNT_EXCHANGE
 """The shared sign-up user may only publish account requests (replies use direct reply-to)."""
 
 
+def stored_mode(sync_mode: str, custom_flags: Any) -> tuple[SyncMode, CustomSyncFlags | None]:
+    """A till's mode as stored (``tills.sync_mode``/``custom_flags`` as a dict, or the
+    till's own settings as JSON text): ``(mode, custom flags or None)``."""
+    if not custom_flags:
+        return SyncMode(sync_mode), None
+    if isinstance(custom_flags, str):
+        return SyncMode(sync_mode), CustomSyncFlags.model_validate_json(custom_flags)
+    return SyncMode(sync_mode), CustomSyncFlags.model_validate(custom_flags)
+
+
 def download_categories(mode: SyncMode, custom: CustomSyncFlags | None) -> tuple[DownloadCategory, ...]:
     """Which kinds of other tills' changes a till in ``mode`` receives (DESIGN.md §1.3)."""
     if mode == SyncMode.ARCHIVE:

@@ -38,6 +38,15 @@ class SaleLine:
     vat_key: VatKey
 
 
+def handover_line(line: SaleLine) -> HandoverLine:
+    """``line`` as a line of a shared receipt, with a fresh ``line_id``; amount = quantity ×
+    unit price in cents, half up."""
+    return HandoverLine(
+        line_id=uuid.uuid4(), article_nr=line.article_nr, text=line.text, quantity=line.quantity,
+        unit_price=line.unit_price, amount=line_amount(line.quantity, line.unit_price), vat_key=line.vat_key,
+    )
+
+
 def vat_breakdown(amounts: Iterable[tuple[VatKey, int]]) -> tuple[VatAmount, ...]:
     """Gross/net/VAT per VAT key (ascending key) from ``(vat_key, gross cents)`` pairs."""
     gross: dict[VatKey, int] = {}

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import datetime as dt
 import sqlite3
-import uuid
 from dataclasses import dataclass
 from typing import Any, Callable
 from uuid import UUID
@@ -200,6 +199,7 @@ class HandoverStore:
 
     # provided by TillStore
     def sync_settings(self) -> tuple[bool, str, str | None]: ...  # pragma: no cover
+    def mode(self) -> tuple[SyncMode, CustomSyncFlags | None]: ...  # pragma: no cover
     def _enqueue(self, record: Any, recorded_at: dt.datetime, record_id: UUID | None = None) -> tuple[UUID, int]: ...  # pragma: no cover
     def book_receipt(self, build: Callable[[int], Receipt], recorded_at: dt.datetime) -> Receipt: ...  # pragma: no cover
     def _get(self, key: str) -> str | None: ...  # pragma: no cover
@@ -207,13 +207,11 @@ class HandoverStore:
 
     def hands_over_receipts(self) -> bool:
         """True if this till's sync mode takes part in shared receipts."""
-        _, mode, custom = self.sync_settings()
-        return hands_over_receipts(SyncMode(mode), CustomSyncFlags.model_validate_json(custom) if custom else None)
+        return hands_over_receipts(*self.mode())
 
     def receives_shared_records(self) -> bool:
         """True if this till's sync mode receives the other tills' receipts or Z-reports."""
-        _, mode, custom = self.sync_settings()
-        received = download_categories(SyncMode(mode), CustomSyncFlags.model_validate_json(custom) if custom else None)
+        received = download_categories(*self.mode())
         return "receipts" in received or "zreports" in received
 
     def shared_records_since(self) -> dt.datetime | None:
@@ -794,14 +792,3 @@ class HandoverStore:
              shared.record.model_dump_json()),
         )
         return "shared_record" if cursor.rowcount else "old"
-
-
-def new_line(article_nr: str, text: str, quantity: Any, unit_price: int, vat_key: Any) -> HandoverLine:
-    """A new line with a fresh ``line_id``; amount = quantity × unit price, half up."""
-    from shared.fiscal import line_amount
-
-    return HandoverLine(
-        line_id=uuid.uuid4(), article_nr=article_nr, text=text, quantity=quantity, unit_price=unit_price,
-        amount=line_amount(quantity, unit_price), vat_key=vat_key,
-    )
-

@@ -49,7 +49,7 @@ from shared.models import (
     ZReport,
     is_local_only_setting,
 )
-from shared.topology import masterdata_categories, upload_kinds
+from shared.topology import masterdata_categories, stored_mode, upload_kinds
 from till_agent.db import TillStoreError
 from till_agent.db import transaction as _transaction
 from till_agent.handover import HANDOVER_SCHEMA, HandoverStore
@@ -381,6 +381,11 @@ class TillStore(HandoverStore):
         with _transaction(self._db):
             self._set(sync_enabled="1" if sync_enabled else "0", sync_mode=sync_mode, custom_flags=custom_json)
 
+    def mode(self) -> tuple[SyncMode, CustomSyncFlags | None]:
+        """This till's sync mode and its custom flags (None unless custom)."""
+        _, mode, custom = self.sync_settings()
+        return stored_mode(mode, custom)
+
     def sync_settings(self) -> tuple[bool, str, str | None]:
         """``(sync_enabled, sync_mode, custom_flags_json)`` as last stored."""
         return self._get("sync_enabled") != "0", self._get("sync_mode") or "archive", self._get("custom_flags")
@@ -528,8 +533,7 @@ class TillStore(HandoverStore):
 
     def participating_categories(self) -> tuple[MasterDataCategory, ...]:
         """The master-data categories this till's sync mode receives and so shares."""
-        _, mode, custom = self.sync_settings()
-        return masterdata_categories(SyncMode(mode), CustomSyncFlags.model_validate_json(custom) if custom else None)
+        return masterdata_categories(*self.mode())
 
     def save_masterdata(
         self, entity_kind: str, entity_key: str, data: Any | None, recorded_at: dt.datetime
@@ -1012,8 +1016,7 @@ class TillStore(HandoverStore):
 
     def upload_kinds(self) -> tuple[str, ...]:
         """The record kinds this till uploads (the upload switches of the custom mode)."""
-        _, mode, custom = self.sync_settings()
-        return upload_kinds(SyncMode(mode), CustomSyncFlags.model_validate_json(custom) if custom else None)
+        return upload_kinds(*self.mode())
 
     def unsent(self, limit: int) -> list[OutboxRow]:
         """Up to ``limit`` unsent outbox rows to upload now, in ``till_seq`` order.

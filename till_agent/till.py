@@ -60,8 +60,8 @@ from shared.models import (
 )
 from shared.settings import BaseTillsyncSettings
 from shared.topology import ACCOUNT_EXCHANGE, ACCOUNT_SERVICE_ROUTING_KEY, SIGNUP_USER, download_categories, hands_over_receipts
-from till_agent.booking import SaleLine, closed_receipt, z_report
-from till_agent.handover import Notice, ReceiptView, new_line
+from till_agent.booking import SaleLine, closed_receipt, handover_line, z_report
+from till_agent.handover import Notice, ReceiptView
 from till_agent.relay import OutboxRelay, RelayStatus
 from till_agent.store import Difference, TillStore, TillStoreError
 
@@ -251,7 +251,7 @@ class Till:
         )
         assert isinstance(reply.reply, SyncModeSet)
         before = set(self.store.participating_categories())
-        received_before = set(download_categories(*self._mode()))
+        received_before = set(download_categories(*self.store.mode()))
         self.store.save_sync_mode(sync_enabled, mode.value, custom.model_dump_json() if custom else None)
         if {"receipts", "zreports"} & (set(download_categories(mode, custom)) - received_before):
             self.store.forget_shared_records_as_of()  # a kind received anew: its last 31 days come first
@@ -262,10 +262,6 @@ class Till:
         if not sync_enabled:
             await self.relay.disconnect()
         return reply.reply
-
-    def _mode(self) -> tuple[SyncMode, CustomSyncFlags | None]:
-        _, mode, custom = self.store.sync_settings()
-        return SyncMode(mode), CustomSyncFlags.model_validate_json(custom) if custom else None
 
     # -- local recording --------------------------------------------------------
 
@@ -373,9 +369,9 @@ class Till:
     def add_line(self, receipt_id: UUID, line: SaleLine, at: dt.datetime) -> UUID:
         """Book ``line`` onto an open shared receipt; returns the new line's ``line_id``.
         Raises ``TillStoreError`` for a closed, unknown or refused receipt."""
-        handover_line = new_line(line.article_nr, line.text, line.quantity, line.unit_price, line.vat_key)
-        self._receipt_event(receipt_id, LineAdded(line=handover_line), at)
-        return handover_line.line_id
+        added = handover_line(line)
+        self._receipt_event(receipt_id, LineAdded(line=added), at)
+        return added.line_id
 
     def void_line(self, receipt_id: UUID, line_id: UUID, at: dt.datetime) -> UUID:
         """Take a standing line off an open shared receipt; returns the event's record id."""

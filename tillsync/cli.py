@@ -32,7 +32,7 @@ from rich.text import Text
 from shared.amqp import REASON_HEADER, connect
 from shared.broker_admin import BrokerAdmin, BrokerAdminError
 from shared.consumer import validation_summary
-from shared.fiscal import PaymentType, VatKey
+from shared.fiscal import PaymentType, VatKey, line_amount
 from shared.logging import configure_logging
 from shared.models import (
     ENTITY_ADAPTER,
@@ -72,7 +72,7 @@ from tillsync.ops import OpsError, OpsSettings, add_technician, call_worker, ops
 from tillsync.processes import SERVICES, ServiceStartError
 from tillsync.setup import SetupError, SetupSettings, setup
 from till_agent.booking import SaleLine
-from till_agent.handover import ReceiptView, new_line
+from till_agent.handover import ReceiptView
 from till_agent.store import TillStore, TillStoreError
 from till_agent.till import AccountError, CloudUnreachable, Till, TillSettings
 
@@ -469,6 +469,8 @@ def _ops_call(routing_key: str, message: Any, user: str | None, password_stdin: 
 
 OpsUser = typer.Option(None, "--user", help="technician name (default: $TILLSYNC_OPS_USER)")
 OpsPasswordStdin = typer.Option(False, help="read the technician's password from stdin (else $TILLSYNC_OPS_PASSWORD or a prompt)")
+RequestId = typer.Argument(..., help="the request's id, as listed")
+CommandId = typer.Option(None, help="repeat a command with its id (a retry changes nothing twice)")
 
 
 def _request_line(r: PasswordResetInfo) -> str:
@@ -519,9 +521,9 @@ def _decide(message: Any, user: str | None, password_stdin: bool) -> None:
 @password_requests_app.command("approve")
 @_friendly
 def password_requests_approve(
-    request_id: UUID = typer.Argument(..., help="the request's id, as listed"),
+    request_id: UUID = RequestId,
     code: str = typer.Option(..., "--code", help="the verification code the caller reads from the till that asked"),
-    command_id: Optional[UUID] = typer.Option(None, help="repeat a command with its id (a retry changes nothing twice)"),
+    command_id: Optional[UUID] = CommandId,
     user: Optional[str] = OpsUser,
     password_stdin: bool = OpsPasswordStdin,
 ) -> None:
@@ -536,9 +538,9 @@ def password_requests_approve(
 @password_requests_app.command("reject")
 @_friendly
 def password_requests_reject(
-    request_id: UUID = typer.Argument(..., help="the request's id, as listed"),
+    request_id: UUID = RequestId,
     reason: str = typer.Option(..., "--reason", help="why, shown to the owner at the next sign-in"),
-    command_id: Optional[UUID] = typer.Option(None, help="repeat a command with its id (a retry changes nothing twice)"),
+    command_id: Optional[UUID] = CommandId,
     user: Optional[str] = OpsUser,
     password_stdin: bool = OpsPasswordStdin,
 ) -> None:
@@ -1255,7 +1257,7 @@ def till_add(
     articles = {a["article_nr"]: a for a in till.store.masterdata("article")}
     lines = [_sale_line(item, articles) for item in items]
     # every line is checked before the first is recorded
-    amounts = [new_line(s.article_nr, s.text, s.quantity, s.unit_price, s.vat_key).amount for s in lines]
+    amounts = [line_amount(s.quantity, s.unit_price) for s in lines]
     at = dt.datetime.now(dt.UTC)
     with till.store.batch():
         line_ids = [till.add_line(view.receipt_id, line, at) for line in lines]
@@ -1460,8 +1462,8 @@ def till_others(
     if kind not in (None, "zreport", "receipt"):
         raise ValueError("--kind must be 'zreport' or 'receipt'")
     till = _open_till(data_dir)
-    _, mode, custom = till.store.sync_settings()
-    received = download_categories(SyncMode(mode), CustomSyncFlags.model_validate_json(custom) if custom else None)
+    received = download_categories(*till.store.mode())
+    mode = till.store.mode()[0].value
 
     for shown in ("zreport", "receipt") if kind is None else (kind,):
         what = "Z-reports" if shown == "zreport" else "receipts"

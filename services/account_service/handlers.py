@@ -29,7 +29,6 @@ from shared.models import (
     AccountReply,
     AccountRequest,
     CreateAccount,
-    CustomSyncFlags,
     AccountNotice,
     ErrorCode,
     ErrorReply,
@@ -43,7 +42,6 @@ from shared.models import (
     SignedOut,
     SignIn,
     SignOut,
-    SyncMode,
     SyncModeSet,
     TillAuth,
 )
@@ -51,6 +49,7 @@ from shared.passwords import hash_password, needs_rehash, password_problems, ver
 from shared.topology import (
     UPLOAD_EXCHANGE,
     download_binding_keys,
+    stored_mode,
     till_broker_user,
     till_queue_name,
 )
@@ -238,8 +237,7 @@ async def sign_in(cmd: SignIn, conn: asyncpg.Connection, deps: AccountDeps) -> A
     )
     till_id: UUID = till["till_id"]
     secret = secrets.token_urlsafe(32)
-    mode = SyncMode(till["sync_mode"])
-    custom = CustomSyncFlags.model_validate(till["custom_flags"]) if till["custom_flags"] else None
+    mode, custom = stored_mode(till["sync_mode"], till["custom_flags"])
     await deps.broker.create_till_user(account_id, till_id, secret)
     await deps.broker.bind_till_queue(
         account_id, till_id, download_binding_keys(account_id, till_id, till["sync_enabled"], mode, custom)

@@ -50,6 +50,7 @@ from shared.topology import (
     catchup_routing_key,
     download_routing_key,
     masterdata_categories,
+    stored_mode,
     till_direct_routing_key,
 )
 from shared.uploads import sender_problem, till_sender_problem
@@ -141,9 +142,7 @@ async def broadcast_masterdata(deliveries: list[Delivery[Upload]], conn: asyncpg
 
 async def _judge(candidates: list[Delivery[Upload]], conn: asyncpg.Connection) -> None:
     tills = {
-        r["till_id"]: _Till(
-            r["account_id"], SyncMode(r["sync_mode"]), CustomSyncFlags.model_validate(r["custom_flags"]) if r["custom_flags"] else None
-        )
+        r["till_id"]: _Till(r["account_id"], *stored_mode(r["sync_mode"], r["custom_flags"]))
         for r in await conn.fetch(
             "select till_id, account_id, sync_mode, custom_flags from tills where till_id = any($1::uuid[])",
             list({d.body.till_id for d in candidates}),

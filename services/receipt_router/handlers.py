@@ -63,6 +63,7 @@ from shared.topology import (
     download_routing_key,
     hands_over_receipts,
     receipt_catchup_routing_key,
+    stored_mode,
     till_direct_routing_key,
 )
 from shared.uploads import sender_problem, till_sender_problem
@@ -142,12 +143,7 @@ def describe(event: HandoverEvent, till_names: dict[UUID, str]) -> str:
 async def route_receipts(deliveries: list[Delivery[Upload]], conn: asyncpg.Connection) -> None:
     """Consume-adapter handler: events, receipts and Z-reports of a batch, in upload order."""
     tills = {
-        r["till_id"]: _Till(
-            r["account_id"],
-            r["till_name"],
-            SyncMode(r["sync_mode"]),
-            CustomSyncFlags.model_validate(r["custom_flags"]) if r["custom_flags"] else None,
-        )
+        r["till_id"]: _Till(r["account_id"], r["till_name"], *stored_mode(r["sync_mode"], r["custom_flags"]))
         for r in await conn.fetch(
             "select till_id, account_id, till_name, sync_mode, custom_flags from tills where till_id = any($1::uuid[])",
             list({d.body.till_id for d in deliveries}),
@@ -551,8 +547,7 @@ async def serve_receipt_catchups(deliveries: list[Delivery[ReceiptCatchUpRequest
             d.refuse(f"till {r.till_id} is not a till of account {r.account_id}", outcome="unknown_till")
             continue
         as_of = await conn.fetchval("select now()")
-        mode = SyncMode(till["sync_mode"])
-        custom = CustomSyncFlags.model_validate(till["custom_flags"]) if till["custom_flags"] else None
+        mode, custom = stored_mode(till["sync_mode"], till["custom_flags"])
         shared, last_archived = await _send_shared_records(d, conn, r, download_categories(mode, custom))
         more = shared == MAX_SHARED_RECORDS
         open_too = hands_over_receipts(mode, custom)

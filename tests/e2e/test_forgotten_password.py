@@ -4,8 +4,6 @@ services as processes, two tills that keep selling while signed out, the ops com
 from __future__ import annotations
 
 import asyncio
-import datetime as dt
-import os
 import uuid
 from pathlib import Path
 

@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import re
-import uuid
 from pathlib import Path
 from uuid import UUID
 

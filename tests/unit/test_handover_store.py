@@ -32,7 +32,7 @@ from shared.models import (
     TillRecordShared,
 )
 from till_agent.booking import SaleLine, closed_receipt
-from till_agent.handover import new_line
+from till_agent.booking import handover_line
 from till_agent.store import RECORD_ADAPTER, TillStore, TillStoreError
 
 pytestmark = pytest.mark.unit
@@ -73,7 +73,7 @@ def opened(table: str | None = "5") -> ReceiptOpened:
 
 
 def line(price: int = 350, text: str = "Bier") -> LineAdded:
-    return LineAdded(line=new_line("B1", text, Decimal("1"), price, VatKey.REGULAR))
+    return LineAdded(line=handover_line(SaleLine("B1", text, Decimal("1"), price, VatKey.REGULAR)))
 
 
 def own_events(store: TillStore) -> list[tuple[UUID, ReceiptEvent]]:
