@@ -391,9 +391,14 @@ class LineFields(WireModel):
 
 
 class ReceiptLine(LineFields):
-    """One line of a receipt (DSFinV-K lines.csv), numbered ``line_no`` (POS_ZEILE)."""
+    """One line of a receipt (DSFinV-K lines.csv), numbered ``line_no`` (POS_ZEILE).
+
+    ``terminal_id``: the till that entered the line (POS_TERMINAL_ID) when the receipt
+    was shared (receipt handover); None: the till that recorded the receipt.
+    """
 
     line_no: Counter = Field(description="POS_ZEILE")
+    terminal_id: UUID | None = Field(default=None, description="POS_TERMINAL_ID, the till that entered the line")
 
     def _label(self) -> str:
         return f"line {self.line_no}"

@@ -96,7 +96,7 @@ def shared_closed_receipt(
     *,
     receipt_id: uuid.UUID,
     receipt_number: int,
-    lines: list[HandoverLine],
+    lines: list[tuple[HandoverLine, uuid.UUID | None]],
     payments: tuple[Payment, ...],
     cashier: Cashier,
     opened_at: dt.datetime,
@@ -104,14 +104,15 @@ def shared_closed_receipt(
     business_day: dt.date,
 ) -> Receipt:
     """The fiscal state of a paid shared receipt: its standing lines in receipt order,
-    numbered from 1 (POS_ZEILE), the VAT breakdown and the accepted payments.
+    numbered from 1 (POS_ZEILE), each with the till that entered it (``(line, till_id)``
+    pairs; POS_TERMINAL_ID), the VAT breakdown and the accepted payments.
 
     Raises ``pydantic.ValidationError`` if the payments do not add up to the lines.
     """
     return _closed(
         receipt_id=receipt_id,
         receipt_number=receipt_number,
-        lines=[line.model_dump(exclude={"line_id"}) for line in lines],
+        lines=[line.model_dump(exclude={"line_id"}) | {"terminal_id": till_id} for line, till_id in lines],
         payments=payments,
         cashier=cashier,
         opened_at=opened_at,

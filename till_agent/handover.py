@@ -20,7 +20,7 @@ from __future__ import annotations
 import datetime as dt
 import sqlite3
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 from uuid import UUID
 
 from pydantic import TypeAdapter
@@ -594,7 +594,7 @@ class HandoverStore:
         row = self._receipt_row(receipt_id)
         assert row is not None
         if row["receipt_number"] is None:
-            self._book_closed(row, [v.line for v in self._view(row).lines if v.confirmed], paid)
+            self._book_closed(row, [v for v in self._view(row).lines if v.confirmed], paid)
 
     def _notice(self, receipt_id: UUID | None, record_id: UUID | None, code: str, message: str) -> None:
         self._db.execute(
@@ -686,7 +686,7 @@ class HandoverStore:
                     "update handover_events set state = 'refused', reason = ? where record_id = ? and receipt_id = ?",
                     ("paid here: recorded as a receipt paid at once", record_id, str(refused.receipt_id)),
                 )
-            receipt = self._book_closed(lost, [v.line for v in lost_view.lines], paid)
+            receipt = self._book_closed(lost, lost_view.lines, paid)
             self._notice(
                 refused.receipt_id, refused.record_id, refused.code,
                 f"{message}; it had been paid here ({paid.total / 100:.2f} EUR), so it is recorded as receipt "
@@ -751,14 +751,16 @@ class HandoverStore:
         self._notice(refused.receipt_id, refused.record_id, refused.code, message)
         return "rebooked" if booked else "refused"
 
-    def _book_closed(self, row: sqlite3.Row, lines: list[HandoverLine], paid: ReceiptPaid) -> Receipt:
+    def _book_closed(self, row: sqlite3.Row, lines: Sequence[ViewLine], paid: ReceiptPaid) -> Receipt:
         """Record the shared receipt ``row`` paid here as a closed receipt (the fiscal
-        record) of ``lines`` with ``paid``'s payments, under this till's next receipt number."""
+        record) of ``lines`` with ``paid``'s payments, under this till's next receipt number;
+        each line keeps the till that entered it (POS_TERMINAL_ID)."""
+        here = _uuid(self._get("till_id"))
         receipt = self.book_receipt(
             lambda number: shared_closed_receipt(
                 receipt_id=UUID(row["receipt_id"]),
                 receipt_number=number,
-                lines=lines,
+                lines=[(v.line, v.till_id or here) for v in lines],
                 payments=paid.payments,
                 cashier=Cashier.model_validate_json(row["cashier"]),
                 opened_at=dt.datetime.fromisoformat(row["opened_at"]),
