@@ -501,7 +501,7 @@ async def test_bad_receipt_messages_are_dead_lettered_with_the_reason(services, 
         key = upload_routing_key(me.account_id, me.till_id, "receipt_event")
         broken = {
             "schema_version": 1, "record_id": str(uuid.uuid4()), "account_id": str(me.account_id), "till_id": str(me.till_id),
-            "till_seq": 1, "recorded_at": now().isoformat(),
+            "till_seq": 1, "recorded_at": now().isoformat(), "prev_hash": None, "chain_hash": "0" * 64,
             "record": {"kind": "receipt_event", "receipt_id": str(uuid.uuid4()),
                        "event": {"type": "paid", "seen_position": 1, "total": 500, "closed_at": now().isoformat(),
                                  "payments": [{"payment_type": "Bar", "payment_name": "Bar", "amount": 400}]}},
