@@ -36,6 +36,7 @@ from till_agent.booking import SaleLine, closed_receipt
 def _uploads(account_id: uuid.UUID, till_id: uuid.UUID, count: int) -> list[bytes]:
     now = dt.datetime.now(dt.UTC)
     bodies = []
+    prev = None
     for seq in range(1, count + 1):
         receipt = closed_receipt(
             receipt_number=seq,
@@ -50,9 +51,10 @@ def _uploads(account_id: uuid.UUID, till_id: uuid.UUID, count: int) -> list[byte
             closed_at=now,
             business_day=now.date(),
         )
-        upload = Upload(
-            record_id=uuid.uuid4(), account_id=account_id, till_id=till_id, till_seq=seq, recorded_at=now, record=receipt
+        upload = Upload.sealed(
+            prev, record_id=uuid.uuid4(), account_id=account_id, till_id=till_id, till_seq=seq, recorded_at=now, record=receipt
         )
+        prev = upload.chain_hash
         bodies.append(upload.model_dump_json().encode())
     return bodies
 

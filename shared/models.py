@@ -43,6 +43,7 @@ from pydantic import (
     model_validator,
 )
 
+from shared.chain import chain_hash
 from shared.fiscal import QUANTITY_STEP, BusinessCase, PaymentType, VatKey, line_amount
 
 SCHEMA_VERSION = 1
@@ -719,6 +720,9 @@ RecordKind = Literal["masterdata", "receipt", "zreport", "receipt_event"]
 RECORD_KINDS: tuple[RecordKind, ...] = ("masterdata", "receipt", "zreport", "receipt_event")
 
 
+Sha256Hex = Annotated[str, StringConstraints(pattern=r"^[0-9a-f]{64}$")]
+
+
 class Upload(WireModel):
     """A record uploaded by a till to the ``till.upload`` exchange.
 
@@ -734,6 +738,19 @@ class Upload(WireModel):
     till_seq: Counter
     recorded_at: AwareDatetime
     record: RecordBody
+    prev_hash: Sha256Hex | None = Field(
+        description="chain_hash of the till's record at till_seq - 1; None where the till's chain starts"
+    )
+    chain_hash: Sha256Hex = Field(description="SHA-256 over prev_hash and this upload's canonical JSON (shared/chain.py)")
+
+    @classmethod
+    def sealed(cls, prev_hash: str | None, **fields: Any) -> Upload:
+        """An upload of ``fields`` chained to ``prev_hash`` (its ``chain_hash`` computed here).
+
+        Raises ``pydantic.ValidationError`` for invalid fields.
+        """
+        unsealed = cls.model_validate({**fields, "prev_hash": prev_hash, "chain_hash": "0" * 64})
+        return unsealed.model_copy(update={"chain_hash": chain_hash(prev_hash, unsealed.model_dump(mode="json"))})
 
 
 UPLOAD_ADAPTER: TypeAdapter[Upload] = TypeAdapter(Upload)
@@ -1126,6 +1143,9 @@ class SignedIn(WireModel):
     last_till_seq: Count = Field(description="highest till_seq the archive holds for this till")
     last_receipt_number: Count = Field(default=0, description="highest receipt number (BON_NR) archived for this till")
     last_z_nr: Count = Field(default=0, description="highest Z_NR archived for this till")
+    last_chain_hash: Sha256Hex | None = Field(
+        default=None, description="chain_hash of the record at last_till_seq (None: none, or archived unchained)"
+    )
     sync_enabled: bool
     sync_mode: SyncMode
     custom: CustomSyncFlags | None = None

@@ -24,11 +24,10 @@ import structlog
 from aio_pika.abc import AbstractConnection
 from aio_pika.exceptions import ProbableAuthenticationError
 
-from shared.models import Upload
 from shared.settings import amqp_url_with_credentials
 from shared.topology import UPLOAD_EXCHANGE, upload_routing_key
 from till_agent.feed import FeedClient
-from till_agent.store import RECORD_ADAPTER, Identity, OutboxRow, TillStore
+from till_agent.store import Identity, OutboxRow, TillStore
 
 log = structlog.get_logger()
 
@@ -177,14 +176,7 @@ class OutboxRelay:
                 raise failures[0]
 
     async def _publish(self, exchange: aio_pika.abc.AbstractExchange, identity: Identity, row: OutboxRow) -> None:
-        upload = Upload(
-            record_id=row.record_id,
-            account_id=identity.account_id,
-            till_id=identity.till_id,
-            till_seq=row.till_seq,
-            recorded_at=row.recorded_at,
-            record=RECORD_ADAPTER.validate_json(row.body),
-        )
+        upload = row.upload(identity.account_id, identity.till_id)  # type: ignore[arg-type]
         await exchange.publish(
             aio_pika.Message(
                 upload.model_dump_json().encode(),

@@ -46,6 +46,7 @@ from shared.models import (
     RecordBody,
     SignedIn,
     SyncMode,
+    Upload,
     ZReport,
     is_local_only_setting,
 )
@@ -110,7 +111,9 @@ create table if not exists outbox (
     body        text not null,
     recorded_at text not null,
     sent_at     text,
-    md_category text
+    md_category text,
+    prev_hash   text,  -- the hash chain (shared/chain.py), set when the row is first about to be sent
+    chain_hash  text
 );
 create index if not exists outbox_unsent on outbox (till_seq) where sent_at is null;
 """ + HANDOVER_SCHEMA
@@ -122,6 +125,8 @@ _ADDED_COLUMNS = (
     ("masterdata", "dirty", "integer not null default 0"),
     ("masterdata", "category", "text"),
     ("outbox", "md_category", "text"),
+    ("outbox", "prev_hash", "text"),
+    ("outbox", "chain_hash", "text"),
     ("masterdata_differences", "fields", "text"),
 )
 
@@ -171,13 +176,28 @@ def _dumps(value: Any) -> str | None:
 
 @dataclass(frozen=True)
 class OutboxRow:
-    """One queued record: position, id, kind and the record's JSON."""
+    """One queued record: position, id, kind, the record's JSON and its place in the till's hash chain."""
 
     till_seq: int
     record_id: UUID
     kind: str
     body: str
     recorded_at: dt.datetime
+    prev_hash: str | None = None
+    chain_hash: str | None = None
+
+    def upload_fields(self, account_id: UUID, till_id: UUID) -> dict[str, Any]:
+        """The fields of this row's upload as till ``till_id`` of ``account_id``, without the chain."""
+        return dict(
+            record_id=self.record_id, account_id=account_id, till_id=till_id, till_seq=self.till_seq,
+            recorded_at=self.recorded_at, record=RECORD_ADAPTER.validate_json(self.body),
+        )
+
+    def upload(self, account_id: UUID, till_id: UUID) -> Upload:
+        """The upload of this row as till ``till_id`` of ``account_id`` (chain fields as stored).
+
+        Raises ``pydantic.ValidationError`` for a row not chained yet (``TillStore.unsent`` chains)."""
+        return Upload(**self.upload_fields(account_id, till_id), prev_hash=self.prev_hash, chain_hash=self.chain_hash)
 
 
 @dataclass(frozen=True)
@@ -343,6 +363,13 @@ class TillStore(HandoverStore):
                 self._set(last_till_seq=str(start + len(unsent) - 1))
             elif server_last > int(self._get("last_till_seq") or 0):
                 self._set(last_till_seq=str(server_last))
+            if new_to_this_till:  # chained as another till (or not yet): chained anew as this one
+                self._db.execute("update outbox set prev_hash = null, chain_hash = null where sent_at is null")
+            # where this till's chain continues when the archive holds records this store never made
+            self._set(
+                chain_anchor_seq=str(server_last) if signed_in.last_chain_hash else None,
+                chain_anchor_hash=signed_in.last_chain_hash,
+            )
             # receipt and Z numbers continue after the archive's (a re-installed till)
             for key, server_value in (
                 ("last_receipt_number", signed_in.last_receipt_number),
@@ -1023,24 +1050,71 @@ class TillStore(HandoverStore):
 
         Held back (they stay queued): kinds whose upload switch is off (custom mode),
         and shared master-data changes of a category the till has not caught up on yet.
+        Rows are chained (``prev_hash``/``chain_hash``) once the till has signed in.
         """
         kinds = self.upload_kinds()
         if not kinds:
             return []
         held = self.held_categories()
         not_held = f"and (md_category is null or md_category not in ({','.join('?' * len(held))}))" if held else ""
-        rows = self._db.execute(
-            f"""
-            select till_seq, record_id, kind, body, recorded_at from outbox
+        query = f"""
+            select till_seq, record_id, kind, body, recorded_at, prev_hash, chain_hash from outbox
             where sent_at is null and kind in ({",".join("?" * len(kinds))}) {not_held}
             order by till_seq limit ?
-            """,
-            (*kinds, *held, limit),
-        ).fetchall()
+        """
+        rows = self._db.execute(query, (*kinds, *held, limit)).fetchall()
+        if rows and any(r["chain_hash"] is None for r in rows) and self._get("till_id"):
+            self._seal_through(rows[-1]["till_seq"])
+            rows = self._db.execute(query, (*kinds, *held, limit)).fetchall()
         return [
-            OutboxRow(r["till_seq"], UUID(r["record_id"]), r["kind"], r["body"], dt.datetime.fromisoformat(r["recorded_at"]))
+            OutboxRow(
+                r["till_seq"], UUID(r["record_id"]), r["kind"], r["body"], dt.datetime.fromisoformat(r["recorded_at"]),
+                r["prev_hash"], r["chain_hash"],
+            )
             for r in rows
         ]
+
+    def _seal_through(self, till_seq: int, chunk: int = 1000) -> None:
+        """Chain every outbox row up to ``till_seq`` not chained yet, in ``till_seq`` order
+        (shared/chain.py), held rows included: a row's hash depends on all before it.
+
+        Needs the identity of a sign-in (the upload names account and till); raises
+        ``TillStoreError`` before one.
+        """
+        account_id, till_id = self._get("account_id"), self._get("till_id")
+        if not account_id or not till_id:
+            raise TillStoreError("this till has not signed in yet: its records cannot be chained")
+        while True:
+            rows = self._db.execute(
+                "select till_seq, record_id, kind, body, recorded_at from outbox "
+                "where chain_hash is null and till_seq <= ? order by till_seq limit ?",
+                (till_seq, chunk),
+            ).fetchall()
+            if not rows:
+                return
+            updates = []
+            prev, expected = self._chain_before(rows[0]["till_seq"]), rows[0]["till_seq"]
+            for r in rows:
+                if r["till_seq"] != expected:  # a row chained meanwhile lies between
+                    prev = self._chain_before(r["till_seq"])
+                row = OutboxRow(r["till_seq"], UUID(r["record_id"]), r["kind"], r["body"], dt.datetime.fromisoformat(r["recorded_at"]))
+                sealed = Upload.sealed(prev, **row.upload_fields(UUID(account_id), UUID(till_id)))
+                updates.append((sealed.prev_hash, sealed.chain_hash, r["till_seq"]))
+                prev, expected = sealed.chain_hash, r["till_seq"] + 1
+            with _transaction(self._db):
+                self._db.executemany(
+                    "update outbox set prev_hash = ?, chain_hash = ? where till_seq = ? and chain_hash is null", updates
+                )
+
+    def _chain_before(self, till_seq: int) -> str | None:
+        """The chain hash of the record before ``till_seq``: this till's own row, else the
+        archive's last hash told at sign-in, else None (the chain starts)."""
+        row = self._db.execute("select chain_hash from outbox where till_seq = ?", (till_seq - 1,)).fetchone()
+        if row is not None and row["chain_hash"] is not None:
+            return str(row["chain_hash"])
+        if row is None and self._get("chain_anchor_seq") == str(till_seq - 1):
+            return self._get("chain_anchor_hash")
+        return None
 
     def mark_sent(self, till_seqs: list[int]) -> None:
         """Mark outbox rows as confirmed by the broker."""

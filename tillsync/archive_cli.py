@@ -1,12 +1,88 @@
-"""``tillsync archive``: commands about the archive (``archive_records``)."""
+"""``tillsync archive …``: the tax auditor's and the operator's view of the archive."""
 
 from __future__ import annotations
 
-import typer
+import asyncio
+from typing import Optional
 
+import asyncpg
+import typer
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from shared.db import init_connection
+from shared.settings import ServiceSettings
 from tillsync.archive_status import archive_status_command
+from tillsync.archive_tills import select_tills, till_label
+from tillsync.archive_verify import ChainReport, verify_archive
+from tillsync.console import err, friendly, out
 from tillsync.dsfinvk_export import export_dsfinvk_command
 
-archive_app = typer.Typer(help="The archive: completeness of each till's records, tax audit export.", no_args_is_help=True)
+archive_app = typer.Typer(help="The archive: verify its hash chains, check completeness, export for a tax audit.",
+                          no_args_is_help=True)
 archive_app.command("status")(archive_status_command)
 archive_app.command("export-dsfinvk")(export_dsfinvk_command)
+
+TillOption = typer.Option(None, "--till", help="one till: its id, serial number or name (default: every till)")
+AccountOption = typer.Option(None, "--account", help="only the tills of this account (account name)")
+
+
+def _ranges(ranges: list[tuple[int, int]]) -> str:
+    return ", ".join(str(a) if a == b else f"{a}–{b}" for a, b in ranges)
+
+
+def _chain_lines(report: ChainReport, label: str) -> list[str]:
+    if report.first_broken is None:
+        lines = [f"OK      {label}: {report.records} records, chain intact"]
+    else:
+        b = report.first_broken
+        lines = [
+            f"BROKEN  {label}: first broken link at till_seq {b.till_seq}, record {b.record_id} ({b.label}): "
+            + "; ".join(b.problems),
+            f"        {report.broken} of {report.records} records fail the check",
+        ]
+    if report.missing:
+        lines.append(
+            f"        till_seq {_ranges(report.missing)} not in the archive: links across them not checked "
+            "(see `tillsync archive status`)"
+        )
+    if report.unchained:
+        lines.append(f"        {report.unchained} records archived before chaining (checked against their own hash only)")
+    return lines
+
+
+@archive_app.command("verify")
+@friendly
+def archive_verify_command(till: Optional[str] = TillOption, account: Optional[str] = AccountOption) -> None:
+    """Re-check every till's hash chain and name the first broken link of each.
+
+    Exit code 0: every chain intact; 1: a record was changed or a link is broken."""
+    settings = ServiceSettings()
+
+    async def body() -> list[tuple[ChainReport, str]]:
+        conn = await asyncpg.connect(settings.database_url)
+        await init_connection(conn)
+        try:
+            tills = await select_tills(conn, till, account)
+            total = await conn.fetchval(
+                "select count(*) from archive_records where till_id = any($1::uuid[])", [t["till_id"] for t in tills]
+            )
+            with Progress(
+                TextColumn("verifying"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                console=err, transient=True, disable=total < 5_000,
+            ) as progress:
+                task = progress.add_task("records", total=total)
+                reports = await verify_archive(conn, tills, lambda n: progress.advance(task, n))
+            return [(r, till_label(t)) for r, t in zip(reports, tills)]
+        finally:
+            await conn.close()
+
+    results = asyncio.run(body())
+    for report, label in results:
+        for line in _chain_lines(report, label):
+            out.print(line)
+    broken = [r for r, _ in results if not r.intact]
+    records = sum(r.records for r, _ in results)
+    if broken:
+        out.print(f"{len(broken)} of {len(results)} tills have a broken chain ({records} records checked)")
+        raise typer.Exit(1)
+    out.print(f"{len(results)} tills, {records} records: every chain intact")

@@ -50,10 +50,8 @@ from rich.text import Text
 
 from shared.models import ZReport
 from shared.settings import ServiceSettings
-
-
-class ArchiveStatusError(ValueError):
-    """The tills asked for do not exist (unknown account name or till)."""
+from tillsync.archive_tills import select_tills
+from tillsync.console import friendly, out
 
 
 # ---------------------------------------------------------------------------
@@ -290,15 +288,6 @@ zreport as (
     where a.till_id = any($1::uuid[]) and a.kind = 'zreport'
 )"""
 
-_TILLS = """
-select t.till_id, t.serial_number, t.till_name, a.account_id, a.account_name
-from tills t join accounts a using (account_id)
-where ($1::text is null or a.account_name = lower($1::text))
-  and ($2::text is null or t.till_id::text = lower($2::text) or t.serial_number = $2::text
-       or lower(t.till_name) = lower($2::text))
-order by a.account_name, t.till_name, t.serial_number, t.till_id
-"""
-
 _RECORDS = """
 select till_id, count(*) as records, max(till_seq) as last_till_seq
 from archive_records where till_id = any($1::uuid[]) group by till_id
@@ -442,13 +431,12 @@ async def archive_status(
     can match). Returns one ``TillStatus`` per till, ordered by account name, till name
     and serial number. Reads ``tills``, ``accounts`` and ``archive_records`` in one
     read-only repeatable-read transaction (unless ``conn`` is in a transaction already).
-    Raises ``ArchiveStatusError`` for an unknown account name or a ``till`` that matches
+    Raises ``TillSelectionError`` for an unknown account name or a ``till`` that matches
     no till.
     """
     async with _snapshot(conn):
-        tills = await conn.fetch(_TILLS, account_name, till)
+        tills = await select_tills(conn, till, account_name)
         if not tills:
-            await _explain_no_tills(conn, account_name, till)
             return []
         ids = [t["till_id"] for t in tills]
         records = {r["till_id"]: r for r in await conn.fetch(_RECORDS, ids)}
@@ -491,16 +479,6 @@ async def _snapshot(conn: asyncpg.Connection) -> Any:
         # a report over a whole archive: sort and hash in memory rather than on disk
         await conn.execute("set local work_mem = '64MB'")
         yield
-
-
-async def _explain_no_tills(conn: asyncpg.Connection, account_name: str | None, till: str | None) -> None:
-    if account_name is not None and not await conn.fetchval(
-        "select 1 from accounts where account_name = lower($1::text)", account_name
-    ):
-        raise ArchiveStatusError(f"no account named {account_name!r}")
-    if till is not None:
-        where = f" in account {account_name}" if account_name else ""
-        raise ArchiveStatusError(f"no till {till!r}{where} (give the till's id, serial number or name)")
 
 
 def _figure(measure: str, key1: str, key2: str) -> tuple[str, tuple[str, ...]]:
@@ -646,14 +624,10 @@ def archive_status_command(
     till_seq without gaps, no receipt number twice. Lists the tills with problems (with --all every till) and ends with a summary line.
     Exit code 1 if any till's archive is incomplete (or on an error), 0 otherwise.
     Reads TILLSYNC_DATABASE_URL."""
-    from tillsync.cli import _friendly  # here: tillsync.cli imports this module
-
-    _friendly(_status)(till, account, all_)
+    friendly(_status)(till, account, all_)
 
 
 def _status(till: str | None, account: str | None, all_: bool) -> None:
-    from tillsync.cli import out
-
     settings = ServiceSettings()
 
     async def body() -> list[TillStatus]:

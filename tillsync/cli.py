@@ -8,7 +8,6 @@ from __future__ import annotations
 import asyncio
 import importlib
 import datetime as dt
-import functools
 import json
 import logging
 import re
@@ -16,22 +15,18 @@ import signal
 import sys
 from decimal import Decimal, InvalidOperation
 from pathlib import Path
-from typing import Any, Callable, Optional, TypeVar
+from typing import Any, Optional
 import uuid
 from uuid import UUID
 
 import aio_pika
 import asyncpg
 import typer
-from pydantic import ValidationError
-from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
-from rich.text import Text
 
 from shared.amqp import REASON_HEADER, connect
-from shared.broker_admin import BrokerAdmin, BrokerAdminError
-from shared.consumer import validation_summary
+from shared.broker_admin import BrokerAdmin
 from shared.fiscal import PaymentType, VatKey, line_amount
 from shared.logging import configure_logging
 from shared.models import (
@@ -67,15 +62,18 @@ from shared.topology import (
     download_categories,
 )
 from tillsync.archive_cli import archive_app
-from tillsync.bakery import BakeryFormatError, read_export
-from tillsync.demo import DemoError, DemoSettings, run_demo, summary_table
+from tillsync.bakery import read_export
+from tillsync.console import err, out
+from tillsync.console import error_line as _error_line
+from tillsync.console import friendly as _friendly
+from tillsync.demo import DemoSettings, run_demo, summary_table
 from tillsync.ops import OpsError, OpsSettings, add_technician, call_worker, ops_user_name, remove_technician
-from tillsync.processes import SERVICES, ServiceStartError
-from tillsync.setup import SetupError, SetupSettings, setup
+from tillsync.processes import SERVICES
+from tillsync.setup import SetupSettings, setup
 from till_agent.booking import SaleLine
 from till_agent.handover import ReceiptView
 from till_agent.store import TillStore, TillStoreError
-from till_agent.till import AccountError, CloudUnreachable, Till, TillSettings
+from till_agent.till import Till, TillSettings
 
 app = typer.Typer(help="tillsync: cloud sync and legal archive for tills.", no_args_is_help=True)
 till_app = typer.Typer(help="Commands of the till agent (one till per data directory).", no_args_is_help=True)
@@ -94,71 +92,12 @@ app.add_typer(topology_app, name="topology")
 app.add_typer(archive_app, name="archive")
 
 DEFINITIONS_PATH = Path(__file__).resolve().parent.parent / "deploy" / "rabbitmq" / "definitions.json"
-# Plain output: user text (article names, till names) is printed as it is, never read as
-# Rich markup or emoji codes.
-err = Console(stderr=True, soft_wrap=True, markup=False, emoji=False, highlight=False)
-out = Console(soft_wrap=True, markup=False, emoji=False, highlight=False)
-
-
-def _error_line(message: str) -> None:
-    err.print(Text("error: ", style="red") + Text(message))
-
-F = TypeVar("F", bound=Callable[..., Any])
-
-
 @app.callback()
 def _quiet_libraries() -> None:
     """Commands print their own messages; library chatter stays out (services log fully)."""
     configure_logging("WARNING")
     for name in ("aiormq", "aio_pika"):
         logging.getLogger(name).setLevel(logging.CRITICAL)
-
-_KNOWN_ERRORS = (
-    ValidationError,
-    OSError,
-    AccountError,
-    CloudUnreachable,
-    TillStoreError,
-    BakeryFormatError,
-    SetupError,
-    DemoError,
-    ServiceStartError,
-    BrokerAdminError,
-    asyncpg.PostgresError,
-    OpsError,
-    RuntimeError,
-    ValueError,
-)
-
-
-def _friendly(func: F) -> F:
-    """Turn the known errors into one red line and exit code 1."""
-
-    @functools.wraps(func)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        try:
-            return func(*args, **kwargs)
-        except (typer.Exit, typer.Abort):
-            raise
-        except _KNOWN_ERRORS as exc:
-            if isinstance(exc, ValidationError):
-                message = f"invalid {_words(exc.title)}: {validation_summary(exc)}"
-            elif isinstance(exc, OSError) and exc.strerror:
-                message = f"{exc.strerror}: {exc.filename}" if exc.filename else exc.strerror
-            else:
-                message = str(exc)
-            _error_line(message)
-            for detail in getattr(exc, "details", ()):
-                if detail not in message:
-                    err.print(f"  - {detail}")
-            raise typer.Exit(1) from None
-
-    return wrapper  # type: ignore[return-value]
-
-
-def _words(model_name: str) -> str:
-    """``SharedSetting`` → ``shared setting``: a model's name as the user's words."""
-    return re.sub(r"(?<=[a-z])(?=[A-Z])", " ", model_name).lower()
 
 
 def _read_password(password_stdin: bool, confirm: bool) -> str:

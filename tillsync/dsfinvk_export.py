@@ -95,6 +95,8 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from shared.fiscal import VAT_PERCENT, PaymentType, VatKey, split_gross
 from shared.models import Receipt, ZReport
 from shared.settings import DEFAULT_DATABASE_URL, BaseTillsyncSettings
+from tillsync.archive_tills import select_tills
+from tillsync.console import err, friendly, out
 
 BERLIN = ZoneInfo("Europe/Berlin")
 DTD_NAME = "gdpdu-01-08-2002.dtd"
@@ -150,10 +152,6 @@ class ExportError(ValueError):
 
 class UnknownTill(ExportError):
     """No till matches the given id, serial number or name (in the given account)."""
-
-
-class AmbiguousTill(ExportError):
-    """More than one till matches; ``details`` lists the candidates."""
 
 
 class InvalidRange(ExportError):
@@ -232,50 +230,12 @@ ProgressCallback = Callable[[int, int, Optional[ZReport]], None]
 
 
 async def resolve_till(conn: asyncpg.Connection, till: str, account: str | None = None) -> TillRef:
-    """The till named by ``till``: its till id, its serial number or its name (case
+    """The one till named by ``till``: its till id, serial number or name (case
     insensitive), in account ``account`` (an account name) if given.
 
-    Raises ``UnknownTill`` (listing the account's tills when ``account`` is given) or
-    ``AmbiguousTill`` (listing the candidates)."""
-    wanted = till.strip()
-    try:
-        as_id: UUID | None = UUID(wanted)
-    except ValueError:
-        as_id = None
-    rows = await conn.fetch(
-        """
-        select t.till_id, t.account_id, a.account_name, t.serial_number, t.till_name
-        from tills t join accounts a using (account_id)
-        where (t.till_id = $1 or t.serial_number = $2 or lower(t.till_name) = lower($2))
-          and ($3::text is null or a.account_name = lower($3::text))
-        order by a.account_name, t.till_name, t.serial_number
-        """,
-        as_id, wanted, account.strip() if account else None,
-    )
-    found = [TillRef(**dict(r)) for r in rows]
-    if len(found) == 1:
-        return found[0]
-    if found:
-        raise AmbiguousTill(
-            f"{len(found)} tills match {wanted!r}: name one by its serial number or id"
-            + ("" if account else ", or narrow with --account"),
-            [t.describe() for t in found],
-        )
-    if account is None:
-        raise UnknownTill(f"no till has the id, serial number or name {wanted!r}")
-    known = await conn.fetch(
-        """
-        select t.till_id, t.account_id, a.account_name, t.serial_number, t.till_name
-        from tills t join accounts a using (account_id) where a.account_name = lower($1) order by t.till_name
-        """,
-        account.strip(),
-    )
-    if not known:
-        raise UnknownTill(f"there is no account {account!r}")
-    raise UnknownTill(
-        f"account {account} has no till with the id, serial number or name {wanted!r}; its tills:",
-        [TillRef(**dict(r)).describe() for r in known],
-    )
+    Raises ``TillSelectionError`` for an unknown account, no matching till or several."""
+    [row] = await select_tills(conn, till, account, one=True)
+    return TillRef(**dict(row))
 
 
 # ---------------------------------------------------------------------------
@@ -814,15 +774,10 @@ def export_dsfinvk_command(
     with their receipts. Refused when the range holds no Z-report, or a Z-report's
     receipts are not all in the archive yet (`tillsync archive status`). Database:
     TILLSYNC_DATABASE_URL."""
-    # tillsync.cli registers this command, so its helpers are imported when it runs
-    from tillsync.cli import _friendly
-
-    _friendly(_run_export)(till, date_from.date(), date_to.date(), account, output)
+    friendly(_run_export)(till, date_from.date(), date_to.date(), account, output)
 
 
 def _run_export(till: str, date_from: dt.date, date_to: dt.date, account: str | None, output: Path | None) -> None:
-    from tillsync.cli import err, out
-
     _check_range(date_from, date_to)
     settings = ArchiveExportSettings()
 

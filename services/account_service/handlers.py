@@ -261,6 +261,9 @@ async def sign_in(cmd: SignIn, conn: asyncpg.Connection, deps: AccountDeps) -> A
         """,
         till_id,
     )
+    last_hash = await conn.fetchval(
+        "select chain_hash from archive_records where till_id = $1 and till_seq = $2", till_id, last["till_seq"]
+    )
     # news since this till last signed in (a new till: of the last 14 days)
     since = existing["signed_in_at"] if existing is not None and existing["signed_in_at"] else now - dt.timedelta(days=14)
     notices = tuple(
@@ -285,6 +288,7 @@ async def sign_in(cmd: SignIn, conn: asyncpg.Connection, deps: AccountDeps) -> A
             last_till_seq=last["till_seq"],
             last_receipt_number=last["receipt_number"],
             last_z_nr=last["z_nr"],
+            last_chain_hash=bytes(last_hash).hex() if last_hash is not None else None,
             sync_enabled=till["sync_enabled"],
             sync_mode=mode,
             custom=custom,

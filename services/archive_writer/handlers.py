@@ -6,7 +6,12 @@ Per upload (GoBD: records kept complete and unchanged):
 - a new ``record_id`` at a new ``(till_id, till_seq)`` is archived;
 - the same record again (same id, position and content hash) is a no-op;
 - a ``record_id`` or ``(till_id, till_seq)`` already archived with other content is
-  refused, kept in ``archive_conflicts`` and dead-lettered; the archive is not changed.
+  refused, kept in ``archive_conflicts`` and dead-lettered; the archive is not changed;
+- the till's hash chain (shared/chain.py) is checked on arrival: an upload whose
+  ``chain_hash`` does not match its content is dead-lettered; one whose ``prev_hash``
+  does not link to the archived record before it (or whose hash the archived record
+  after it does not link to) is refused like a conflict. Links to a record not yet
+  archived are checked when that record arrives; ``tillsync archive verify`` re-checks all.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ from uuid import UUID
 import asyncpg
 import rfc8785
 
+from shared.chain import chain_hash
 from shared.consumer import Delivery
 from shared.models import Upload
 from shared.uploads import sender_problem
@@ -30,12 +36,20 @@ def content_sha256(upload: Upload) -> bytes:
 
 _INSERT = """
 insert into archive_records
-    (record_id, account_id, till_id, till_seq, kind, schema_version, content_sha256, payload, recorded_at)
+    (record_id, account_id, till_id, till_seq, kind, schema_version, content_sha256, payload, recorded_at,
+     prev_hash, chain_hash)
 select * from unnest($1::uuid[], $2::uuid[], $3::uuid[], $4::bigint[], $5::text[], $6::int[], $7::bytea[],
-                     $8::jsonb[], $9::timestamptz[])
+                     $8::jsonb[], $9::timestamptz[], $10::bytea[], $11::bytea[])
 on conflict do nothing
 returning record_id
 """
+
+_AT_POSITIONS = """
+select till_id, till_seq, prev_hash, chain_hash from archive_records
+where (till_id, till_seq) in (select * from unnest($1::uuid[], $2::bigint[]))
+"""
+
+Item = tuple[Delivery[Upload], bytes, dict[str, Any]]
 
 _EXISTING = """
 select record_id, till_id, till_seq, content_sha256 from archive_records
@@ -46,8 +60,8 @@ where record_id = any($1::uuid[])
 
 async def archive_uploads(deliveries: list[Delivery[Upload]], conn: asyncpg.Connection) -> None:
     """Consume-adapter handler: archive a batch in the caller's transaction."""
-    first: list[tuple[Delivery[Upload], bytes, dict[str, Any]]] = []
-    later: list[tuple[Delivery[Upload], bytes, dict[str, Any]]] = []
+    first: list[Item] = []
+    later: list[Item] = []
     seen_ids: set[UUID] = set()
     seen_positions: set[tuple[UUID, int]] = set()
     for d in deliveries:
@@ -59,8 +73,16 @@ async def archive_uploads(deliveries: list[Delivery[Upload]], conn: asyncpg.Conn
         payload = u.model_dump(mode="json")
         try:
             digest = content_sha256(u)
+            expected = chain_hash(u.prev_hash, payload)
         except rfc8785.CanonicalizationError as exc:  # a deterministic refusal, not worth a retry
             d.refuse(f"record has no canonical JSON form (RFC 8785): {exc}", outcome="invalid")
+            continue
+        if expected != u.chain_hash:
+            d.refuse(
+                f"chain_hash {u.chain_hash} of record {u.record_id} (till_seq {u.till_seq}) does not match its "
+                f"content and prev_hash (SHA-256 gives {expected}): changed on the way or made wrongly",
+                outcome="invalid",
+            )
             continue
         item = (d, digest, payload)
         position = (u.till_id, u.till_seq)
@@ -70,6 +92,7 @@ async def archive_uploads(deliveries: list[Delivery[Upload]], conn: asyncpg.Conn
             first.append(item)
             seen_ids.add(u.record_id)
             seen_positions.add(position)
+    first = await _linked(first, conn)
     inserted: set[UUID] = set()
     if first:
         rows = await conn.fetch(
@@ -83,6 +106,8 @@ async def archive_uploads(deliveries: list[Delivery[Upload]], conn: asyncpg.Conn
             [digest for _, digest, _ in first],
             [payload for _, _, payload in first],
             [d.body.recorded_at for d, _, _ in first],
+            [bytes.fromhex(d.body.prev_hash) if d.body.prev_hash else None for d, _, _ in first],
+            [bytes.fromhex(d.body.chain_hash) for d, _, _ in first],
         )
         inserted = {r["record_id"] for r in rows}
     leftovers = [item for item in first if item[0].body.record_id not in inserted] + later
@@ -90,7 +115,89 @@ async def archive_uploads(deliveries: list[Delivery[Upload]], conn: asyncpg.Conn
         await _judge_repeats(leftovers, conn)
 
 
-async def _judge_repeats(items: list[tuple[Delivery[Upload], bytes, dict[str, Any]]], conn: asyncpg.Connection) -> None:
+async def _linked(items: list[Item], conn: asyncpg.Connection) -> list[Item]:
+    """The items whose chain links hold against the archive and the items before them in
+    this batch; the others are refused, kept in ``archive_conflicts`` and dead-lettered.
+
+    An item whose position is archived already is passed on untouched (a repeat or a
+    conflict, judged after the insert).
+    """
+    if not items:
+        return items
+    tills = [d.body.till_id for d, _, _ in items for _ in range(3)]
+    positions = [d.body.till_seq + step for d, _, _ in items for step in (-1, 0, 1)]
+    archived = {
+        (r["till_id"], r["till_seq"]): (_hex(r["prev_hash"]), _hex(r["chain_hash"]))
+        for r in await conn.fetch(_AT_POSITIONS, tills, positions)
+    }
+    accepted: dict[tuple[UUID, int], str] = {}
+    passed: list[Item] = []
+    conflicts = []
+    for item in sorted(items, key=lambda i: (str(i[0].body.till_id), i[0].body.till_seq)):
+        d, digest, payload = item
+        u = d.body
+        if (u.till_id, u.till_seq) in archived:
+            passed.append(item)
+            continue
+        problem = _link_problem(u, accepted, archived)
+        if problem is None:
+            accepted[(u.till_id, u.till_seq)] = u.chain_hash
+            passed.append(item)
+            continue
+        reason = f"record {u.record_id} breaks the hash chain of till {u.till_id}: {problem}; the archive is not changed"
+        d.refuse(reason, outcome="conflict")
+        conflicts.append((u.record_id, u.account_id, u.till_id, u.till_seq, digest, payload, reason))
+    await _keep_conflicts(conflicts, conn)
+    return passed
+
+
+def _link_problem(
+    u: Upload, accepted: dict[tuple[UUID, int], str], archived: dict[tuple[UUID, int], tuple[str | None, str | None]]
+) -> str | None:
+    """Why ``u`` does not fit between its neighbours in the chain, or None.
+
+    The record before must be the one ``u.prev_hash`` names (unchecked if it is not archived
+    yet, or was archived before chaining); the archived record after must name ``u``.
+    """
+    before = (u.till_id, u.till_seq - 1)
+    known_before = before in accepted or before in archived
+    previous_hash = accepted[before] if before in accepted else archived[before][1] if before in archived else None
+    if known_before and previous_hash is not None and u.prev_hash != previous_hash:
+        return (
+            f"its prev_hash {u.prev_hash} is not the chain_hash {previous_hash} of the archived record at "
+            f"till_seq {u.till_seq - 1}"
+        )
+    if not known_before and u.prev_hash is None and u.till_seq > 1:
+        return f"it has no prev_hash at till_seq {u.till_seq} (only a till's first record starts a chain)"
+    after = archived.get((u.till_id, u.till_seq + 1))
+    if after is not None and after[0] is not None and after[0] != u.chain_hash:
+        return (
+            f"the archived record at till_seq {u.till_seq + 1} links to a predecessor with chain_hash {after[0]}, "
+            f"not to this record's {u.chain_hash}"
+        )
+    return None
+
+
+def _hex(value: bytes | None) -> str | None:
+    return bytes(value).hex() if value is not None else None
+
+
+async def _keep_conflicts(conflicts: list[tuple[Any, ...]], conn: asyncpg.Connection) -> None:
+    """Keep refused uploads in ``archive_conflicts`` (rows as ``(record_id, account_id,
+    till_id, till_seq, content_sha256, payload, reason)``) for the operator."""
+    if conflicts:
+        await conn.executemany(
+            """
+            insert into archive_conflicts
+                (record_id, account_id, till_id, till_seq, content_sha256, payload, reason)
+            values ($1, $2, $3, $4, $5, $6, $7)
+            on conflict do nothing
+            """,
+            conflicts,
+        )
+
+
+async def _judge_repeats(items: list[Item], conn: asyncpg.Connection) -> None:
     existing = await conn.fetch(
         _EXISTING,
         [d.body.record_id for d, _, _ in items],
@@ -125,13 +232,4 @@ async def _judge_repeats(items: list[tuple[Delivery[Upload], bytes, dict[str, An
             )
         d.refuse(reason, outcome="conflict")
         conflicts.append((u.record_id, u.account_id, u.till_id, u.till_seq, digest, payload, reason))
-    if conflicts:
-        await conn.executemany(
-            """
-            insert into archive_conflicts
-                (record_id, account_id, till_id, till_seq, content_sha256, payload, reason)
-            values ($1, $2, $3, $4, $5, $6, $7)
-            on conflict do nothing
-            """,
-            conflicts,
-        )
+    await _keep_conflicts(conflicts, conn)

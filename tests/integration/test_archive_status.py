@@ -44,10 +44,14 @@ def now() -> dt.datetime:
 def upload(
     till: Till, till_seq: int, record: Receipt | ZReport, record_id: UUID | None = None, recorded_at: dt.datetime | None = None
 ) -> Upload:
-    """The upload of ``record`` as ``till`` sends it: the one place this module builds uploads."""
+    """The upload of ``record`` as ``till`` would send it, chained to the upload made here for
+    ``till_seq - 1`` (a made-up link where none was made: a gap): the one place this module
+    builds uploads."""
     identity = till.store.identity()
     assert identity.account_id and identity.till_id
-    return Upload(
+    prev = _chain.get((identity.till_id, till_seq - 1), "0" * 64) if till_seq > 1 else None
+    made = Upload.sealed(
+        prev,
         record_id=record_id or uuid.uuid4(),
         account_id=identity.account_id,
         till_id=identity.till_id,
@@ -55,6 +59,11 @@ def upload(
         recorded_at=recorded_at or now(),
         record=record,
     )
+    _chain[(identity.till_id, till_seq)] = made.chain_hash
+    return made
+
+
+_chain: dict[tuple[UUID, int], str] = {}  # (till, till_seq) -> chain_hash of the upload made for it
 
 
 async def publish(env: Environment, till: Till, *uploads: Upload) -> None:
@@ -161,12 +170,14 @@ async def test_a_withheld_receipt_makes_its_z_report_incomplete_until_it_arrives
         sell(till, 5)  # receipts 1-5, 2,50 € each, VAT key 2, cash
         day = now().date()
         till.close_day(day, now())
-        rows = till.store.unsent(100)
+        rows = till.store.unsent(100)  # as the till's relay would send them (chained)
         records = {row.till_seq: RECORD_ADAPTER.validate_json(row.body) for row in rows}
         [withheld] = [seq for seq, r in records.items() if isinstance(r, Receipt) and r.receipt_number == 3]
+        identity = till.store.identity()
+        assert identity.account_id and identity.till_id
         await publish(
             env, till,
-            *(upload(till, row.till_seq, records[row.till_seq], row.record_id, row.recorded_at) for row in rows if row.till_seq != withheld),
+            *(row.upload(identity.account_id, identity.till_id) for row in rows if row.till_seq != withheld),
         )
         await wait_archived(env, till, len(rows) - 1)
 
@@ -396,8 +407,8 @@ async def test_a_complete_till_is_reported_complete(env: Environment, tmp_path: 
 
 async def test_unknown_accounts_and_tills_are_one_error_line(env: Environment, account: str) -> None:
     for args, expected in [
-        (["--account", "nobody@example.com"], "error: no account named 'nobody@example.com'"),
-        (["--till", "K-unknown"], "error: no till 'K-unknown' (give the till's id, serial number or name)"),
+        (["--account", "nobody@example.com"], "error: no account 'nobody@example.com'"),
+        (["--till", "K-unknown"], "error: no till 'K-unknown': name a till by its id, serial number or name"),
         (["--account", account, "--till", "K-unknown"], f"error: no till 'K-unknown' in account {account}"),
     ]:
         result = await archive_status_cli(env, *args)

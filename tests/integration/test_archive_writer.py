@@ -52,6 +52,7 @@ async def publisher(env, till):  # type: ignore[no-untyped-def]
 
 
 _seq = iter(range(1, 10_000))
+_chain: dict[tuple[uuid.UUID, int], str] = {}  # (till, till_seq) -> chain_hash of the upload made for it
 
 
 def make_upload(till, till_seq: int | None = None, total_cents: int = 250, **changes) -> Upload:  # type: ignore[no-untyped-def]
@@ -76,7 +77,10 @@ def make_upload(till, till_seq: int | None = None, total_cents: int = 250, **cha
         record=receipt,
     )
     fields.update(changes)
-    return Upload(**fields)
+    upload = Upload.sealed(_chain.get((identity.till_id, fields["till_seq"] - 1)), **fields)
+    if till_seq is None:
+        _chain[(identity.till_id, upload.till_seq)] = upload.chain_hash
+    return upload
 
 
 async def archived(env, record_id):  # type: ignore[no-untyped-def]

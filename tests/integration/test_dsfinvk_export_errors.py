@@ -81,12 +81,12 @@ async def test_refusals_name_the_till_the_range_and_the_missing_receipts(service
         assert await archived(env, till, "receipt", 2)
 
         # the till: unknown, ambiguous (same name in two accounts), unknown account
-        refused(await export(env, "--till", "Kasse 9", *day), "no till has the id, serial number or name 'Kasse 9'")
-        lines = refused(await export(env, "--till", "kasse 1", *day), "2 tills match 'kasse 1'", "--account")
+        refused(await export(env, "--till", "Kasse 9", *day), "no till 'Kasse 9': name a till by its id, serial number or name")
+        lines = refused(await export(env, "--till", "kasse 1", *day), "'kasse 1' names 2 tills", "--account")
         assert len(lines) == 3  # the candidates, one a line
         assert account in lines[1] + lines[2] and other_account in lines[1] + lines[2]
-        refused(await export(env, "--till", "Kasse 1", "--account", "nobody@example.com", *day), "there is no account")
-        lines = refused(await export(env, "--till", "Kasse 9", "--account", account, *day), f"account {account} has no till")
+        refused(await export(env, "--till", "Kasse 1", "--account", "nobody@example.com", *day), "no account 'nobody@example.com'")
+        lines = refused(await export(env, "--till", "Kasse 9", "--account", account, *day), f"no till 'Kasse 9' in account {account}", "the account's tills:")
         assert serial in lines[1]  # its tills are listed
 
         # the range: reversed, or without a Z-report
@@ -144,9 +144,11 @@ async def test_a_receipt_number_archived_for_two_receipts_is_refused(services, e
             receipt_number=1, lines=[SaleLine("1", "Brot", Decimal(1), 250, VatKey.REDUCED)], payment_type=PaymentType.CASH,
             payment_name="Bar", cashier=Cashier(cashier_id="1", name="Anna"), opened_at=at, closed_at=at, business_day=today,
         )
+        prev = "0" * 64  # hand-made, far after the till's own records: linked to a made-up predecessor
         for seq, record in ((100, again), (101, z_report(1, today, [again], at))):
-            u = Upload(record_id=uuid.uuid4(), account_id=identity.account_id, till_id=identity.till_id, till_seq=seq,
-                       recorded_at=at, record=record)
+            u = Upload.sealed(prev, record_id=uuid.uuid4(), account_id=identity.account_id, till_id=identity.till_id,
+                              till_seq=seq, recorded_at=at, record=record)
+            prev = u.chain_hash
             await publish_as_till(env, till, u.model_dump_json().encode(), upload_routing_key(u.account_id, u.till_id, u.record.kind))
         await wait_until(lambda: archived(env, till, "zreport", 1), what="the Z-report archived")
         refused(

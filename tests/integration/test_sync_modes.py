@@ -10,7 +10,7 @@ from pathlib import Path
 import aio_pika
 import pytest
 
-from shared.models import CatchUpRequest, CustomSyncFlags, Customer, SyncMode
+from shared.models import CatchUpRequest, CustomSyncFlags, Customer, MasterDataRecord, SyncMode, Upload
 from shared.topology import (
     ARCHIVE_WRITER_QUEUE,
     MASTERDATA_BROADCASTER_QUEUE,
@@ -117,7 +117,7 @@ async def test_local_only_settings_never_leave_the_till(services, env: Environme
         identity = till.store.identity()
         upload = {
             "schema_version": 1, "record_id": str(uuid.uuid4()), "account_id": str(identity.account_id),
-            "till_id": str(identity.till_id), "till_seq": 9_999, "recorded_at": now().isoformat(),
+            "till_id": str(identity.till_id), "till_seq": 9_999, "recorded_at": now().isoformat(), "prev_hash": None, "chain_hash": "0" * 64,
             "record": {
                 "kind": "masterdata", "entity_kind": "shared_setting", "entity_key": "printer.port", "shared": True,
                 "data": {"entity": "shared_setting", "setting_key": "printer.port", "value": "/dev/usb/lp0"},
@@ -173,15 +173,16 @@ async def test_a_repeated_change_is_judged_once_and_its_verdict_sent_again(servi
     identity = till.store.identity()
     key = upload_routing_key(identity.account_id, identity.till_id, "masterdata")
 
+    chain: list[str | None] = [None]
+
     def upload(nr: str, seq: int) -> tuple[str, bytes]:
-        record_id = str(uuid.uuid4())
-        body = {
-            "record_id": record_id, "account_id": str(identity.account_id), "till_id": str(identity.till_id),
-            "till_seq": seq, "recorded_at": now().isoformat(),
-            "record": {"kind": "masterdata", "entity_kind": "article", "entity_key": nr, "shared": True,
-                       "data": bread(nr).model_dump(mode="json")},
-        }
-        return record_id, json.dumps(body).encode()
+        made = Upload.sealed(
+            chain[-1], record_id=uuid.uuid4(), account_id=identity.account_id, till_id=identity.till_id,
+            till_seq=seq, recorded_at=now(),
+            record=MasterDataRecord(entity_kind="article", entity_key=nr, shared=True, data=bread(nr)),
+        )
+        chain.append(made.chain_hash)
+        return str(made.record_id), made.model_dump_json().encode()
 
     accepted_id, accepted = upload("D1", 1)
     conflict_id, conflicting = upload("D1", 2)  # a second "new" D1: its key exists by then

@@ -122,7 +122,8 @@ def article(nr: str = "A1") -> Article:
 
 
 def upload(record: Any) -> Upload:
-    return Upload(
+    return Upload.sealed(
+        None,
         record_id=uuid.uuid4(),
         account_id=uuid.uuid4(),
         till_id=uuid.uuid4(),
@@ -372,7 +373,8 @@ def test_naive_datetimes_are_refused_in_a_receipt(field: str) -> None:
 
 def test_naive_datetimes_are_refused_in_an_upload_and_a_zreport() -> None:
     with pytest.raises(ValidationError):
-        Upload(
+        Upload.sealed(
+            None,
             record_id=uuid.uuid4(),
             account_id=uuid.uuid4(),
             till_id=uuid.uuid4(),

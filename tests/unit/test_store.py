@@ -10,6 +10,7 @@ from typing import Any, Iterator
 
 import pytest
 
+from shared.chain import chain_hash
 from shared.fiscal import PaymentType, VatKey
 from shared.models import Article, Cashier, MasterDataRecord, Receipt, SignedIn, SyncMode
 from till_agent.booking import SaleLine, closed_receipt, z_report
@@ -427,3 +428,58 @@ def test_a_receipt_of_an_earlier_day_still_open_goes_into_the_next_zreport(store
     report = store.close_day(later, lambda z_nr, receipts: z_report(z_nr, later, receipts, T0), T0)
     assert report.receipt_count == 1 and report.first_receipt_number == late_receipt.receipt_number
     assert store.receipts_for_closing(later) == []
+
+
+# ---------------------------------------------------------------------------
+# the hash chain (shared/chain.py)
+
+
+def test_uploads_are_chained_in_till_seq_order_from_the_first(store: TillStore) -> None:
+    reply = signed_in(0)
+    store.save_sign_in(reply)
+    for _ in range(3):
+        sell(store)
+    rows = store.unsent(10)
+    uploads = [row.upload(reply.account_id, reply.till_id) for row in rows]
+    assert uploads[0].prev_hash is None
+    for before, after in zip(uploads, uploads[1:]):
+        assert after.prev_hash == before.chain_hash
+    for upload in uploads:
+        assert upload.chain_hash == chain_hash(upload.prev_hash, upload.model_dump(mode="json"))
+    # once made, a row's hashes never change: sent later, the same upload goes out
+    store.mark_sent([rows[0].till_seq])
+    assert [r.chain_hash for r in store.unsent(10)] == [u.chain_hash for u in uploads[1:]]
+
+
+def test_a_held_row_is_chained_in_its_place(store: TillStore) -> None:
+    reply = signed_in(0, sync_mode=SyncMode.ARCHIVE_MASTERDATA)
+    store.save_sign_in(reply)
+    sell(store)
+    store.start_receiving(["articles"])
+    store.save_masterdata("article", "A1", Article(article_nr="A1", text="Brezel", unit_price=95, vat_key=VatKey.REDUCED), T0)
+    sell(store)
+    sent = store.unsent(10)
+    assert [r.till_seq for r in sent] == [1, 3]
+    held = store._db.execute("select chain_hash from outbox where till_seq = 2").fetchone()["chain_hash"]
+    assert held is not None and sent[1].prev_hash == held
+
+
+def test_a_reinstalled_store_continues_the_archives_chain(store: TillStore) -> None:
+    archive_last = "ab" * 32
+    reply = signed_in(41, last_chain_hash=archive_last)
+    store.save_sign_in(reply)
+    sell(store)
+    [row] = store.unsent(10)
+    assert (row.till_seq, row.prev_hash) == (42, archive_last)
+
+
+def test_rows_are_chained_anew_for_another_till(store: TillStore) -> None:
+    store.save_sign_in(signed_in(0))
+    sell(store)
+    first = store.unsent(10)[0].chain_hash
+    other = signed_in(0)
+    store.save_sign_in(other)  # the store signs in as another till before the row went out
+    [row] = store.unsent(10)
+    assert row.chain_hash != first
+    upload = row.upload(other.account_id, other.till_id)
+    assert upload.chain_hash == chain_hash(None, upload.model_dump(mode="json"))

@@ -1,0 +1,193 @@
+"""``tillsync archive verify``: re-check every till's hash chain in the archive.
+
+Tamper evidence (GoBD: records kept unchanged; §146 (4) AO: no change without the
+original being recognisable). Each archived record is checked against itself and its
+predecessor (shared/chain.py):
+
+- its columns are the values in its payload (record_id, account, till, till_seq, kind,
+  recorded_at, schema version);
+- ``content_sha256``, stored on arrival, is still the SHA-256 of the payload's RFC 8785 JSON;
+- its ``chain_hash`` (column and payload) is still SHA-256(prev_hash || canonical JSON);
+- its ``prev_hash`` is the ``chain_hash`` of the record at ``till_seq - 1``.
+
+The first record that fails is the first broken link of that till's chain. A
+``till_seq`` missing from the archive (not uploaded yet, or lost: ``tillsync archive
+status`` tells) leaves the link across it unchecked; that is reported, not counted as
+broken. Rows archived before the chain existed are counted as unchained.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+from typing import Any, Callable
+from uuid import UUID
+
+import asyncpg
+import rfc8785
+
+from shared.chain import chain_hash
+
+_ROWS = """
+select record_id, account_id, till_id, till_seq, kind, schema_version, content_sha256, payload, recorded_at,
+       prev_hash, chain_hash
+from archive_records where till_id = $1 order by till_seq
+"""
+
+
+@dataclass(frozen=True)
+class BrokenLink:
+    """The first record of a till whose check failed: where and every reason found."""
+
+    till_seq: int
+    record_id: UUID
+    kind: str
+    label: str  # e.g. "receipt BON_NR 12 of 2021-01-05"
+    problems: tuple[str, ...]
+
+
+@dataclass
+class ChainReport:
+    """The verdict on one till's chain.
+
+    ``records``: rows checked; ``broken``: rows that failed a check; ``first_broken``:
+    the first of them; ``missing``: ``(first, last)`` till_seq ranges not in the archive;
+    ``unchained``: rows archived before chaining; ``last_hash``: chain_hash of the last row.
+    """
+
+    till_id: UUID
+    till_name: str
+    serial_number: str
+    account_name: str
+    records: int = 0
+    broken: int = 0
+    first_broken: BrokenLink | None = None
+    missing: list[tuple[int, int]] = field(default_factory=list)
+    unchained: int = 0
+    last_hash: str | None = None
+
+    @property
+    def intact(self) -> bool:
+        return self.broken == 0
+
+
+def record_label(kind: str, payload: dict[str, Any]) -> str:
+    """A few words naming an archived record for people: what it is and its number."""
+    record = payload.get("record") if isinstance(payload, dict) else None
+    if not isinstance(record, dict):
+        return kind
+    if kind == "receipt" and record.get("receipt_number") is not None:
+        return f"receipt BON_NR {record['receipt_number']} of {record.get('business_day')}"
+    if kind == "zreport":
+        return f"Z-report Z_NR {record.get('z_nr')} of {record.get('business_day')}"
+    if kind == "masterdata":
+        return f"master data {record.get('entity_kind')} {record.get('entity_key')!r}"
+    if kind == "receipt_event":
+        event = record.get("event")
+        return f"receipt event {event.get('type') if isinstance(event, dict) else '?'} of receipt {record.get('receipt_id')}"
+    return kind
+
+
+def _hex(value: bytes | None) -> str | None:
+    return bytes(value).hex() if value is not None else None
+
+
+def row_problems(row: asyncpg.Record | dict[str, Any], previous_hash: str | None, previous_known: bool) -> list[str]:
+    """Every reason the archived ``row`` is not as it arrived or does not link on.
+
+    ``previous_hash``: chain_hash column of the row at ``till_seq - 1`` (``previous_known``
+    says whether that row is in the archive). An empty list: the row is intact.
+    """
+    payload = row["payload"]
+    problems: list[str] = []
+    if not isinstance(payload, dict):
+        return ["its payload is no JSON object"]
+    expected_columns = {
+        "record_id": str(row["record_id"]),
+        "account_id": str(row["account_id"]),
+        "till_id": str(row["till_id"]),
+        "till_seq": row["till_seq"],
+        "schema_version": row["schema_version"],
+    }
+    for name, value in expected_columns.items():
+        if payload.get(name) != value:
+            problems.append(f"column {name} is {value!r} but the payload says {payload.get(name)!r}")
+    record = payload.get("record")
+    if not isinstance(record, dict) or record.get("kind") != row["kind"]:
+        problems.append(f"column kind is {row['kind']!r} but the payload's record is another kind")
+    try:
+        canonical = rfc8785.dumps(payload)
+    except (rfc8785.CanonicalizationError, TypeError, ValueError) as exc:
+        return problems + [f"its payload has no canonical JSON form: {exc}"]
+    stored_digest = bytes(row["content_sha256"])
+    if hashlib.sha256(canonical).digest() != stored_digest:
+        problems.append(
+            f"its content changed after archiving (SHA-256 on arrival {stored_digest.hex()[:16]}…, "
+            f"now {hashlib.sha256(canonical).hexdigest()[:16]}…)"
+        )
+    column_prev, column_chain = _hex(row["prev_hash"]), _hex(row["chain_hash"])
+    payload_prev, payload_chain = payload.get("prev_hash"), payload.get("chain_hash")
+    if column_chain is None and payload_chain is None:
+        return problems  # archived before chaining: nothing more to check
+    if payload_chain != column_chain or payload_prev != column_prev:
+        problems.append("the chain hashes in its columns differ from those in its payload")
+    try:
+        recomputed = chain_hash(payload_prev, payload)
+    except ValueError as exc:
+        return problems + [f"its prev_hash is malformed: {exc}"]
+    if recomputed != payload_chain:
+        problems.append(f"its chain_hash {str(payload_chain)[:16]}… no longer matches its content ({recomputed[:16]}…)")
+    if previous_known and previous_hash is not None and payload_prev != previous_hash:
+        problems.append(
+            f"its prev_hash {str(payload_prev)[:16]}… is not the chain_hash {previous_hash[:16]}… of the record at "
+            f"till_seq {row['till_seq'] - 1}"
+        )
+    if not previous_known and payload_prev is None and row["till_seq"] > 1:
+        problems.append(f"it starts a chain at till_seq {row['till_seq']} (only a till's first record may)")
+    return problems
+
+
+async def verify_till(
+    conn: asyncpg.Connection, till: asyncpg.Record | dict[str, Any], on_record: Callable[[int], None] | None = None
+) -> ChainReport:
+    """Check every archived record of ``till`` (a row with till_id, till_name,
+    serial_number, account_name) in ``till_seq`` order, streaming; ``on_record(n)`` is
+    called with the number of rows checked since its last call."""
+    report = ChainReport(till["till_id"], till["till_name"], till["serial_number"], till["account_name"])
+    previous_seq, previous_hash = 0, None
+    pending = 0
+    async with conn.transaction(isolation="repeatable_read", readonly=True):
+        async for row in conn.cursor(_ROWS, till["till_id"], prefetch=1000):
+            seq = row["till_seq"]
+            known = seq == previous_seq + 1
+            if not known:
+                report.missing.append((previous_seq + 1, seq - 1))
+            problems = row_problems(row, previous_hash, known)
+            report.records += 1
+            if row["chain_hash"] is None and isinstance(row["payload"], dict) and row["payload"].get("chain_hash") is None:
+                report.unchained += 1
+            if problems:
+                report.broken += 1
+                if report.first_broken is None:
+                    report.first_broken = BrokenLink(
+                        seq, row["record_id"], row["kind"], record_label(row["kind"], row["payload"]), tuple(problems)
+                    )
+            previous_seq, previous_hash = seq, _hex(row["chain_hash"])
+            pending += 1
+            if on_record is not None and pending >= 500:
+                on_record(pending)
+                pending = 0
+    if on_record is not None and pending:
+        on_record(pending)
+    report.last_hash = previous_hash
+    return report
+
+
+async def verify_archive(
+    conn: asyncpg.Connection,
+    tills: list[asyncpg.Record],
+    on_record: Callable[[int], None] | None = None,
+) -> list[ChainReport]:
+    """Check the chains of ``tills`` (rows with till_id, till_name, serial_number,
+    account_name), one after the other; one report per till in the given order."""
+    return [await verify_till(conn, till, on_record) for till in tills]
