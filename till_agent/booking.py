@@ -47,6 +47,15 @@ def handover_line(line: SaleLine) -> HandoverLine:
     )
 
 
+def summed_vat(amounts: Iterable[VatAmount]) -> tuple[VatAmount, ...]:
+    """Gross/net/VAT per VAT key (ascending key), each the sum of ``amounts`` of that key (cents)."""
+    sums: dict[VatKey, tuple[int, int, int]] = {}
+    for v in amounts:
+        gross, net, vat = sums.get(v.vat_key, (0, 0, 0))
+        sums[v.vat_key] = (gross + v.gross, net + v.net, vat + v.vat)
+    return tuple(VatAmount(vat_key=k, gross=g, net=n, vat=t) for k, (g, n, t) in sorted(sums.items()))
+
+
 def vat_breakdown(amounts: Iterable[tuple[VatKey, int]]) -> tuple[VatAmount, ...]:
     """Gross/net/VAT per VAT key (ascending key) from ``(vat_key, gross cents)`` pairs."""
     gross: dict[VatKey, int] = {}
@@ -151,8 +160,10 @@ def _closed(
 def z_report(z_nr: int, business_day: dt.date, receipts: list[Receipt], created_at: dt.datetime) -> ZReport:
     """The Z-report of ``receipts`` (closed, of one till and business day).
 
-    Totals per VAT key, per payment type and per business case and VAT key; first and
-    last receipt number; an empty day gives a Z-report with zero totals.
+    Totals per VAT key (gross, net and VAT each the sum of the receipts' own, so the
+    closing equals its receipts to the cent: DSFinV-K 2.4 Z_GV_Typ / Bonkopf_USt), per
+    payment type and per business case and VAT key; first and last receipt number; an
+    empty day gives a Z-report with zero totals.
     """
     by_payment: dict[tuple[PaymentType, str], int] = {}
     by_case: dict[tuple[BusinessCase, VatKey], int] = {}
@@ -171,7 +182,7 @@ def z_report(z_nr: int, business_day: dt.date, receipts: list[Receipt], created_
         receipt_count=len(receipts),
         first_receipt_number=min(numbers) if numbers else None,
         last_receipt_number=max(numbers) if numbers else None,
-        totals_by_vat=vat_breakdown((line.vat_key, line.amount) for r in receipts for line in r.lines),
+        totals_by_vat=summed_vat(v for r in receipts for v in r.vat),
         totals_by_payment_type=tuple(
             PaymentTotal(payment_type=t, payment_name=n, amount=a) for (t, n), a in sorted(by_payment.items())
         ),

@@ -10,12 +10,10 @@ kept, and a tax auditor checks a closing (DSFinV-K ``Z_NR``) against its receipt
 - Z-reports (``Z_NR``) run 1 … n without a gap, each number once;
 - every Z-report: each receipt number from its ``first_receipt_number`` to its
   ``last_receipt_number`` is archived as a closed receipt of the till, and its
-  ``receipt_count``, ``total``, gross per VAT key (``UST_SCHLUESSEL``, DSFinV-K
+  ``receipt_count``, ``total``, gross, net and VAT per VAT key (``UST_SCHLUESSEL``, DSFinV-K
   Z_Waren / Z_UST), gross per business case and VAT key (``GV_TYP``, Z_GV_TYP) and amount
   per payment type and name (``ZAHLART_TYP`` / ``ZAHLART_NAME``, Z_Zahlart) equal the sums
-  of those receipts. Net and VAT are not compared: a Z-report splits them from its
-  summed gross (``till_agent.booking.vat_breakdown``), receipts each from their own,
-  so their sums differ by rounding by design;
+  of those receipts (a Z-report sums its receipts' own net and VAT);
 - each receipt number of a till belongs to one receipt, and each receipt number up to the
   last Z-report's is in exactly one Z-report. Receipts after a till's last Z-report
   belong to its open business day (not a problem; shown).
@@ -73,8 +71,10 @@ class NumberRange:
         return str(self.first) if self.first == self.last else f"{self.first}–{self.last}"
 
 
-Measure = Literal["receipt_count", "vat", "business_case", "payment", "total"]
-_MEASURE_ORDER: dict[str, int] = {"receipt_count": 0, "vat": 1, "business_case": 2, "payment": 3, "total": 4}
+Measure = Literal["receipt_count", "vat", "vat_net", "vat_tax", "business_case", "payment", "total"]
+_MEASURE_ORDER: dict[str, int] = {
+    "receipt_count": 0, "vat": 1, "vat_net": 2, "vat_tax": 3, "business_case": 4, "payment": 5, "total": 6
+}
 
 
 @dataclass(frozen=True)
@@ -102,6 +102,10 @@ class TotalDifference:
             return "total"
         if self.measure == "vat":
             return f"VAT key {self.key[0]} gross"
+        if self.measure == "vat_net":
+            return f"VAT key {self.key[0]} net"
+        if self.measure == "vat_tax":
+            return f"VAT key {self.key[0]} VAT"
         if self.measure == "business_case":
             return f"business case {self.key[0]} with VAT key {self.key[1]} gross"
         payment_type, payment_name = self.key
@@ -373,7 +377,8 @@ per_segment as (
     select till_id, seg, count(*)::bigint as receipts, sum(total)::bigint as total from placed group by till_id, seg
 ),
 per_case as (
-    select p.till_id, p.seg, p.business_case, v->>'vat_key' as vat_key, sum((v->>'gross')::bigint)::bigint as gross
+    select p.till_id, p.seg, p.business_case, v->>'vat_key' as vat_key, sum((v->>'gross')::bigint)::bigint as gross,
+           sum((v->>'net')::bigint)::bigint as net, sum((v->>'vat')::bigint)::bigint as tax
     from placed p cross join jsonb_array_elements(p.vat) v
     group by 1, 2, 3, 4
 ),
@@ -383,6 +388,10 @@ figure as (
     select till_id, seg, 'total', '', '', total from per_segment
     union all
     select till_id, seg, 'vat', vat_key, '', sum(gross)::bigint from per_case group by 1, 2, 3, 4, 5
+    union all
+    select till_id, seg, 'vat_net', vat_key, '', sum(net)::bigint from per_case group by 1, 2, 3, 4, 5
+    union all
+    select till_id, seg, 'vat_tax', vat_key, '', sum(tax)::bigint from per_case group by 1, 2, 3, 4, 5
     union all
     select till_id, seg, 'business_case', business_case, vat_key, gross from per_case
     union all
@@ -484,7 +493,7 @@ async def _snapshot(conn: asyncpg.Connection) -> Any:
 def _figure(measure: str, key1: str, key2: str) -> tuple[str, tuple[str, ...]]:
     if measure in ("receipt_count", "total"):
         return measure, ()
-    if measure == "vat":
+    if measure in ("vat", "vat_net", "vat_tax"):
         return measure, (key1,)
     return measure, (key1, key2)
 
@@ -496,6 +505,8 @@ def _zreport_figures(z: ZReport) -> dict[tuple[str, tuple[str, ...]], int]:
     figures["total", ()] += z.total
     for v in z.totals_by_vat:
         figures["vat", (str(int(v.vat_key)),)] += v.gross
+        figures["vat_net", (str(int(v.vat_key)),)] += v.net
+        figures["vat_tax", (str(int(v.vat_key)),)] += v.vat
     for b in z.totals_by_business_case:
         figures["business_case", (b.business_case.value, str(int(b.vat_key)))] += b.gross
     for p in z.totals_by_payment_type:

@@ -13,19 +13,25 @@ receipts and Z-reports. After the replay a restaurant scene shows the receipt ha
 both tills open the same table at the same moment (one receipt for the table, a notice
 on the till that came second, its line booked onto the table's receipt); till 2 goes
 offline and pays the old total while till 1 adds a line (the stale payment is refused
-when till 2 is back, it re-totals and pays again).
-Then wait until every outbox is empty, every record is archived and both tills
+when till 2 is back, it re-totals and pays again); till 2 closes that day, so the
+table's receipt is in its closing. Then wait until every outbox is empty, every record is archived and both tills
 hold the same master data; compare archive and input. Last, a password reset: both
 tills sign out, till 2 keeps selling, till 1 asks for a new password, a service
 technician (a broker user made for the run) approves it, till 2 signs in with the new
-password and uploads what it sold meanwhile.
+password and uploads what it sold meanwhile. At the end the archive is checked as a
+tax auditor would: every till's hash chain (``tillsync archive verify``), its
+completeness (``tillsync archive status``), and each till's DSFinV-K export
+(``tillsync archive export-dsfinvk``, written to the run's folder) must pass the
+``dsfinvk`` library's validator.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import datetime as dt
+import io
 import json
 import secrets
 import time
@@ -37,6 +43,7 @@ from typing import Any, Callable
 from uuid import UUID
 
 import asyncpg
+from dsfinvk.validate import validate_zip
 from pydantic import Field
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -44,10 +51,14 @@ from rich.table import Table
 
 from shared.broker_admin import BrokerAdmin
 from shared.fiscal import PaymentType
-from shared.db import create_pool
+from shared.db import create_pool, init_connection
 from shared.settings import amqp_url_with_credentials
 from shared.topology import ARCHIVE_WRITER_QUEUE, SIGNUP_USER
+from tillsync.archive_status import archive_status
+from tillsync.archive_tills import select_tills
+from tillsync.archive_verify import verify_archive
 from tillsync.bakery import ARTICLE_GROUPS, CASHIERS, PAYMENT_TYPES, VAT_RATES, BakeryExport, Ticket, read_export
+from tillsync.dsfinvk_export import export_dsfinvk
 from tillsync.ops import OpsSettings, add_technician, call_worker, remove_technician
 from tillsync.processes import SERVICES, ServiceProcess, service_env
 from tillsync.setup import SetupSettings, setup
@@ -115,6 +126,10 @@ class DemoReport:
     password_reset_approved: bool | None = None  # None: the password-reset scene did not run
     sales_while_signed_out_archived: int = 0
     receipts_not_in_input: list[str] = field(default_factory=list)  # the scenes' receipt ids
+    chains_intact: bool | None = None  # None: the archive checks did not run
+    archive_complete: bool | None = None
+    dsfinvk_exports: list[str] = field(default_factory=list)  # one ZIP per till
+    dsfinvk_valid: bool | None = None
     ok: bool = field(init=False)
 
     def __post_init__(self) -> None:
@@ -130,6 +145,9 @@ class DemoReport:
             and self.shared_receipts_closed == 1
             and self.shared_receipts_same_on_all_tills
             and self.password_reset_approved is not False
+            and self.chains_intact is not False
+            and self.archive_complete is not False
+            and self.dsfinvk_valid is not False
         )
 
     def as_json(self) -> str:
@@ -210,6 +228,7 @@ async def run_demo(
         await _drain(tills, settings.drain_timeout_seconds, console)
         same = await _masterdata_settled(tills, settings.drain_timeout_seconds, console)
         scene = await _restaurant_scene(tills, export, settings.drain_timeout_seconds, console)
+        _close_scene_day(tills, console)
         await _drain(tills, settings.drain_timeout_seconds, console)
         visible = await _other_tills_visible(tills, settings.drain_timeout_seconds, console)
         expected = {till.store.identity().till_id: till.store.recorded() for till in tills}
@@ -221,13 +240,15 @@ async def run_demo(
             await till.stop_sync()
             await till.sign_out()
         report.receipts_not_in_input = [str(scene.receipt_id)] if scene.receipt_id else []
-        if not password_reset:
-            return report
-        approved, archived, sold = await _password_reset_scene(settings, tills, export, account_name, password, run_id, console)
-        return dataclasses.replace(
-            report, password_reset_approved=approved, sales_while_signed_out_archived=archived,
-            receipts_not_in_input=report.receipts_not_in_input + sold,
-        )
+        if password_reset:
+            approved, archived, sold = await _password_reset_scene(
+                settings, tills, export, account_name, password, run_id, console
+            )
+            report = dataclasses.replace(
+                report, password_reset_approved=approved, sales_while_signed_out_archived=archived,
+                receipts_not_in_input=report.receipts_not_in_input + sold,
+            )
+        return dataclasses.replace(report, **await _archive_checks(settings, account_name, run_dir, console))
     finally:
         for till in tills:
             await till.stop_sync()
@@ -593,7 +614,10 @@ async def _verify(
         unexpected=len(archived_ids - set(expected_ids)),
         content_mismatches=mismatches,
         input_total_cents=sum(t.total for t in export.tickets),
-        archived_total_cents=sum(r["payload"]["record"]["total"] for r in zreports),
+        archived_total_cents=sum(  # the bakery's days (the restaurant scene's closing is not in the input)
+            r["payload"]["record"]["total"] for r in zreports
+            if dt.date.fromisoformat(r["payload"]["record"]["business_day"]) in set(export.business_days)
+        ),
         offline_till="Kasse 2",
         receipts_recorded_offline=offline_count,
         masterdata_same_on_all_tills=masterdata_same,
@@ -657,13 +681,73 @@ async def _wait_for_archive(
     )
 
 
+def _close_scene_day(tills: list[Till], console: Console) -> None:
+    """Close the restaurant scene's business day (today) on each till that has receipts of it."""
+    now = dt.datetime.now(dt.UTC)
+    for till in tills:
+        if till.store.receipts_for_closing(now.date()):
+            report = till.close_day(now.date(), now)
+            console.print(f"{till.store.identity().till_name} closes {now.date()}: Z {report.z_nr}, {report.receipt_count} receipt(s)")
+
+
+async def _archive_checks(settings: DemoSettings, account_name: str, run_dir: Path, console: Console) -> dict[str, Any]:
+    """The tax auditor's view of the run's account: chains, completeness, and a DSFinV-K
+    export per till (into ``run_dir``) checked by the ``dsfinvk`` library's validator.
+    Returns the ``DemoReport`` fields ``chains_intact``, ``archive_complete``,
+    ``dsfinvk_exports`` and ``dsfinvk_valid``."""
+    conn = await asyncpg.connect(settings.database_url)
+    await init_connection(conn)
+    try:
+        tills = await select_tills(conn, account=account_name)
+        chains = await verify_archive(conn, tills)
+        for chain in chains:
+            verdict = "intact" if chain.intact else f"BROKEN at till_seq {chain.first_broken.till_seq}"  # type: ignore[union-attr]
+            console.print(f"Archive verify: {chain.till_name}: {chain.records} records, hash chain {verdict}")
+        statuses = await archive_status(conn, account_name=account_name)
+        for status in statuses:
+            console.print(f"Archive status: {status.till_name}: {'complete' if status.complete else 'INCOMPLETE'}; {status.facts()}")
+            for problem in status.problems():
+                console.print(f"  - {problem}")
+        exports, valid = [], True
+        for till in tills:
+            days = await conn.fetchrow(
+                """
+                select min((payload->'record'->>'business_day')::date) as first, max((payload->'record'->>'business_day')::date) as last
+                from archive_records where till_id = $1 and kind = 'zreport'
+                """,
+                till["till_id"],
+            )
+            if days["first"] is None:
+                continue
+            path = run_dir / f"dsfinvk-{till['serial_number']}.zip"
+            summary = await export_dsfinvk(conn, till["till_id"], days["first"], days["last"], path)
+            printed = io.StringIO()
+            with contextlib.redirect_stdout(printed):  # the validator prints format problems
+                errors = validate_zip(str(path))
+            problems = errors + printed.getvalue().splitlines()
+            valid = valid and not problems and not summary.discrepancies
+            exports.append(str(path))
+            console.print(
+                f"DSFinV-K export {path.name}: {summary.closings} closings, {summary.receipts} receipts, "
+                + ("valid (dsfinvk validator)" if not problems else f"INVALID: {'; '.join(problems[:3])}")
+            )
+    finally:
+        await conn.close()
+    return {
+        "chains_intact": all(c.intact for c in chains),
+        "archive_complete": all(s.complete for s in statuses),
+        "dsfinvk_exports": exports,
+        "dsfinvk_valid": valid and bool(exports),
+    }
+
+
 def summary_table(report: DemoReport) -> Table:
     """A two-column table of the report for people."""
     table = Table(title="tillsync demo — archive vs. input", show_header=True)
     table.add_column("figure")
     table.add_column("value", justify="right")
     for key, value in asdict(report).items():
-        if key in ("run_dir", "receipts_not_in_input"):
+        if key in ("run_dir", "receipts_not_in_input", "dsfinvk_exports"):
             continue
         table.add_row(key, str(value))
     return table

@@ -42,8 +42,9 @@ What is mapped (DSFinV-K 2.4 section, file):
   closing's receipts (receipt handover);
 - 3.2.6 ``vat.csv``: the VAT keys of the closing with their rate (``shared.fiscal``);
 - 3.3.1 ``businesscases.csv``, 3.3.2 ``payment.csv``, 3.3.3 ``cash_per_currency.csv``:
-  the Z-report's own totals per business case and VAT key, per payment type, and its
-  cash in EUR.
+  the Z-report's own totals per business case and VAT key (gross; net and VAT the sums
+  of its receipts' own, as the Z-report's per VAT key), per payment type, and its cash
+  in EUR.
 
 The closing's key columns are ``Z_KASSE_ID`` = the till's serial number (its till id
 if the serial is longer than the 50 characters DSFinV-K allows), ``Z_ERSTELLUNG`` =
@@ -573,8 +574,16 @@ def _closing_rows(out: _ZipWriter, till: TillRef, z: ZReport, receipts: list[Rec
         )
     for serial, tse_id in tses.items():  # 3.2.7 Stamm_TSE
         out.add(dm.Stamm_TSE, **key, TSE_ID=tse_id, TSE_SERIAL=serial)
+    # net and VAT per business case and VAT key: the sums of the receipts' own (as the Z-report's per VAT key)
+    split: dict[tuple[str, VatKey], tuple[int, int, int]] = {}
+    for receipt in receipts:
+        for vat in receipt.vat:
+            gross, net, vat_cents = split.get((receipt.business_case.value, vat.vat_key), (0, 0, 0))
+            split[(receipt.business_case.value, vat.vat_key)] = (gross + vat.gross, net + vat.net, vat_cents + vat.vat)
     for case in z.totals_by_business_case:  # 3.3.1 Z_GV_Typ: the Z-report's own totals, no agency (0)
-        net, vat_cents = split_gross(case.gross, case.vat_key)
+        gross, net, vat_cents = split.get((case.business_case.value, case.vat_key), (None, 0, 0))
+        if gross != case.gross:  # the receipts do not add up to it (warned): split its own gross
+            net, vat_cents = split_gross(case.gross, case.vat_key)
         out.add(
             dm.Z_GV_Typ, **key, GV_TYP=case.business_case.value, AGENTUR_ID=0, UST_SCHLUESSEL=int(case.vat_key),
             Z_UMS_BRUTTO=_euros(case.gross), Z_UMS_NETTO=_euros(net), Z_UST=_euros(vat_cents),

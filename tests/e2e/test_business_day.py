@@ -71,8 +71,13 @@ async def test_a_business_day_is_archived_equal_to_the_input(fresh_env, service_
     tills = Counter(r["till_id"] for r in rows if r["kind"] == "receipt" and r["payload"]["record"]["receipt_id"] not in shared)
     assert len(tills) == 2
     assert sorted(tills.values()) == sorted(Counter(t.ticket_number % 2 for t in export.tickets).values())
-    zreports = [r["payload"]["record"] for r in rows if r["kind"] == "zreport"]
+    zreports = [r["payload"]["record"] for r in rows if r["kind"] == "zreport" and r["payload"]["record"]["business_day"] == "2021-01-03"]
     assert len(zreports) == 2 and sum(z["total"] for z in zreports) == sum(t.total for t in export.tickets)
+    # the paying till closed the restaurant scene's day: its one receipt is the table's
+    [scene_day] = [r["payload"]["record"] for r in rows if r["kind"] == "zreport" and r["payload"]["record"]["business_day"] != "2021-01-03"]
+    assert scene_day["receipt_count"] == 1 and scene_day["total"] == report.shared_receipt_total_cents
+    # the demo's archive checks: chains intact, nothing missing, a valid DSFinV-K export per till
+    assert report.chains_intact and report.archive_complete and report.dsfinvk_valid and len(report.dsfinvk_exports) == 2
     masterdata = [r["payload"]["record"] for r in rows if r["kind"] == "masterdata"]
     # every article of the input, plus the rename made on till 2 while it was offline
     renamed = {f"{a.text} BIO" for a in sorted(export.articles.values(), key=lambda a: a.article_nr)[:1]}

@@ -29,7 +29,7 @@ from tests.support import STRONG_PASSWORD, Environment, fetchval, new_account_na
 from till_agent.booking import SaleLine, closed_receipt, z_report
 from till_agent.store import RECORD_ADAPTER
 from till_agent.till import Till
-from tillsync.archive_status import DuplicateReceiptNumber, NumberRange, TillStatus, TotalDifference, archive_status
+from tillsync.archive_status import DuplicateReceiptNumber, NumberRange, TillStatus, TotalDifference, archive_status, euros
 from tillsync.cli import app
 
 pytestmark = pytest.mark.integration
@@ -223,9 +223,16 @@ async def test_z_report_totals_that_differ_from_its_receipts_are_named(
         status = await status_of(env, till)
         [problem] = status.incomplete_zreports
         assert (problem.z_nr, problem.receipt_numbers, problem.missing_receipts) == (1, NumberRange(1, 3), ())
+        counted = [receipts[0], receipts[1], receipt(3, 700)]
+
+        def key_2(rs: list[Receipt], part: str) -> int:
+            return sum(getattr(v, part) for r in rs for v in r.vat if v.vat_key == VatKey.REDUCED)
+
         assert problem.differences == (
             TotalDifference("receipt_count", (), 4, 3),
             TotalDifference("vat", ("2",), 950, 750),
+            TotalDifference("vat_net", ("2",), key_2(counted, "net"), key_2(receipts, "net")),
+            TotalDifference("vat_tax", ("2",), key_2(counted, "vat"), key_2(receipts, "vat")),
             TotalDifference("business_case", ("Umsatz", "2"), 950, 750),
             TotalDifference("payment", ("Bar", "Bar"), 950, 750),
             TotalDifference("total", (), 2140, 1940),
@@ -238,6 +245,8 @@ async def test_z_report_totals_that_differ_from_its_receipts_are_named(
         assert z_line == (
             f"  - Z 1 of {now().date().isoformat()} (receipts 1–3): receipt count 4 in the Z-report, 3 in its receipts; "
             "VAT key 2 gross 9,50 € in the Z-report, 7,50 € in its receipts; "
+            f"VAT key 2 net {euros(key_2(counted, 'net'))} in the Z-report, {euros(key_2(receipts, 'net'))} in its receipts; "
+            f"VAT key 2 VAT {euros(key_2(counted, 'vat'))} in the Z-report, {euros(key_2(receipts, 'vat'))} in its receipts; "
             "business case Umsatz with VAT key 2 gross 9,50 € in the Z-report, 7,50 € in its receipts; "
             "payment Bar 9,50 € in the Z-report, 7,50 € in its receipts; "
             "total 21,40 € in the Z-report, 19,40 € in its receipts"
