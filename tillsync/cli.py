@@ -66,6 +66,7 @@ from shared.topology import (
     definitions,
     download_categories,
 )
+from tillsync.archive import archive_app
 from tillsync.bakery import BakeryFormatError, read_export
 from tillsync.demo import DemoError, DemoSettings, run_demo, summary_table
 from tillsync.ops import OpsError, OpsSettings, add_technician, call_worker, ops_user_name, remove_technician
@@ -90,6 +91,7 @@ ops_app.add_typer(password_requests_app, name="password-requests")
 app.add_typer(till_app, name="till")
 app.add_typer(ops_app, name="ops")
 app.add_typer(topology_app, name="topology")
+app.add_typer(archive_app, name="archive")
 
 DEFINITIONS_PATH = Path(__file__).resolve().parent.parent / "deploy" / "rabbitmq" / "definitions.json"
 # Plain output: user text (article names, till names) is printed as it is, never read as
