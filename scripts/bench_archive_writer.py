@@ -3,8 +3,8 @@
 Prints uploads archived per second for each batch size and the ratio to batch size 1,
 measured in one run on the same machine (figures, not a pass/fail test). Each round gets
 a fresh vhost and database on the servers named by TILLSYNC_AMQP_URL (any vhost; it is
-replaced), TILLSYNC_MANAGEMENT_URL and TILLSYNC_DATABASE_URL (the server; a database per
-round is created and dropped).
+replaced), TILLSYNC_MANAGEMENT_URL, TILLSYNC_DATABASE_URL and TILLSYNC_DATABASE_ADMIN_URL
+(the server; a database per round is created and dropped).
 
     .venv/bin/python scripts/bench_archive_writer.py [--uploads 5000] [--batch-sizes 1,100,500]
 """
@@ -27,7 +27,7 @@ from services.archive_writer.main import main as archive_writer_main
 from shared.fiscal import PaymentType, VatKey
 from shared.logging import configure_logging
 from shared.models import Cashier, Upload
-from shared.settings import ServiceSettings, amqp_url_with_credentials
+from shared.settings import DatabaseAdminSettings, amqp_url_with_credentials
 from shared.topology import UPLOAD_EXCHANGE, till_broker_user, till_permissions, upload_routing_key
 from benchenv import throwaway_environment
 from till_agent.booking import SaleLine, closed_receipt
@@ -59,7 +59,7 @@ def _uploads(account_id: uuid.UUID, till_id: uuid.UUID, count: int) -> list[byte
     return bodies
 
 
-async def _round(base: ServiceSettings, uploads: int, batch_size: int) -> float:
+async def _round(base: DatabaseAdminSettings, uploads: int, batch_size: int) -> float:
     """Archive ``uploads`` waiting in the queue with ``batch_size``; return uploads per second."""
     async with throwaway_environment(base) as (settings, admin):
         amqp_url, database_url = settings.amqp_url, settings.database_url
@@ -106,7 +106,7 @@ async def _main() -> None:
     parser.add_argument("--batch-sizes", default="1,100,500")
     args = parser.parse_args()
     configure_logging("WARNING")
-    base = ServiceSettings()
+    base = DatabaseAdminSettings()
     results = {}
     for size in (int(s) for s in args.batch_sizes.split(",")):
         results[size] = await _round(base, args.uploads, size)

@@ -13,8 +13,8 @@ state hash equals the seeding till's (exit status 1 if it differs).
 Everything is real: the account service, archive writer and master-data broadcaster
 run as tasks of this event loop (as in tests/integration/conftest.py) with their
 default settings, against the broker and database named by TILLSYNC_AMQP_URL (any
-vhost; it is replaced), TILLSYNC_MANAGEMENT_URL and TILLSYNC_DATABASE_URL (the
-server); tills are real till agents with SQLite stores in a temporary directory. The
+vhost; it is replaced), TILLSYNC_MANAGEMENT_URL, TILLSYNC_DATABASE_URL and
+TILLSYNC_DATABASE_ADMIN_URL (the server); tills are real till agents with SQLite stores in a temporary directory. The
 N articles are seeded through the real path first (not measured, but timed): a first
 till in mode ``archive_masterdata`` saves them and uploads them, the broadcaster
 accepts them, the seeding till applies the verdicts and the archive writer archives
@@ -52,7 +52,7 @@ from services.masterdata_broadcaster.main import main as broadcaster_main
 from shared.fiscal import VatKey
 from shared.logging import configure_logging
 from shared.models import Article, SyncMode
-from shared.settings import ServiceSettings, amqp_url_with_credentials
+from shared.settings import DatabaseAdminSettings, amqp_url_with_credentials
 from shared.topology import SIGNUP_USER
 from benchenv import throwaway_environment
 from till_agent.store import TillStore
@@ -279,7 +279,7 @@ async def _download(cloud: _Cloud, newcomer: Till, articles: int, profile: str |
     return _Figures(seconds, first_entry - started, rss_before, peak, peak_whole_run=not peak_reset)
 
 
-async def _run(base: ServiceSettings, articles: int, target: float, profile: str | None) -> bool:
+async def _run(base: DatabaseAdminSettings, articles: int, target: float, profile: str | None) -> bool:
     """Seed, measure and print; return whether the state hashes matched."""
     tills: list[Till] = []
     cloud: _Cloud | None = None
@@ -338,7 +338,7 @@ async def _main() -> int:
     if args.articles < 1:
         parser.error("--articles must be at least 1")
     configure_logging("WARNING")
-    same = await _run(ServiceSettings(), args.articles, args.target_seconds, args.profile)
+    same = await _run(DatabaseAdminSettings(), args.articles, args.target_seconds, args.profile)
     return 0 if same else 1
 
 

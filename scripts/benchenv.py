@@ -10,23 +10,24 @@ from urllib.parse import urlsplit, urlunsplit
 import asyncpg
 
 from shared.broker_admin import BrokerAdmin
-from shared.settings import ServiceSettings
+from shared.settings import DatabaseAdminSettings
 from shared.topology import TILL_USER_PREFIX
 from tillsync.setup import SetupSettings, setup
 
 
 @asynccontextmanager
-async def throwaway_environment(base: ServiceSettings) -> AsyncIterator[tuple[SetupSettings, BrokerAdmin]]:
+async def throwaway_environment(base: DatabaseAdminSettings) -> AsyncIterator[tuple[SetupSettings, BrokerAdmin]]:
     """Yield settings of a new vhost and database on ``base``'s servers (``tillsync setup``
     done) and a management client; afterwards delete the till users made in the vhost,
-    the vhost and the database (through the server's ``postgres`` database, as
-    ``shared.db.ensure_database`` does: the configured one may not exist)."""
+    the vhost and the database (as the owner, through the server's ``postgres`` database,
+    as ``shared.db.ensure_database`` does: the configured one may not exist)."""
     suffix = secrets.token_hex(4)
     vhost, database = f"tillsync-bench-{suffix}", f"tillsync_bench_{suffix}"
     settings = SetupSettings(
         amqp_url=urlunsplit(urlsplit(base.amqp_url)._replace(path="/" + vhost)),
         management_url=base.management_url,
         database_url=urlunsplit(urlsplit(base.database_url)._replace(path="/" + database)),
+        database_admin_url=urlunsplit(urlsplit(base.admin_database_url)._replace(path="/" + database)),
     )
     user, password = settings.management_credentials
     admin = BrokerAdmin(settings.management_url, user, password)
@@ -41,7 +42,7 @@ async def throwaway_environment(base: ServiceSettings) -> AsyncIterator[tuple[Se
             await admin.delete_vhost(vhost)
         finally:
             await admin.close()
-            server = await asyncpg.connect(urlunsplit(urlsplit(base.database_url)._replace(path="/postgres")))
+            server = await asyncpg.connect(urlunsplit(urlsplit(base.admin_database_url)._replace(path="/postgres")))
             try:
                 await server.execute(f'drop database if exists "{database}" with (force)')
             finally:

@@ -105,6 +105,16 @@ async def migrate(conn: asyncpg.Connection, directory: Path = MIGRATIONS_DIR) ->
         await conn.execute("select pg_advisory_unlock($1)", _LOCK_ID)
 
 
+async def ensure_archive_partitions(conn: asyncpg.Connection | asyncpg.Pool) -> list[str]:
+    """Create the monthly partitions of ``archive_records`` that should exist now (the
+    current and the next month, and every month with rows in the default partition,
+    which move into it); return the names of those created now. Idempotent; the
+    services' role may call it (``archive_ensure_partitions()``, migration 0007).
+
+    Raises ``asyncpg.LockNotAvailableError`` when the archive stayed locked for 10 s."""
+    return [r[0] for r in await conn.fetch("select archive_ensure_partitions()")]
+
+
 async def ensure_database(dsn: str) -> bool:
     """Create the database named in ``dsn`` if it does not exist; True if it was created.
 

@@ -9,13 +9,20 @@ its own extra fields; ``main()`` builds it and passes it down. Nothing reads
 from __future__ import annotations
 
 from typing import Literal
-from urllib.parse import quote, urlsplit, unquote
+from urllib.parse import quote, unquote, urlsplit, urlunsplit
 
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 DEFAULT_AMQP_URL = "amqp://guest:guest@127.0.0.1:5672/tillsync"
-DEFAULT_DATABASE_URL = "postgresql://postgres@127.0.0.1:5432/tillsync"
+# The PostgreSQL role of the services (made by migration 0007): it reads and writes the
+# ordinary tables and only reads and inserts the archive tables.
+SERVICE_DATABASE_ROLE = "tillsync_service"
+DEFAULT_DATABASE_URL = f"postgresql://{SERVICE_DATABASE_ROLE}@127.0.0.1:5432/tillsync"
+# The owner of the schema (migrations, `tillsync setup`, the archive purge), when
+# TILLSYNC_DATABASE_ADMIN_URL is not set: this user on the server and database of
+# TILLSYNC_DATABASE_URL.
+DEFAULT_DATABASE_ADMIN_USER = "postgres"
 DEFAULT_MANAGEMENT_URL = "http://127.0.0.1:15672"
 
 
@@ -61,10 +68,30 @@ class BrokerSettings(BaseTillsyncSettings):
 
 
 class ServiceSettings(BrokerSettings):
-    """A service that uses both RabbitMQ and PostgreSQL."""
+    """A service that uses both RabbitMQ and PostgreSQL.
+
+    ``database_url`` connects as the services' role (``tillsync_service``), which may
+    only read and insert the archive tables."""
 
     database_url: str = DEFAULT_DATABASE_URL
     database_pool_size: int = Field(default=5, ge=1)
+
+
+class DatabaseAdminSettings(ServiceSettings):
+    """A process that changes the schema or the archive's partitions (``tillsync setup``,
+    ``tillsync archive purge-expired``): ``database_admin_url`` connects as the owner.
+
+    Unset, it is ``database_url`` with the user ``postgres`` (no password): the
+    superuser of a development server with trust authentication."""
+
+    database_admin_url: str | None = None
+
+    @property
+    def admin_database_url(self) -> str:
+        """The owner's URL: ``database_admin_url`` or the default described above."""
+        if self.database_admin_url:
+            return self.database_admin_url
+        return database_url_with_user(self.database_url, DEFAULT_DATABASE_ADMIN_USER)
 
 
 def vhost_of(amqp_url: str) -> str:
@@ -83,3 +110,23 @@ def amqp_url_with_credentials(amqp_url: str, user: str, password: str) -> str:
     netloc = f"{quote(user, safe='')}:{quote(password, safe='')}@{host}{port}"
     query = f"?{parts.query}" if parts.query else ""
     return f"{parts.scheme}://{netloc}{parts.path}{query}"
+
+
+def database_url_with_user(database_url: str, user: str, password: str | None = None) -> str:
+    """Return the PostgreSQL URL ``database_url`` with its user (and password) replaced;
+    without ``password`` the URL carries none."""
+    parts = urlsplit(database_url)
+    host = parts.hostname or ""
+    if ":" in host:
+        host = f"[{host}]"
+    port = f":{parts.port}" if parts.port else ""
+    credentials = quote(user, safe="") + (f":{quote(password, safe='')}" if password is not None else "")
+    return urlunsplit(parts._replace(netloc=f"{credentials}@{host}{port}"))
+
+
+def without_password(url: str) -> str:
+    """``url`` with its password shown as ``***`` (for messages and logs)."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    return urlunsplit(parts._replace(netloc=parts.netloc.replace(f":{parts.password}@", ":***@", 1)))

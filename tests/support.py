@@ -16,7 +16,7 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from decimal import Decimal
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import unquote, urlsplit, urlunsplit
 
 import asyncpg
 
@@ -24,7 +24,7 @@ from shared.broker_admin import BrokerAdmin
 from shared.db import init_connection
 from shared.fiscal import PaymentType, VatKey
 from shared.models import Cashier
-from shared.settings import amqp_url_with_credentials
+from shared.settings import SERVICE_DATABASE_ROLE, amqp_url_with_credentials, database_url_with_user
 from shared.topology import OPS_USER_PREFIX, TILL_USER_PREFIX
 from tillsync.demo import DemoSettings
 from tillsync.setup import setup
@@ -46,7 +46,7 @@ class Infra:
 
     amqp_url: str  # with credentials, any vhost
     management_url: str
-    database_url: str  # of an existing database on the server (admin connection)
+    database_url: str  # of an existing database on the server (admin connection: a superuser)
 
     @property
     def management_credentials(self) -> tuple[str, str]:
@@ -58,7 +58,15 @@ class Infra:
         return urlunsplit(parts._replace(path="/" + vhost))
 
     def database_url_for(self, name: str) -> str:
+        """The admin URL of database ``name`` (migrations, setup, what only the owner may do)."""
         return urlunsplit(urlsplit(self.database_url)._replace(path="/" + name))
+
+    def service_database_url_for(self, name: str) -> str:
+        """The URL of database ``name`` as the services' role (with the admin's password,
+        if any: ``tillsync setup`` gives the role the password of this URL)."""
+        admin = urlsplit(self.database_url_for(name))
+        password = unquote(admin.password) if admin.password is not None else None
+        return database_url_with_user(urlunsplit(admin), SERVICE_DATABASE_ROLE, password)
 
 
 def docker_available() -> bool:
@@ -88,7 +96,8 @@ class Environment:
         self.settings = DemoSettings(
             amqp_url=infra.amqp_url_for(self.vhost),
             management_url=infra.management_url,
-            database_url=infra.database_url_for(self.database),
+            database_url=infra.service_database_url_for(self.database),
+            database_admin_url=infra.database_url_for(self.database),
             demo_dir=tmp_path / "demo",
         )
 
@@ -116,8 +125,15 @@ class Environment:
         return amqp_url_with_credentials(self.settings.amqp_url, user, password)
 
     async def db(self) -> asyncpg.Connection:
-        """A connection to this environment's database (jsonb decoded like the services do)."""
+        """A connection to this environment's database as the services' role (jsonb decoded
+        like the services do)."""
         conn = await asyncpg.connect(self.settings.database_url)
+        await init_connection(conn)
+        return conn
+
+    async def admin_db(self) -> asyncpg.Connection:
+        """A connection to this environment's database as the owner (a superuser)."""
+        conn = await asyncpg.connect(self.settings.admin_database_url)
         await init_connection(conn)
         return conn
 

@@ -11,16 +11,20 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from shared.db import init_connection
 from shared.settings import ServiceSettings
+from tillsync.archive import purge_expired_command, retention_command
 from tillsync.archive_status import archive_status_command
 from tillsync.archive_tills import select_tills, till_label
 from tillsync.archive_verify import ChainReport, verify_archive
 from tillsync.console import err, friendly, out
 from tillsync.dsfinvk_export import export_dsfinvk_command
 
-archive_app = typer.Typer(help="The archive: verify its hash chains, check completeness, export for a tax audit.",
+archive_app = typer.Typer(help="The archive: verify its hash chains, check completeness, export for a tax audit, "
+                          "retention and monthly partitions.",
                           no_args_is_help=True)
 archive_app.command("status")(archive_status_command)
 archive_app.command("export-dsfinvk")(export_dsfinvk_command)
+archive_app.command("retention")(retention_command)
+archive_app.command("purge-expired")(purge_expired_command)
 
 TillOption = typer.Option(None, "--till", help="one till: its id, serial number or name (default: every till)")
 AccountOption = typer.Option(None, "--account", help="only the tills of this account (account name)")

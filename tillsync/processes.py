@@ -98,7 +98,8 @@ class ServiceProcess:
 
 
 def service_env(amqp_url: str, database_url: str, management_url: str) -> dict[str, str]:
-    """The ``TILLSYNC_*`` variables that point a service at a broker and a database."""
+    """The ``TILLSYNC_*`` variables that point a service at a broker and a database
+    (``database_url``: as the services' role, ``tillsync_service``)."""
     return {
         "TILLSYNC_AMQP_URL": amqp_url,
         "TILLSYNC_DATABASE_URL": database_url,

@@ -12,6 +12,11 @@ Per upload (GoBD: records kept complete and unchanged):
   does not link to the archived record before it (or whose hash the archived record
   after it does not link to) is refused like a conflict. Links to a record not yet
   archived are checked when that record arrives; ``tillsync archive verify`` re-checks all.
+
+``archive_records`` is partitioned by month, so its exactly-once keys are kept in
+``archive_record_keys`` (record_id primary key, ``(till_id, till_seq)`` unique, content
+hash): one statement takes the keys of the new records and inserts exactly those rows
+(migration 0007); repeats are judged against the keys.
 """
 
 from __future__ import annotations
@@ -35,12 +40,21 @@ def content_sha256(upload: Upload) -> bytes:
 
 
 _INSERT = """
+with batch as (
+    select * from unnest($1::uuid[], $2::uuid[], $3::uuid[], $4::bigint[], $5::text[], $6::int[], $7::bytea[],
+                         $8::jsonb[], $9::timestamptz[], $10::bytea[], $11::bytea[])
+        as b (record_id, account_id, till_id, till_seq, kind, schema_version, content_sha256, payload, recorded_at,
+              prev_hash, chain_hash)
+), taken as (
+    insert into archive_record_keys (record_id, till_id, till_seq, content_sha256)
+    select record_id, till_id, till_seq, content_sha256 from batch
+    on conflict do nothing
+    returning record_id
+)
 insert into archive_records
     (record_id, account_id, till_id, till_seq, kind, schema_version, content_sha256, payload, recorded_at,
      prev_hash, chain_hash)
-select * from unnest($1::uuid[], $2::uuid[], $3::uuid[], $4::bigint[], $5::text[], $6::int[], $7::bytea[],
-                     $8::jsonb[], $9::timestamptz[], $10::bytea[], $11::bytea[])
-on conflict do nothing
+select b.* from batch b join taken using (record_id)
 returning record_id
 """
 
@@ -52,7 +66,7 @@ where (till_id, till_seq) in (select * from unnest($1::uuid[], $2::bigint[]))
 Item = tuple[Delivery[Upload], bytes, dict[str, Any]]
 
 _EXISTING = """
-select record_id, till_id, till_seq, content_sha256 from archive_records
+select record_id, till_id, till_seq, content_sha256 from archive_record_keys
 where record_id = any($1::uuid[])
    or (till_id, till_seq) in (select * from unnest($2::uuid[], $3::bigint[]))
 """

@@ -169,8 +169,14 @@ async def test_decisions_are_idempotent_audited_and_a_newer_request_supersedes(s
     assert audit == [("requested", "account-service"), ("superseded", "system"), ("requested", "account-service"), ("approved", user)]
     conn = await env.db()
     try:
+        with pytest.raises(asyncpg.InsufficientPrivilegeError, match="permission denied"):
+            await conn.execute("delete from password_reset_audit")  # the services' role
+    finally:
+        await conn.close()
+    conn = await env.admin_db()
+    try:
         with pytest.raises(asyncpg.RaiseError, match="append-only"):
-            await conn.execute("delete from password_reset_audit")
+            await conn.execute("delete from password_reset_audit")  # the owner: the trigger
     finally:
         await conn.close()
     with pytest.raises(AccountError, match="wrong"):
