@@ -370,7 +370,8 @@ async def test_the_migration_moves_archived_rows_into_monthly_partitions(infra, 
         rows_before = await conn.fetch("select * from archive_records order by till_seq")
         assert [m.version for m in await migrate(conn)] == [m.version for m in load_migrations() if m.version >= 7]
         rows_after = await conn.fetch("select * from archive_records order by till_seq")
-        assert [dict(r) for r in rows_after] == [dict(r) for r in rows_before]
+        # the same rows; later migrations may add columns (0008: the hash chain, empty for them)
+        assert [{k: r[k] for k in rows_before[0].keys()} for r in rows_after] == [dict(r) for r in rows_before]
         placed = dict(await conn.fetch("select record_id, tableoid::regclass::text from archive_records"))
         assert placed == {ids[0]: "archive_records_2026_01", ids[1]: "archive_records_2025_12", ids[2]: "archive_records_2014_03"}
         assert await conn.fetchval("select count(*) from archive_record_keys where till_id = $1", till_id) == 3
