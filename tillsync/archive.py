@@ -65,6 +65,11 @@ async def purge_expired(admin_database_url: str, dry_run: bool = False) -> list[
     conn = await asyncpg.connect(admin_database_url)
     try:
         rows = await conn.fetch("select * from archive_purge_expired($1)", dry_run)
+    except asyncpg.InsufficientPrivilegeError as exc:
+        raise PermissionError(
+            f"{exc}: the purge runs as the database owner; TILLSYNC_DATABASE_ADMIN_URL names user "
+            f"{conn.get_settings().session_authorization!r}"
+        ) from None
     finally:
         await conn.close()
     return [Partition(r["partition_name"], r["month"], r["deletable_from"], r["records"]) for r in rows]

@@ -35,8 +35,10 @@ def _ranges(ranges: list[tuple[int, int]]) -> str:
 
 
 def _chain_lines(report: ChainReport, label: str) -> list[str]:
-    if report.first_broken is None:
+    if report.intact:
         lines = [f"OK      {label}: {report.records} records, chain intact"]
+    elif report.first_broken is None:
+        lines = [f"BROKEN  {label}: {report.records} records link, but uploads were refused for breaking the chain"]
     else:
         b = report.first_broken
         lines = [
@@ -44,14 +46,25 @@ def _chain_lines(report: ChainReport, label: str) -> list[str]:
             + "; ".join(b.problems),
             f"        {report.broken} of {report.records} records fail the check",
         ]
+    if report.chain_refusals:
+        lines.append(
+            f"        {report.chain_refusals} uploads of this till were refused for breaking its chain "
+            "(kept in archive_conflicts: `tillsync ops dead-letters`)"
+        )
+    if report.other_refusals:
+        lines.append(f"        {report.other_refusals} other uploads were refused (archive_conflicts)")
     if report.missing:
         lines.append(
-            f"        till_seq {_ranges(report.missing)} not in the archive: links across them not checked "
+            f"        till_seq {_ranges(report.missing)} never archived: links across them not checked "
             "(see `tillsync archive status`)"
         )
     if report.unchained:
         lines.append(f"        {report.unchained} records archived before chaining (checked against their own hash only)")
     return lines
+
+
+def _tills(n: int) -> str:
+    return f"{n} till" if n == 1 else f"{n} tills"
 
 
 @archive_app.command("verify")
@@ -68,7 +81,7 @@ def archive_verify_command(till: Optional[str] = TillOption, account: Optional[s
         try:
             tills = await select_tills(conn, till, account)
             total = await conn.fetchval(
-                "select count(*) from archive_records where till_id = any($1::uuid[])", [t["till_id"] for t in tills]
+                "select count(*) from archive_record_keys where till_id = any($1::uuid[])", [t["till_id"] for t in tills]
             )
             with Progress(
                 TextColumn("verifying"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
@@ -87,6 +100,7 @@ def archive_verify_command(till: Optional[str] = TillOption, account: Optional[s
     broken = [r for r, _ in results if not r.intact]
     records = sum(r.records for r, _ in results)
     if broken:
-        out.print(f"{len(broken)} of {len(results)} tills have a broken chain ({records} records checked)")
+        out.print(f"{len(broken)} of {_tills(len(results))} {'has' if len(broken) == 1 else 'have'} a broken chain "
+                  f"({records} records checked)")
         raise typer.Exit(1)
-    out.print(f"{len(results)} tills, {records} records: every chain intact")
+    out.print(f"{_tills(len(results))}, {records} records: every chain intact")

@@ -35,6 +35,7 @@ from __future__ import annotations
 import asyncio
 import bisect
 import contextlib
+import dataclasses
 import datetime as dt
 import json
 from collections import Counter, defaultdict
@@ -44,8 +45,10 @@ from uuid import UUID
 
 import asyncpg
 import typer
+from pydantic import ValidationError
 from rich.text import Text
 
+from shared.consumer import validation_summary
 from shared.models import ZReport
 from shared.settings import ServiceSettings
 from tillsync.archive_tills import select_tills
@@ -189,6 +192,7 @@ class TillStatus:
     receipts_in_no_zreport: tuple[NumberRange, ...]
     receipts_in_several_zreports: tuple[NumberRange, ...]
     open_business_day: OpenBusinessDay | None
+    invalid_zreports: tuple[str, ...] = ()  # archived Z-report records that are no valid Z-report (left out of the checks)
 
     @property
     def complete(self) -> bool:
@@ -196,6 +200,7 @@ class TillStatus:
         return not (
             self.till_seq_gaps or self.incomplete_zreports or self.missing_z_numbers or self.repeated_z_numbers
             or self.duplicate_receipt_numbers or self.receipts_in_no_zreport or self.receipts_in_several_zreports
+            or self.invalid_zreports
         )
 
     @property
@@ -205,7 +210,7 @@ class TillStatus:
 
     def problems(self) -> list[str]:
         """One sentence per problem found (empty if ``complete``)."""
-        lines = [str(z) for z in self.incomplete_zreports]
+        lines = list(self.invalid_zreports) + [str(z) for z in self.incomplete_zreports]
         if self.missing_z_numbers:
             lines.append(f"Z {ranges_text(self.missing_z_numbers)} missing: Z-reports not uploaded yet or lost")
         lines.extend(f"Z {z_nr} archived more than once" for z_nr in self.repeated_z_numbers)
@@ -310,7 +315,7 @@ order by till_id, first
 """
 
 _ZREPORTS = """
-select a.record_id, a.till_id, (a.payload->'record')::text as body
+select a.record_id, a.till_id, a.till_seq, (a.payload->'record')::text as body
 from archive_records a
 where a.till_id = any($1::uuid[]) and a.kind = 'zreport'
 order by a.till_id, (a.payload->'record'->>'z_nr')::bigint, a.till_seq
@@ -453,8 +458,15 @@ async def archive_status(
         for r in await conn.fetch(_TILL_SEQ_GAPS, ids):
             seq_gaps[r["till_id"]].append(NumberRange(r["first"], r["last"]))
         zreports: dict[UUID, list[tuple[UUID, ZReport]]] = defaultdict(list)
+        invalid: dict[UUID, list[str]] = defaultdict(list)
         for r in await conn.fetch(_ZREPORTS, ids):
-            zreports[r["till_id"]].append((r["record_id"], ZReport.model_validate_json(r["body"])))
+            try:
+                zreports[r["till_id"]].append((r["record_id"], ZReport.model_validate_json(r["body"])))
+            except ValidationError as exc:  # changed after archiving? (tillsync archive verify)
+                invalid[r["till_id"]].append(
+                    f"record {r['record_id']} (till_seq {r['till_seq']}) is no valid Z-report: {validation_summary(exc)}; "
+                    "left out of these checks (see `tillsync archive verify`)"
+                )
         sums: dict[UUID, dict[tuple[str, tuple[str, ...]], int]] = defaultdict(dict)
         missing: dict[UUID, list[NumberRange]] = defaultdict(list)
         duplicates: dict[UUID, list[DuplicateReceiptNumber]] = defaultdict(list)
@@ -469,10 +481,13 @@ async def archive_status(
             else:
                 open_days[r["till_id"]] = OpenBusinessDay(r["c"], NumberRange(r["a"], r["b"]), r["d"])
     return [
-        _till_status(
-            t, records.get(t["till_id"]), seq_gaps[t["till_id"]], zreports[t["till_id"]], sums,
-            sorted(missing[t["till_id"]], key=lambda r: r.first),
-            sorted(duplicates[t["till_id"]], key=lambda d: d.receipt_number), open_days.get(t["till_id"]),
+        dataclasses.replace(
+            _till_status(
+                t, records.get(t["till_id"]), seq_gaps[t["till_id"]], zreports[t["till_id"]], sums,
+                sorted(missing[t["till_id"]], key=lambda r: r.first),
+                sorted(duplicates[t["till_id"]], key=lambda d: d.receipt_number), open_days.get(t["till_id"]),
+            ),
+            invalid_zreports=tuple(invalid[t["till_id"]]),
         )
         for t in tills
     ]

@@ -91,13 +91,15 @@ import typer
 from dsfinvk import models as dm
 from dsfinvk.fields import BooleanField, NumericField, StringField
 from dsfinvk.table import Model
+from pydantic import ValidationError
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+from shared.consumer import validation_summary
 from shared.fiscal import VAT_PERCENT, PaymentType, VatKey, split_gross
 from shared.models import Receipt, ZReport
 from shared.settings import DEFAULT_DATABASE_URL, BaseTillsyncSettings
 from tillsync.archive_tills import select_tills
-from tillsync.console import err, friendly, out
+from tillsync.console import err, friendly, out, words
 
 BERLIN = ZoneInfo("Europe/Berlin")
 DTD_NAME = "gdpdu-01-08-2002.dtd"
@@ -287,14 +289,15 @@ async def export_dsfinvk(
         receipts = _ReceiptsInOrder(
             conn.cursor(
                 """
-                select (payload->'record')::text as record from archive_records
+                select record_id, till_seq, (payload->'record')::text as record from archive_records
                 where account_id = $1 and till_id = $2 and kind = 'receipt' and payload->'record'->>'status' = 'closed'
                   and (payload->'record'->>'receipt_number')::bigint between $3 and $4
                 order by (payload->'record'->>'receipt_number')::bigint
                 """,
                 till.account_id, till.till_id, low, high,
                 prefetch=500,
-            )
+            ),
+            till,
         )
         counts = {"receipts": 0, "lines": 0}
         discrepancies: list[str] = []
@@ -317,6 +320,18 @@ async def export_dsfinvk(
     )
 
 
+def _valid(model: Any, row: asyncpg.Record, till: TillRef) -> Any:
+    """``row["record"]`` as ``model``; ``InconsistentArchive`` naming the record if it is none
+    (changed after archiving: ``tillsync archive verify`` tells)."""
+    try:
+        return model.model_validate_json(row["record"])
+    except ValidationError as exc:
+        raise InconsistentArchive(
+            f"archived record {row['record_id']} (till_seq {row['till_seq']}) of till {till.describe()} is no valid "
+            f"{words(model.__name__)}: {validation_summary(exc)}; run `tillsync archive verify`"
+        ) from None
+
+
 def _check_range(date_from: dt.date, date_to: dt.date) -> None:
     if date_from > date_to:
         raise InvalidRange(f"the range starts ({date_from}) after it ends ({date_to})")
@@ -337,7 +352,7 @@ async def _closings(conn: asyncpg.Connection, till: TillRef, date_from: dt.date,
     that do not ascend with Z_NR (a till numbers both from 1 upwards)."""
     rows = await conn.fetch(
         """
-        select (payload->'record')::text as record from archive_records
+        select record_id, till_seq, (payload->'record')::text as record from archive_records
         where account_id = $1 and till_id = $2 and kind = 'zreport'
           and (payload->'record'->>'business_day')::date between $3 and $4
         order by (payload->'record'->>'z_nr')::bigint, record_id
@@ -346,7 +361,7 @@ async def _closings(conn: asyncpg.Connection, till: TillRef, date_from: dt.date,
     )
     closings: list[ZReport] = []
     for r in rows:
-        zreport = ZReport.model_validate_json(r["record"])
+        zreport = _valid(ZReport, r, till)
         if closings and closings[-1].z_nr == zreport.z_nr:
             if closings[-1] != zreport:
                 raise InconsistentArchive(f"the archive holds two different Z-reports {zreport.z_nr} of till {till.describe()}")
@@ -444,7 +459,8 @@ def _ranges(numbers: list[int]) -> str:
 class _ReceiptsInOrder:
     """The closed receipts of a cursor ordered by BON_NR, handed out closing by closing."""
 
-    def __init__(self, cursor: Any) -> None:
+    def __init__(self, cursor: Any, till: TillRef) -> None:
+        self._till = till
         self._rows = cursor.__aiter__()
         self._head: Receipt | None = None
         self._last: Receipt | None = None
@@ -457,7 +473,7 @@ class _ReceiptsInOrder:
             except StopAsyncIteration:
                 self._done = True
                 break
-            receipt = Receipt.model_validate_json(row["record"])
+            receipt = _valid(Receipt, row, self._till)
             if self._last is not None and receipt.receipt_id == self._last.receipt_id:
                 continue  # the same closed receipt archived twice (same number, same receipt)
             self._head = receipt

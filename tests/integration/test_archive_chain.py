@@ -116,11 +116,11 @@ async def test_a_record_changed_in_the_database_is_named_by_verify(services, env
         assert "Kasse 2" in bad and f"record {changed}" in bad and "till_seq 4" in bad, broken.output
         assert "its content changed after archiving" in bad and "no longer matches its content" in bad
         assert any(line.startswith("OK") and "Kasse 1" in line for line in lines), broken.output
-        assert "1 of 2 tills have a broken chain" in broken.output
+        assert "1 of 2 tills has a broken chain" in broken.output
         assert "1 of 5 records fail the check" in broken.output  # the records after it still link
         # one till at a time
         only_one = await verify(env, "--till", str(one.store.identity().till_id))
-        assert only_one.exit_code == 0 and "1 tills, 7 records" in only_one.output, only_one.output
+        assert only_one.exit_code == 0 and "1 till, 7 records" in only_one.output, only_one.output
     finally:
         one.close()
         two.close()
@@ -153,8 +153,10 @@ async def test_a_hash_recomputed_by_the_tamperer_breaks_the_next_link(services, 
         result = await verify(env, "--till", "Kasse 1", "--account", account)
         assert result.exit_code == 1, result.output
         [bad] = [line for line in result.output.splitlines() if line.startswith("BROKEN")]
-        # record 2 is consistent in itself now; the link from record 3 shows the change
-        assert "first broken link at till_seq 3" in bad and "is not the chain_hash" in bad, result.output
+        # record 2 is consistent in itself now, but its key kept the content hash of its
+        # arrival; and the link from record 3 shows the change too
+        assert "first broken link at till_seq 2" in bad and "changed after archiving" in bad, result.output
+        assert "2 of 4 records fail the check" in result.output
     finally:
         till.close()
 
@@ -205,8 +207,11 @@ async def test_uploads_that_break_the_chain_are_refused_on_arrival(services, env
         # the honest upload links and is archived
         await publish_as_till(env, till, honest.model_dump_json().encode(), key)
         await wait_until(lambda: _equals(archived_count(env, till), 4), what="the linked record archived")
+        # the archived chain links, but what the till sent was not all archived: verify says so
         result = await verify(env, "--account", account)
-        assert result.exit_code == 0, result.output
+        assert result.exit_code == 1, result.output
+        assert "4 records link, but uploads were refused for breaking the chain" in result.output
+        assert "1 uploads of this till were refused for breaking its chain" in result.output
     finally:
         till.close()
 
@@ -247,3 +252,49 @@ async def test_verify_names_what_it_cannot_find(services, env: Environment) -> N
 
 async def _equals(value, expected) -> bool:  # type: ignore[no-untyped-def]
     return (await value) == expected
+
+
+# Tampering with the superuser's powers, each on a till of its own: (what is done to till_seq 2, what verify says)
+TAMPERING = {
+    "deleted": ("delete from archive_records where till_id = $1 and till_seq = 2", "it is gone from archive_records"),
+    "chain fields removed, hashes recomputed": (
+        """
+        update archive_records set payload = payload - 'prev_hash' - 'chain_hash', prev_hash = null, chain_hash = null,
+            content_sha256 = sha256(convert_to((payload - 'prev_hash' - 'chain_hash')::text, 'UTF8'))
+        where till_id = $1 and till_seq = 2
+        """,
+        "it has no chain hashes, although the till's chain began at till_seq 1",
+    ),
+    "moved to another archive time": (
+        "update archive_records set archived_at = archived_at - interval '1 day' where till_id = $1 and till_seq = 2",
+        "it is gone from archive_records",
+    ),
+    "recorded_at column changed": (
+        "update archive_records set recorded_at = recorded_at - interval '400 days' where till_id = $1 and till_seq = 2",
+        "column recorded_at is",
+    ),
+}
+
+
+async def test_deleted_moved_and_unchained_records_are_broken_links(services, env: Environment, tmp_path: Path) -> None:
+    account = new_account_name()
+    tills = {case: await selling_till(env, tmp_path / str(i), account, f"Kasse {i}", 3) for i, case in enumerate(TAMPERING)}
+    try:
+        for till in tills.values():
+            await wait_until(lambda t=till: _equals(archived_count(env, t), 4), what="the records archived")
+        conn = await superuser(env)
+        try:
+            for case, (statement, _) in TAMPERING.items():
+                async with conn.transaction():
+                    await conn.execute("set local session_replication_role = replica")  # triggers off
+                    await conn.execute(statement, tills[case].store.identity().till_id)
+        finally:
+            await conn.close()
+        for case, (_, expected) in TAMPERING.items():
+            result = await verify(env, "--till", str(tills[case].store.identity().till_id))
+            assert result.exit_code == 1, (case, result.output)
+            [bad] = [line for line in result.output.splitlines() if line.startswith("BROKEN")]
+            assert "first broken link at till_seq 2" in bad and expected in bad, (case, result.output)
+    finally:
+        for till in tills.values():
+            till.close()

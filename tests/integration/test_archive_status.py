@@ -423,3 +423,44 @@ async def test_unknown_accounts_and_tills_are_one_error_line(env: Environment, a
         result = await archive_status_cli(env, *args)
         assert result.exit_code == 1, result.output
         assert any(line.startswith(expected) for line in result.stderr.splitlines()), result.stderr
+
+
+async def test_a_z_report_changed_into_an_invalid_one_is_named_and_the_rest_still_checked(
+    env: Environment, account: str, tmp_path: Path
+) -> None:
+    till = await signed_in(env, tmp_path, account, "Kasse Tamper")
+    other = await signed_in(env, tmp_path, account, "Kasse Heil")
+    try:
+        receipts = [receipt(1), receipt(2)]
+        await publish(env, till, *(upload(till, seq, r) for seq, r in enumerate([*receipts, zreport(1, receipts)], start=1)))
+        await publish(env, other, *(upload(other, seq, r) for seq, r in enumerate([receipt(1), zreport(1, [receipt(1)])], start=1)))
+        await wait_archived(env, till, 3)
+        await wait_archived(env, other, 2)
+        # someone with the superuser's powers changes the Z-report's total only
+        conn = await env.admin_db()
+        try:
+            async with conn.transaction():
+                await conn.execute("set local session_replication_role = replica")
+                record_id = await conn.fetchval(
+                    "update archive_records set payload = jsonb_set(payload, '{record,total}', '99999') "
+                    "where till_id = $1 and kind = 'zreport' returning record_id",
+                    till.store.identity().till_id,
+                )
+        finally:
+            await conn.close()
+        result = await archive_status_cli(env, "--account", account, "--all")
+        assert result.exit_code == 1, result.output
+        [bad] = [p for p in lines_of(result, till)[1:] if str(record_id) in p]
+        assert "(till_seq 3) is no valid Z-report" in bad and "archive verify" in bad, result.output
+        assert "complete" in lines_of(result, other)[0], result.output  # the other till is still checked
+        export = await asyncio.to_thread(
+            CliRunner().invoke, app,
+            ["archive", "export-dsfinvk", "--till", str(till.store.identity().till_id), "--from", str(now().date()),
+             "--to", str(now().date()), "--output", str(tmp_path / "x.zip")],
+            env={"TILLSYNC_DATABASE_URL": env.settings.database_url, "COLUMNS": "1000"},
+        )
+        assert export.exit_code == 1 and f"archived record {record_id} (till_seq 3)" in export.stderr, export.output
+        assert not (tmp_path / "x.zip").exists()
+    finally:
+        till.close()
+        other.close()
