@@ -49,7 +49,7 @@ from pydantic import ValidationError
 from rich.text import Text
 
 from shared.consumer import validation_summary
-from shared.models import ZReport
+from shared.models import Receipt, ZReport
 from shared.settings import ServiceSettings
 from tillsync.archive_tills import select_tills
 from tillsync.console import friendly, out
@@ -192,7 +192,10 @@ class TillStatus:
     receipts_in_no_zreport: tuple[NumberRange, ...]
     receipts_in_several_zreports: tuple[NumberRange, ...]
     open_business_day: OpenBusinessDay | None
-    invalid_zreports: tuple[str, ...] = ()  # archived Z-report records that are no valid Z-report (left out of the checks)
+    # one sentence each: archived Z-reports that are no valid Z-report (left out of the checks),
+    # uploads the archive refused (kept in archive_conflicts), a receipt closed twice with
+    # other content or by two tills
+    record_problems: tuple[str, ...] = ()
 
     @property
     def complete(self) -> bool:
@@ -200,7 +203,7 @@ class TillStatus:
         return not (
             self.till_seq_gaps or self.incomplete_zreports or self.missing_z_numbers or self.repeated_z_numbers
             or self.duplicate_receipt_numbers or self.receipts_in_no_zreport or self.receipts_in_several_zreports
-            or self.invalid_zreports
+            or self.record_problems
         )
 
     @property
@@ -210,7 +213,7 @@ class TillStatus:
 
     def problems(self) -> list[str]:
         """One sentence per problem found (empty if ``complete``)."""
-        lines = list(self.invalid_zreports) + [str(z) for z in self.incomplete_zreports]
+        lines = list(self.record_problems) + [str(z) for z in self.incomplete_zreports]
         if self.missing_z_numbers:
             lines.append(f"Z {ranges_text(self.missing_z_numbers)} missing: Z-reports not uploaded yet or lost")
         lines.extend(f"Z {z_nr} archived more than once" for z_nr in self.repeated_z_numbers)
@@ -224,9 +227,9 @@ class TillStatus:
                 f"… and {len(self.duplicate_receipt_numbers) - _LISTED} more receipt numbers carried by more than one receipt"
             )
         if self.receipts_in_no_zreport:
-            lines.append(f"receipt numbers {ranges_text(self.receipts_in_no_zreport)} are in no Z-report")
+            lines.append(f"{_numbers(self.receipts_in_no_zreport)} in no Z-report")
         if self.receipts_in_several_zreports:
-            lines.append(f"receipt numbers {ranges_text(self.receipts_in_several_zreports)} are in more than one Z-report")
+            lines.append(f"{_numbers(self.receipts_in_several_zreports)} in more than one Z-report")
         if self.till_seq_gaps:
             count = sum(g.count for g in self.till_seq_gaps)
             lines.append(
@@ -296,6 +299,24 @@ zreport as (
     from archive_records a
     where a.till_id = any($1::uuid[]) and a.kind = 'zreport'
 )"""
+
+# uploads refused by the archive writer (kept, not archived): how many, and the first
+_REFUSED = """
+select distinct on (till_id) till_id, count(*) over (partition by till_id) as refused, till_seq, record_id, reason
+from archive_conflicts where till_id = any($1::uuid[])
+order by till_id, till_seq, received_at
+"""
+
+# closed receipts of the accounts archived in more than one version, or by more than one till
+_RECEIPTS_CLOSED_TWICE = """
+select payload->'record'->>'receipt_id' as receipt_id, array_agg(distinct till_id) as till_ids,
+       count(distinct payload->'record') as versions,
+       array_agg(distinct (payload->'record'->>'receipt_number')::bigint) as numbers
+from archive_records
+where account_id = any($1::uuid[]) and kind = 'receipt' and payload->'record'->>'status' = 'closed'
+group by 1
+having count(distinct payload->'record') > 1 or count(distinct till_id) > 1
+"""
 
 _RECORDS = """
 select till_id, count(*) as records, max(till_seq) as last_till_seq
@@ -467,6 +488,24 @@ async def archive_status(
                     f"record {r['record_id']} (till_seq {r['till_seq']}) is no valid Z-report: {validation_summary(exc)}; "
                     "left out of these checks (see `tillsync archive verify`)"
                 )
+        for r in await conn.fetch(_REFUSED, ids):
+            invalid[r["till_id"]].append(
+                f"{r['refused']} {'upload' if r['refused'] == 1 else 'uploads'} refused by the archive and kept in "
+                f"archive_conflicts, first till_seq {r['till_seq']} (record {r['record_id']}): {r['reason']}; its content "
+                "is not in the archive (`tillsync ops dead-letters`)"
+            )
+        for r in await conn.fetch(_RECEIPTS_CLOSED_TWICE, list({t["account_id"] for t in tills})):
+            for till_id in r["till_ids"]:
+                if r["versions"] > 1:
+                    invalid[till_id].append(
+                        f"receipt {r['receipt_id']} is archived closed in {r['versions']} different versions (BON_NR "
+                        f"{', '.join(map(str, r['numbers']))}): which one is the till's is not for the archive to decide"
+                    )
+                if len(r["till_ids"]) > 1:
+                    invalid[till_id].append(
+                        f"receipt {r['receipt_id']} is archived closed by {len(r['till_ids'])} tills "
+                        f"({', '.join(str(t) for t in r['till_ids'])}): a receipt belongs to one closing"
+                    )
         sums: dict[UUID, dict[tuple[str, tuple[str, ...]], int]] = defaultdict(dict)
         missing: dict[UUID, list[NumberRange]] = defaultdict(list)
         duplicates: dict[UUID, list[DuplicateReceiptNumber]] = defaultdict(list)
@@ -487,7 +526,7 @@ async def archive_status(
                 sorted(missing[t["till_id"]], key=lambda r: r.first),
                 sorted(duplicates[t["till_id"]], key=lambda d: d.receipt_number), open_days.get(t["till_id"]),
             ),
-            invalid_zreports=tuple(invalid[t["till_id"]]),
+            record_problems=tuple(invalid[t["till_id"]]),
         )
         for t in tills
     ]
@@ -527,6 +566,37 @@ def _zreport_figures(z: ZReport) -> dict[tuple[str, tuple[str, ...]], int]:
     for p in z.totals_by_payment_type:
         figures["payment", (p.payment_type.value, p.payment_name)] += p.amount
     return figures
+
+
+def _receipt_figures(receipts: Iterable[Receipt]) -> dict[tuple[str, tuple[str, ...]], int]:
+    """The receipts' sums keyed like ``_zreport_figures`` (as ``_RECEIPTS_BY_ZREPORT`` sums them)."""
+    figures: dict[tuple[str, tuple[str, ...]], int] = defaultdict(int)
+    for r in receipts:
+        figures["receipt_count", ()] += 1
+        figures["total", ()] += r.total
+        for v in r.vat:
+            key = str(int(v.vat_key))
+            figures["vat", (key,)] += v.gross
+            figures["vat_net", (key,)] += v.net
+            figures["vat_tax", (key,)] += v.vat
+            figures["business_case", (r.business_case.value, key)] += v.gross
+        for p in r.payments:
+            figures["payment", (p.payment_type.value, p.payment_name)] += p.amount
+    return figures
+
+
+def _numbers(ranges: tuple[NumberRange, ...]) -> str:
+    """``receipt number 3 is`` / ``receipt numbers 3, 5–7 are``."""
+    one = sum(r.count for r in ranges) == 1
+    return f"receipt number{'' if one else 's'} {ranges_text(ranges)} {'is' if one else 'are'}"
+
+
+def closing_differences(z: ZReport, receipts: list[Receipt]) -> tuple[TotalDifference, ...]:
+    """Where ``receipts`` (the closed receipts of ``z``'s number range) do not add up to
+    the Z-report ``z``: receipt count, total, gross/net/VAT per VAT key, gross per business
+    case and VAT key, amount per payment type and name (cents). The same rule as
+    ``archive_status``; empty when the closing equals its receipts."""
+    return _differences(z, _receipt_figures(receipts))
 
 
 def _differences(z: ZReport, receipts: dict[tuple[str, tuple[str, ...]], int]) -> tuple[TotalDifference, ...]:

@@ -76,7 +76,9 @@ import datetime as dt
 import importlib.resources
 import os
 import re
+import signal
 import tempfile
+import threading
 import xml.etree.ElementTree as ET
 import zipfile
 from dataclasses import dataclass
@@ -98,12 +100,14 @@ from shared.consumer import validation_summary
 from shared.fiscal import VAT_PERCENT, PaymentType, VatKey, split_gross
 from shared.models import Receipt, ZReport
 from shared.settings import DEFAULT_DATABASE_URL, BaseTillsyncSettings
+from tillsync.archive_status import closing_differences
 from tillsync.archive_tills import select_tills
 from tillsync.console import err, friendly, out, words
 
 BERLIN = ZoneInfo("Europe/Berlin")
 DTD_NAME = "gdpdu-01-08-2002.dtd"
 BASE_CURRENCY = "EUR"  # money in tillsync is cents of euros (DESIGN.md §2)
+TSE_PROCESS_TYPE = "Kassenbeleg-V1"  # processType of a receipt's FinishTransaction (DSFinV-K 2.4 Anhang I, TR-03153)
 MAX_KASSE_ID = 50  # DSFinV-K: Z_KASSE_ID, TERMINAL_ID, POS_TERMINAL_ID are at most 50 characters
 
 # The tables this export can write, in the order of DSFinV-K 2.4 chapter 3.
@@ -252,11 +256,15 @@ async def export_dsfinvk(
     date_to: dt.date,
     path: Path,
     on_progress: ProgressCallback | None = None,
+    allow_discrepancies: bool = False,
 ) -> ExportSummary:
     """Write the DSFinV-K 2.4 ZIP of till ``till_id`` for the Z-reports whose business
     day is in ``[date_from, date_to]`` to ``path`` (replaced atomically; nothing is
     written on error). ``on_progress(0, total, None)`` is called once the archive passed
-    the checks, then ``on_progress(done, total, zreport)`` after each closing.
+    the checks, then ``on_progress(done, total, zreport)`` after each closing. A closing
+    whose receipts do not add up to its Z-report (``tillsync archive status``'s rule) is
+    refused (``InconsistentArchive``, nothing written) unless ``allow_discrepancies``: then
+    both are written as archived and the summary lists the differences.
 
     Reads ``archive_records`` (kinds ``zreport`` and closed ``receipt``), ``tills`` and
     ``accounts`` in one read-only snapshot; never writes to the database.
@@ -307,7 +315,15 @@ async def export_dsfinvk(
             for done, zreport in enumerate(closings, start=1):
                 of_closing = await receipts.through(zreport.first_receipt_number, zreport.last_receipt_number)
                 _closing_rows(zip_writer, till, zreport, of_closing, serials)
-                discrepancies.extend(_discrepancies(zreport, of_closing))
+                found = _discrepancies(zreport, of_closing)
+                if found and not allow_discrepancies:
+                    raise InconsistentArchive(
+                        f"the receipts of Z-report {zreport.z_nr} ({zreport.business_day}) of till {till.describe()} do not "
+                        "add up to it: nothing written; see `tillsync archive status` (or export as archived with "
+                        "--allow-discrepancies)",
+                        found,
+                    )
+                discrepancies.extend(found)
                 counts["receipts"] += len(of_closing)
                 counts["lines"] += sum(len(r.lines) for r in of_closing)
                 if on_progress:
@@ -475,6 +491,12 @@ class _ReceiptsInOrder:
                 break
             receipt = _valid(Receipt, row, self._till)
             if self._last is not None and receipt.receipt_id == self._last.receipt_id:
+                if receipt != self._last:
+                    raise InconsistentArchive(
+                        f"receipt {receipt.receipt_id} (BON_NR {receipt.receipt_number}) of till {self._till.describe()} "
+                        "is archived closed in two different versions: which one is the till's is not for an export to "
+                        "decide; see `tillsync archive status`"
+                    )
                 continue  # the same closed receipt archived twice (same number, same receipt)
             self._head = receipt
         return self._head
@@ -547,6 +569,7 @@ def _closing_rows(out: _ZipWriter, till: TillRef, z: ZReport, receipts: list[Rec
                 dm.Bonkopf_Zahlarten, **bon, ZAHLART_TYP=payment.payment_type.value, ZAHLART_NAME=payment.payment_name,
                 BASISWAEH_BETRAG=_euros(payment.amount),
             )
+        line_splits = _line_splits(receipt)
         for line in receipt.lines:  # 3.1.1 Bonpos and 3.1.1.1 Bonpos_USt
             entered_on = line.terminal_id or till.till_id
             if entered_on != till.till_id:
@@ -556,7 +579,7 @@ def _closing_rows(out: _ZipWriter, till: TillRef, z: ZReport, receipts: list[Rec
                 POS_TERMINAL_ID=terminal_id(entered_on), GV_TYP=receipt.business_case.value,
                 P_STORNO=False, ART_NR=line.article_nr, MENGE=line.quantity, STK_BR=_euros(line.unit_price),
             )
-            net, vat_cents = split_gross(line.amount, line.vat_key)
+            net, vat_cents = line_splits[line.line_no]
             out.add(
                 dm.Bonpos_USt, **bon, POS_ZEILE=str(line.line_no), UST_SCHLUESSEL=int(line.vat_key),
                 POS_BRUTTO=_euros(line.amount), POS_NETTO=_euros(net), POS_UST=_euros(vat_cents),
@@ -569,6 +592,7 @@ def _closing_rows(out: _ZipWriter, till: TillRef, z: ZReport, receipts: list[Rec
                 dm.TSE_Transaktionen, **bon, TSE_ID=tse_id, TSE_TANR=tse.transaction_number,
                 TSE_TA_START=_tse_time(tse.start), TSE_TA_ENDE=_tse_time(tse.end),
                 TSE_TA_SIGZ=tse.signature_counter, TSE_TA_SIG=tse.signature,
+                TSE_TA_VORGANGSART=TSE_PROCESS_TYPE,
             )
     cash = sum(p.amount for p in z.totals_by_payment_type if p.payment_type == PaymentType.CASH)
     out.add(  # 3.2.1 Stamm_Abschluss
@@ -612,30 +636,26 @@ def _closing_rows(out: _ZipWriter, till: TillRef, z: ZReport, receipts: list[Rec
     out.add(dm.Z_Waehrungen, **key, ZAHLART_WAEH=BASE_CURRENCY, ZAHLART_BETRAG_WAEH=_euros(cash))  # 3.3.3, cash in EUR
 
 
+def _line_splits(receipt: Receipt) -> dict[int, tuple[int, int]]:
+    """Net and VAT in cents of each line (by POS_ZEILE): the line's own split
+    (``shared.fiscal.split_gross``), with each VAT key's rounding difference put on that
+    key's largest line, so the lines add up to the receipt's recorded net and VAT
+    (DSFinV-K 2.4: Bonpos_USt sums to Bonkopf_USt)."""
+    splits = {line.line_no: split_gross(line.amount, line.vat_key) for line in receipt.lines}
+    for vat in receipt.vat:
+        lines = [line for line in receipt.lines if line.vat_key == vat.vat_key]
+        difference = vat.net - sum(splits[line.line_no][0] for line in lines)
+        if lines and difference:
+            largest = max(lines, key=lambda line: (abs(line.amount), -line.line_no))
+            net, vat_cents = splits[largest.line_no]
+            splits[largest.line_no] = (net + difference, vat_cents - difference)
+    return splits
+
+
 def _discrepancies(z: ZReport, receipts: list[Receipt]) -> list[str]:
-    """Where the exported receipts do not add up to their Z-report (count, total, gross
-    per VAT key, amount per payment type): one sentence each."""
-    found: list[str] = []
-    where = f"Z-report {z.z_nr} ({z.business_day})"
-    if len(receipts) != z.receipt_count:
-        found.append(f"{where}: {z.receipt_count} receipts reported, {len(receipts)} in its number range")
-    total = sum(r.total for r in receipts)
-    if total != z.total:
-        found.append(f"{where}: total {_euros(z.total)} EUR reported, its receipts add up to {_euros(total)} EUR")
-    by_vat: dict[VatKey, int] = {}
-    by_payment: dict[tuple[PaymentType, str], int] = {}
-    for r in receipts:
-        for v in r.vat:
-            by_vat[v.vat_key] = by_vat.get(v.vat_key, 0) + v.gross
-        for p in r.payments:
-            by_payment[(p.payment_type, p.payment_name)] = by_payment.get((p.payment_type, p.payment_name), 0) + p.amount
-    reported_vat = {v.vat_key: v.gross for v in z.totals_by_vat}
-    if {k: g for k, g in by_vat.items() if g} != {k: g for k, g in reported_vat.items() if g}:
-        found.append(f"{where}: gross per VAT key {reported_vat} reported, its receipts add up to {by_vat}")
-    reported_payments = {(p.payment_type, p.payment_name): p.amount for p in z.totals_by_payment_type}
-    if {k: a for k, a in by_payment.items() if a} != {k: a for k, a in reported_payments.items() if a}:
-        found.append(f"{where}: payments {reported_payments} reported, its receipts add up to {by_payment}")
-    return found
+    """Where the exported receipts do not add up to their Z-report: one sentence each
+    (the rule of ``tillsync archive status``)."""
+    return [f"Z-report {z.z_nr} ({z.business_day}): {d}" for d in closing_differences(z, receipts)]
 
 
 # ---------------------------------------------------------------------------
@@ -792,6 +812,10 @@ def export_dsfinvk_command(
     output: Optional[Path] = typer.Option(
         None, "--output", help="the ZIP to write (default: dsfinvk_<serial>_<from>_<to>.zip here); replaced if it exists"
     ),
+    allow_discrepancies: bool = typer.Option(
+        False, "--allow-discrepancies",
+        help="write closings whose receipts do not add up to their Z-report as archived (default: refuse)",
+    ),
 ) -> None:
     """Write a till's DSFinV-K 2.4 export for a tax audit (ZIP: CSV files, index.xml, DTD).
 
@@ -799,11 +823,21 @@ def export_dsfinvk_command(
     with their receipts. Refused when the range holds no Z-report, or a Z-report's
     receipts are not all in the archive yet (`tillsync archive status`). Database:
     TILLSYNC_DATABASE_URL."""
-    friendly(_run_export)(till, date_from.date(), date_to.date(), account, output)
+    friendly(_run_export)(till, date_from.date(), date_to.date(), account, output, allow_discrepancies)
 
 
-def _run_export(till: str, date_from: dt.date, date_to: dt.date, account: str | None, output: Path | None) -> None:
+def _interrupted(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
+def _run_export(
+    till: str, date_from: dt.date, date_to: dt.date, account: str | None, output: Path | None, allow_discrepancies: bool
+) -> None:
     _check_range(date_from, date_to)
+    if output is not None and (output.is_symlink() or (output.exists() and not output.is_file())):
+        raise ExportError(f"{output} exists and is no regular file: name a new file or a regular file to replace")
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _interrupted)  # clean up the partial files, as on Ctrl-C
     settings = ArchiveExportSettings()
 
     async def body() -> ExportSummary:
@@ -824,7 +858,11 @@ def _run_export(till: str, date_from: dt.date, date_to: dt.date, account: str | 
                 progress.update(progress.task_ids[0], completed=done, info=f"Z {zreport.z_nr} {zreport.business_day}")
 
             try:
-                return await export_dsfinvk(conn, found.till_id, date_from, date_to, path, on_progress=advance)
+                if path.is_symlink() or (path.exists() and not path.is_file()):
+                    raise ExportError(f"{path} exists and is no regular file: name a new file or a regular file to replace")
+                return await export_dsfinvk(
+                    conn, found.till_id, date_from, date_to, path, on_progress=advance, allow_discrepancies=allow_discrepancies
+                )
             finally:
                 if progress.task_ids:
                     progress.stop()

@@ -151,6 +151,7 @@ async def test_the_demo_exports_as_valid_dsfinvk_with_the_z_reports_sums(fresh_e
         line_vat = sums(data["lines_vat.csv"], ("UST_SCHLUESSEL",), "POS_BRUTTO")
         cases = sums(data["businesscases.csv"], ("GV_TYP", "UST_SCHLUESSEL"), "Z_UMS_BRUTTO")
         bon_split = {c: sums(data["transactions_vat.csv"], ("UST_SCHLUESSEL",), c) for c in ("BON_NETTO", "BON_UST")}
+        line_split = {c: sums(data["lines_vat.csv"], ("UST_SCHLUESSEL",), c) for c in ("POS_NETTO", "POS_UST")}
         case_split = {c: sums(data["businesscases.csv"], ("UST_SCHLUESSEL",), c) for c in ("Z_UMS_NETTO", "Z_UST")}
         count = defaultdict(int)
         for row in data["transactions.csv"]:
@@ -168,9 +169,12 @@ async def test_the_demo_exports_as_valid_dsfinvk_with_the_z_reports_sums(fresh_e
             want_cases = {(c.business_case.value, str(int(c.vat_key))): cents(c.gross) for c in z.totals_by_business_case}
             assert cases.get(key, {}) == want_cases
             # net and VAT per VAT key: the Z-report's, its receipts' and its business cases' sums agree
-            for part, bon_column, case_column in (("net", "BON_NETTO", "Z_UMS_NETTO"), ("vat", "BON_UST", "Z_UST")):
+            for part, bon_column, line_column, case_column in (
+                ("net", "BON_NETTO", "POS_NETTO", "Z_UMS_NETTO"), ("vat", "BON_UST", "POS_UST", "Z_UST")
+            ):
                 want = {(str(int(v.vat_key)),): cents(getattr(v, part)) for v in z.totals_by_vat}
                 assert bon_split[bon_column].get(key, {}) == want == case_split[case_column].get(key, {}), (z_nr, part)
+                assert line_split[line_column].get(key, {}) == want, (z_nr, part)  # the lines add up to it too
         # each receipt's VAT breakdown is exported as recorded
         for row in data["transactions_vat.csv"][:50]:
             vat = {int(v.vat_key): v for v in receipts[row["BON_ID"]].vat}[int(row["UST_SCHLUESSEL"])]

@@ -464,3 +464,64 @@ async def test_a_z_report_changed_into_an_invalid_one_is_named_and_the_rest_stil
     finally:
         till.close()
         other.close()
+
+
+async def test_refused_uploads_and_receipts_closed_twice_are_named_and_not_exported(
+    env: Environment, account: str, tmp_path: Path
+) -> None:
+    till = await signed_in(env, tmp_path, account, "Kasse Zwei")
+    try:
+        first = receipt(1)
+        # the same receipt closed again with other content (a till's bug or a forged upload)
+        second = receipt(1, 900).model_copy(update={"receipt_id": first.receipt_id})
+        z = zreport(1, [first])
+        await publish(env, till, upload(till, 1, first), upload(till, 2, second), upload(till, 3, z))
+        await wait_archived(env, till, 3)
+        # an upload at a position the archive holds already: refused, kept in archive_conflicts
+        await publish(env, till, upload(till, 3, receipt(2)))
+        await wait_until(lambda: fetchval(env, "select count(*) from archive_conflicts where till_id = $1",
+                                          till.store.identity().till_id), what="the refusal kept")
+        result = await archive_status_cli(env, "--till", str(till.store.identity().till_id))
+        assert result.exit_code == 1, result.output
+        problems = lines_of(result, till)[1:]
+        assert any(f"receipt {first.receipt_id} is archived closed in 2 different versions (BON_NR 1)" in p for p in problems), problems
+        assert any("1 upload refused by the archive and kept in archive_conflicts, first till_seq 3" in p for p in problems), problems
+        export = await asyncio.to_thread(
+            CliRunner().invoke, app,
+            ["archive", "export-dsfinvk", "--till", str(till.store.identity().till_id), "--from", str(now().date()),
+             "--to", str(now().date()), "--output", str(tmp_path / "x.zip")],
+            env={"TILLSYNC_DATABASE_URL": env.settings.database_url, "COLUMNS": "1000"},
+        )
+        assert export.exit_code == 1 and "is archived closed in two different versions" in export.stderr, export.output
+        assert not (tmp_path / "x.zip").exists()
+    finally:
+        till.close()
+
+
+async def test_the_export_refuses_a_closing_that_differs_from_its_receipts_unless_allowed(
+    env: Environment, account: str, tmp_path: Path
+) -> None:
+    till = await signed_in(env, tmp_path, account, "Kasse Differenz")
+    try:
+        receipts = [receipt(1), receipt(2, 700)]
+        forged = zreport(1, [receipts[0], receipt(2, 500)])  # counts receipt 2 at 5,00 €
+        await publish(env, till, *(upload(till, seq, r) for seq, r in enumerate([*receipts, forged], start=1)))
+        await wait_archived(env, till, 3)
+
+        async def export(*extra: str) -> Result:
+            return await asyncio.to_thread(
+                CliRunner().invoke, app,
+                ["archive", "export-dsfinvk", "--till", str(till.store.identity().till_id), "--from", str(now().date()),
+                 "--to", str(now().date()), "--output", str(tmp_path / "x.zip"), *extra],
+                env={"TILLSYNC_DATABASE_URL": env.settings.database_url, "COLUMNS": "1000"},
+            )
+
+        refused = await export()
+        assert refused.exit_code == 1 and "do not add up to it: nothing written" in refused.stderr, refused.output
+        assert "  - Z-report 1 (" in refused.stderr and "total 7,50 € in the Z-report, 9,50 € in its receipts" in refused.stderr
+        assert not (tmp_path / "x.zip").exists()
+        allowed = await export("--allow-discrepancies")
+        assert allowed.exit_code == 0 and (tmp_path / "x.zip").is_file(), allowed.output
+        assert "warning: Z-report 1 (" in allowed.stderr and "total 7,50 € in the Z-report" in allowed.stderr
+    finally:
+        till.close()

@@ -20,6 +20,7 @@ from dsfinvk.validate import validate_zip
 from shared.fiscal import PaymentType, VatKey
 from shared.models import Cashier, Receipt, TseData
 from till_agent.booking import SaleLine, closed_receipt, z_report
+from tillsync.archive_status import euros
 from tillsync.dsfinvk_export import (
     DTD_NAME,
     TABLES,
@@ -185,8 +186,13 @@ def test_discrepancies_name_what_does_not_add_up() -> None:
     z = z_report(1, DAY, receipts, T0)
     assert _discrepancies(z, receipts) == []
     found = _discrepancies(z, receipts[:1])
-    assert len(found) == 4 and all(f.startswith("Z-report 1 (2024-07-01)") for f in found)
-    assert "2 receipts reported, 1 in its number range" in found[0]
+    assert all(f.startswith("Z-report 1 (2024-07-01): ") for f in found)
+    # every figure that differs, in the words of `tillsync archive status`
+    assert found[0].endswith("receipt count 2 in the Z-report, 1 in its receipts")
+    assert any(f.endswith(f"total {euros(z.total)} in the Z-report, {euros(receipts[0].total)} in its receipts") for f in found)
+    coffee_key = str(int(COFFEE.vat_key))
+    assert any(f.split(": ", 1)[1].startswith(f"VAT key {coffee_key} gross ") for f in found)  # coffee's VAT key
+    assert any(f.split(": ", 1)[1].startswith("payment ") for f in found)
 
 
 def test_ranges() -> None:
