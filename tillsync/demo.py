@@ -187,6 +187,10 @@ async def run_demo(
     """
     started = time.monotonic()
     export = read_export(input_path)
+    if len(export.articles) < 3 or len(export.business_days) < 1:
+        raise DemoError(
+            f"{input_path} has {len(export.articles)} articles: the demo's scenes need at least 3 (and one business day)"
+        )
     console.print(
         f"Input: {input_path} — {len(export.tickets)} tickets, {len(export.articles)} articles, "
         f"{len(export.business_days)} business days"
