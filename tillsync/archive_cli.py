@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from typing import Optional
+from typing import Any, Optional
 
 import asyncpg
 import typer
@@ -13,7 +13,7 @@ from shared.db import init_connection
 from shared.settings import ServiceSettings
 from tillsync.archive import purge_expired_command, retention_command
 from tillsync.archive_status import archive_status_command
-from tillsync.archive_tills import select_tills, till_label
+from tillsync.archive_tills import archive_integrity_problems, select_tills, till_label, tills_without_row
 from tillsync.archive_verify import ChainReport, verify_archive
 from tillsync.console import err, friendly, out
 from tillsync.dsfinvk_export import export_dsfinvk_command
@@ -60,6 +60,8 @@ def _chain_lines(report: ChainReport, label: str) -> list[str]:
         )
     if report.unchained:
         lines.append(f"        {report.unchained} records archived before chaining (checked against their own hash only)")
+    if report.purged:
+        lines.append(f"        {report.purged} records purged after the retention period (their keys remain)")
     return lines
 
 
@@ -75,11 +77,17 @@ def archive_verify_command(till: Optional[str] = TillOption, account: Optional[s
     Exit code 0: every chain intact; 1: a record was changed or a link is broken."""
     settings = ServiceSettings()
 
-    async def body() -> list[tuple[ChainReport, str]]:
+    async def body() -> tuple[list[tuple[ChainReport, str]], list[str]]:
         conn = await asyncpg.connect(settings.database_url)
         await init_connection(conn)
         try:
-            tills = await select_tills(conn, till, account)
+            problems = await archive_integrity_problems(conn)
+            tills: list[Any] = list(await select_tills(conn, till, account))
+            if till is None and account is None:  # archived records of a till that `tills` no longer lists
+                tills += [
+                    {"till_id": t, "till_name": "(not in tills)", "serial_number": "?", "account_name": "?"}
+                    for t in await tills_without_row(conn)
+                ]
             total = await conn.fetchval(
                 "select count(*) from archive_record_keys where till_id = any($1::uuid[])", [t["till_id"] for t in tills]
             )
@@ -89,18 +97,20 @@ def archive_verify_command(till: Optional[str] = TillOption, account: Optional[s
             ) as progress:
                 task = progress.add_task("records", total=total)
                 reports = await verify_archive(conn, tills, lambda n: progress.advance(task, n))
-            return [(r, till_label(t)) for r, t in zip(reports, tills)]
+            return [(r, till_label(t)) for r, t in zip(reports, tills)], problems
         finally:
             await conn.close()
 
-    results = asyncio.run(body())
+    results, problems = asyncio.run(body())
+    for problem in problems:
+        out.print(f"BROKEN  the archive: {problem}")
     for report, label in results:
         for line in _chain_lines(report, label):
             out.print(line)
     broken = [r for r, _ in results if not r.intact]
     records = sum(r.records for r, _ in results)
-    if broken:
+    if broken or problems:
         out.print(f"{len(broken)} of {_tills(len(results))} {'has' if len(broken) == 1 else 'have'} a broken chain "
-                  f"({records} records checked)")
+                  f"({records} records checked)" + (f"; {len(problems)} problems of the archive itself" if problems else ""))
         raise typer.Exit(1)
     out.print(f"{_tills(len(results))}, {records} records: every chain intact")

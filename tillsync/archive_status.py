@@ -51,7 +51,7 @@ from rich.text import Text
 from shared.consumer import validation_summary
 from shared.models import Receipt, ZReport
 from shared.settings import ServiceSettings
-from tillsync.archive_tills import select_tills
+from tillsync.archive_tills import archive_integrity_problems, select_tills
 from tillsync.console import friendly, out
 
 
@@ -318,9 +318,16 @@ group by 1
 having count(distinct payload->'record') > 1 or count(distinct till_id) > 1
 """
 
+# from the keys taken on arrival (archive_record_keys): they stay when a month past the
+# retention period is purged, so purged records are no gap (a record deleted otherwise is
+# for `tillsync archive verify`); ``purged``: records of months dropped past the period
 _RECORDS = """
-select till_id, count(*) as records, max(till_seq) as last_till_seq
-from archive_records where till_id = any($1::uuid[]) group by till_id
+select k.till_id, count(*) as records, max(k.till_seq) as last_till_seq,
+       count(*) filter (where archive_deletable_from(date_trunc('month', k.archived_at at time zone archive_time_zone())::date)
+                              <= now()
+                          and not exists (select 1 from archive_records r
+                                          where r.record_id = k.record_id and r.archived_at = k.archived_at)) as purged
+from archive_record_keys k where k.till_id = any($1::uuid[]) group by k.till_id
 """
 
 # Missing till_seq below the highest archived one (the unique (till_id, till_seq) index
@@ -329,7 +336,7 @@ _TILL_SEQ_GAPS = """
 select till_id, prev + 1 as first, till_seq - 1 as last
 from (
     select till_id, till_seq, lag(till_seq, 1, 0::bigint) over (partition by till_id order by till_seq) as prev
-    from archive_records where till_id = any($1::uuid[])
+    from archive_record_keys where till_id = any($1::uuid[])
 ) s
 where till_seq > prev + 1
 order by till_id, first
@@ -625,10 +632,12 @@ def _missing(covered: NumberRange, gap_firsts: list[int], gaps: list[NumberRange
     return tuple(_merged(missing))
 
 
-def _missing_numbers(numbers: Iterable[int]) -> tuple[NumberRange, ...]:
-    """The numbers 1 … max(numbers) not in ``numbers``, as ranges."""
-    missing, previous = [], 0
-    for n in sorted(set(numbers)):
+def _missing_numbers(numbers: Iterable[int], from_lowest: bool = False) -> tuple[NumberRange, ...]:
+    """The numbers 1 (``from_lowest``: the lowest of ``numbers``) … max(numbers) not in
+    ``numbers``, as ranges."""
+    ordered = sorted(set(numbers))
+    missing, previous = [], (ordered[0] - 1 if from_lowest and ordered else 0)
+    for n in ordered:
         if n > previous + 1:
             missing.append(NumberRange(previous + 1, n - 1))
         previous = n
@@ -696,7 +705,8 @@ def _till_status(
         zreports=len(zreports),
         last_z_nr=max(z_nrs, default=0),
         incomplete_zreports=tuple(problems),
-        missing_z_numbers=_missing_numbers(z_nrs),
+        # Z-reports of months purged past the retention period are no gap
+        missing_z_numbers=_missing_numbers(z_nrs, from_lowest=bool(records and records["purged"])),
         repeated_z_numbers=tuple(sorted(n for n, times in Counter(z_nrs).items() if times > 1)),
         duplicate_receipt_numbers=tuple(duplicates),
         receipts_in_no_zreport=uncovered,
@@ -726,14 +736,23 @@ def archive_status_command(
 def _status(till: str | None, account: str | None, all_: bool) -> None:
     settings = ServiceSettings()
 
-    async def body() -> list[TillStatus]:
+    async def body() -> tuple[list[TillStatus], list[str]]:
         conn = await asyncpg.connect(settings.database_url)
         try:
-            return await archive_status(conn, account_name=account, till=till)
+            problems = await archive_integrity_problems(conn)
+            try:
+                return await archive_status(conn, account_name=account, till=till), problems
+            except asyncpg.DataError as exc:  # a figure of an archived record is no number: changed after archiving?
+                raise ValueError(
+                    f"an archived receipt or Z-report holds a value of the wrong type ({exc}): it was changed after "
+                    "archiving; `tillsync archive verify` names it"
+                ) from None
         finally:
             await conn.close()
 
-    statuses = asyncio.run(body())
+    statuses, problems = asyncio.run(body())
+    for problem in problems:
+        out.print(f"INCOMPLETE the archive itself: {problem}")
     incomplete = [s for s in statuses if not s.complete]
     for status in statuses if all_ else incomplete:
         verdict = Text("complete", style="green") if status.complete else Text("INCOMPLETE", style="bold red")
@@ -741,7 +760,7 @@ def _status(till: str | None, account: str | None, all_: bool) -> None:
         for problem in status.problems():
             out.print(f"  - {problem}")
     out.print(_summary(statuses, incomplete))
-    if incomplete:
+    if incomplete or problems:
         raise typer.Exit(1)
 
 
@@ -759,6 +778,7 @@ def _summary(statuses: list[TillStatus], incomplete: list[TillStatus]) -> str:
         (sum(len(s.repeated_z_numbers) for s in incomplete), "Z number archived twice"),
         (sum(r.count for s in incomplete for r in s.receipts_in_no_zreport), "receipt number in no Z-report"),
         (sum(r.count for s in incomplete for r in s.receipts_in_several_zreports), "receipt number in several Z-reports"),
+        (sum(len(s.record_problems) for s in incomplete), "other problem"),
     ]
     details = ", ".join(f"{n} {what}" if n == 1 else f"{n} {_plural(what)}" for n, what in found if n)
     return f"{checked}: {len(incomplete)} incomplete ({details}), {len(statuses) - len(incomplete)} complete"

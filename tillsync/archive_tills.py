@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from uuid import UUID
+
 import asyncpg
 
 _TILLS = """
@@ -64,3 +66,26 @@ async def select_tills(
             tuple(till_label(r) for r in rows),
         )
     return rows
+
+
+async def archive_integrity_problems(conn: asyncpg.Connection) -> list[str]:
+    """What keeps the archive's checks from seeing every archived row, one sentence each
+    (empty: nothing): row security on an archive table, a partition being detached, the
+    default partition gone, an exactly-once constraint missing (migration 0009), or a
+    table of another schema shadowing the archive on this connection's search path."""
+    problems = [r[0] for r in await conn.fetch("select * from public.archive_integrity_problems()")]
+    for table in ("archive_records", "archive_record_keys", "archive_conflicts", "tills", "accounts"):
+        if await conn.fetchval("select to_regclass($1) is distinct from to_regclass('public.' || $1)", table):
+            problems.append(f"{table} on this connection is not public.{table}: another schema shadows the archive")
+    return problems
+
+
+async def tills_without_row(conn: asyncpg.Connection) -> list[UUID]:
+    """Tills with archived records (``archive_record_keys``) that ``tills`` does not list."""
+    return [
+        r["till_id"]
+        for r in await conn.fetch(
+            "select distinct k.till_id from archive_record_keys k where not exists "
+            "(select 1 from tills t where t.till_id = k.till_id)"
+        )
+    ]

@@ -33,16 +33,22 @@ from uuid import UUID
 
 import asyncpg
 import rfc8785
+from pydantic import ValidationError
 
 from shared.chain import chain_hash
+from shared.consumer import validation_summary
+from shared.models import Upload
 
 # every key of the till with its row (none: the row is gone or was moved to another time)
 _ROWS = """
 select k.record_id as key_record_id, k.till_seq as key_till_seq, k.content_sha256 as key_content_sha256,
        k.archived_at as key_archived_at,
        r.record_id, r.account_id, r.till_id, r.till_seq, r.kind, r.schema_version, r.content_sha256, r.payload,
-       r.recorded_at, r.archived_at, r.prev_hash, r.chain_hash
+       r.recorded_at, r.archived_at, r.prev_hash, r.chain_hash,
+       (archive_deletable_from(m.month) <= now() and to_regclass('public.' || archive_partition_name(m.month)) is null)
+           as purged
 from archive_record_keys k
+cross join lateral (select date_trunc('month', k.archived_at at time zone archive_time_zone())::date as month) m
 left join archive_records r on r.record_id = k.record_id and r.archived_at = k.archived_at
 where k.till_id = $1
 order by k.till_seq
@@ -84,6 +90,7 @@ class ChainReport:
     ``missing``: ``(first, last)`` till_seq ranges never archived; ``unchained``: rows
     archived before chaining; ``chain_refusals``: uploads refused for breaking the chain
     (counted as broken); ``other_refusals``: other refused uploads (``archive_conflicts``);
+    ``purged``: records whose month was dropped past the retention period (keys remain);
     ``last_hash``: chain_hash of the last row.
     """
 
@@ -98,6 +105,7 @@ class ChainReport:
     unchained: int = 0
     chain_refusals: int = 0
     other_refusals: int = 0
+    purged: int = 0
     last_hash: str | None = None
 
     @property
@@ -161,6 +169,10 @@ def row_problems(row: asyncpg.Record | dict[str, Any], previous_hash: str | None
     if not isinstance(record, dict) or record.get("kind") != row["kind"]:
         problems.append(f"column kind is {row['kind']!r} but the payload's record is another kind")
     try:
+        Upload.model_validate(payload)
+    except ValidationError as exc:
+        problems.append(f"its payload is no valid upload: {validation_summary(exc)}")
+    try:
         canonical = rfc8785.dumps(payload)
     except (rfc8785.CanonicalizationError, TypeError, ValueError) as exc:
         return problems + [f"its payload has no canonical JSON form: {exc}"]
@@ -208,6 +220,10 @@ async def verify_till(
             if seq != previous_seq + 1:
                 report.missing.append((previous_seq + 1, seq - 1))
             report.records += 1
+            if row["record_id"] is None and row["purged"]:  # its month was dropped past the retention period
+                report.purged += 1
+                previous_seq, previous_hash = seq, None
+                continue
             if row["record_id"] is None:
                 report.note_broken(BrokenLink(seq, row["key_record_id"], "?", "a record", (
                     f"it is gone from archive_records: its key from {row['key_archived_at']:%Y-%m-%d %H:%M:%S %Z} remains "

@@ -101,7 +101,7 @@ from shared.fiscal import VAT_PERCENT, PaymentType, VatKey, split_gross
 from shared.models import Receipt, ZReport
 from shared.settings import DEFAULT_DATABASE_URL, BaseTillsyncSettings
 from tillsync.archive_status import closing_differences
-from tillsync.archive_tills import select_tills
+from tillsync.archive_tills import archive_integrity_problems, select_tills
 from tillsync.console import err, friendly, out, words
 
 BERLIN = ZoneInfo("Europe/Berlin")
@@ -181,7 +181,7 @@ class IncompleteClosing(ExportError):
 class InconsistentArchive(ExportError):
     """The archive holds two different records for one Z_NR or BON_NR of the till, or
     Z-reports whose receipt ranges overlap: which one is the till's is not for an export
-    to decide (see ``tillsync ops receipt-refusals``)."""
+    to decide (see ``tillsync archive status``)."""
 
 
 @dataclass(frozen=True)
@@ -285,6 +285,9 @@ async def export_dsfinvk(
         if row is None:
             raise UnknownTill(f"there is no till {till_id}")
         till = TillRef(**dict(row))
+        problems = await archive_integrity_problems(conn)
+        if problems:
+            raise InconsistentArchive("the archive's checks cannot see every archived row: nothing exported", problems)
         closings = await _closings(conn, till, date_from, date_to)
         await _check_receipts_archived(conn, till, closings)
         serials = {
@@ -292,6 +295,7 @@ async def export_dsfinvk(
             for r in await conn.fetch("select till_id, serial_number from tills where account_id = $1", till.account_id)
         }
         numbered = [z for z in closings if z.receipt_count]
+        await _check_receipts_of_this_till(conn, till, numbered)
         low = min((z.first_receipt_number for z in numbered), default=1)  # type: ignore[type-var]
         high = max((z.last_receipt_number for z in numbered), default=0)  # type: ignore[type-var]
         receipts = _ReceiptsInOrder(
@@ -334,6 +338,33 @@ async def export_dsfinvk(
         first_z_nr=closings[0].z_nr, last_z_nr=closings[-1].z_nr, receipts=counts["receipts"], lines=counts["lines"],
         tables=tables, discrepancies=tuple(discrepancies), shortened=zip_writer.shortened,
     )
+
+
+async def _check_receipts_of_this_till(conn: asyncpg.Connection, till: TillRef, closings: list[ZReport]) -> None:
+    """``InconsistentArchive`` if a receipt of the closings is archived closed by another
+    till of the account too: a receipt belongs to one closing (the paying till's)."""
+    if not closings:
+        return
+    rows = await conn.fetch(
+        """
+        select distinct mine.payload->'record'->>'receipt_id' as receipt_id, other.till_id
+        from archive_records mine join archive_records other
+          on other.account_id = mine.account_id and other.kind = 'receipt' and other.till_id <> mine.till_id
+         and other.payload->'record'->>'status' = 'closed'
+         and other.payload->'record'->>'receipt_id' = mine.payload->'record'->>'receipt_id'
+        where mine.account_id = $1 and mine.till_id = $2 and mine.kind = 'receipt'
+          and mine.payload->'record'->>'status' = 'closed'
+          and (mine.payload->'record'->>'receipt_number')::bigint between $3 and $4
+        """,
+        till.account_id, till.till_id, min(z.first_receipt_number for z in closings),  # type: ignore[type-var]
+        max(z.last_receipt_number for z in closings),  # type: ignore[type-var]
+    )
+    if rows:
+        raise InconsistentArchive(
+            f"{len(rows)} receipt(s) of till {till.describe()} are archived closed by another till too: a receipt "
+            "belongs to one closing; nothing exported, see `tillsync archive status`",
+            [f"receipt {r['receipt_id']} also closed by till {r['till_id']}" for r in rows],
+        )
 
 
 def _valid(model: Any, row: asyncpg.Record, till: TillRef) -> Any:
@@ -439,7 +470,7 @@ async def _check_receipts_archived(conn: asyncpg.Connection, till: TillRef, clos
     if twice:
         raise InconsistentArchive(
             f"receipt number(s) {_ranges(twice)} of till {till.describe()} were archived for different receipts; "
-            "see `tillsync ops receipt-refusals`"
+            "see `tillsync archive status`"
         )
     missing: dict[int, list[int]] = {}
     for r in rows:
@@ -638,17 +669,19 @@ def _closing_rows(out: _ZipWriter, till: TillRef, z: ZReport, receipts: list[Rec
 
 def _line_splits(receipt: Receipt) -> dict[int, tuple[int, int]]:
     """Net and VAT in cents of each line (by POS_ZEILE): the line's own split
-    (``shared.fiscal.split_gross``), with each VAT key's rounding difference put on that
-    key's largest line, so the lines add up to the receipt's recorded net and VAT
+    (``shared.fiscal.split_gross``), with each VAT key's rounding difference spread a cent
+    at a time over that key's lines, largest first, so the lines add up to the receipt's recorded net and VAT
     (DSFinV-K 2.4: Bonpos_USt sums to Bonkopf_USt)."""
     splits = {line.line_no: split_gross(line.amount, line.vat_key) for line in receipt.lines}
     for vat in receipt.vat:
         lines = [line for line in receipt.lines if line.vat_key == vat.vat_key]
         difference = vat.net - sum(splits[line.line_no][0] for line in lines)
-        if lines and difference:
-            largest = max(lines, key=lambda line: (abs(line.amount), -line.line_no))
-            net, vat_cents = splits[largest.line_no]
-            splits[largest.line_no] = (net + difference, vat_cents - difference)
+        step = 1 if difference > 0 else -1
+        largest_first = sorted(lines, key=lambda line: (-abs(line.amount), line.line_no))
+        for i in range(abs(difference)):  # a cent each, largest lines first
+            line = largest_first[i % len(largest_first)]
+            net, vat_cents = splits[line.line_no]
+            splits[line.line_no] = (net + step, vat_cents - step)
     return splits
 
 
@@ -709,8 +742,10 @@ class _ZipWriter:
         for handle, _ in self._files.values():
             handle.close()
         partial = self.path.with_name(self.path.name + ".part")
+        partial.unlink(missing_ok=True)  # a leftover, or a link placed there: never written through
         try:
-            with zipfile.ZipFile(partial, "w", compression=zipfile.ZIP_DEFLATED) as zf:
+            handle = os.fdopen(os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644), "wb")
+            with handle, zipfile.ZipFile(handle, "w", compression=zipfile.ZIP_DEFLATED) as zf:
                 for model in written:
                     zf.write(Path(self._dir.name) / model._filename, model._filename)
                 for name, data in (("index.xml", index_xml(written).encode()), (DTD_NAME, gdpdu_dtd())):

@@ -22,6 +22,7 @@ from shared.settings import SERVICE_DATABASE_ROLE
 from tests.support import (
     STRONG_PASSWORD, Environment, drop_database, fetchval, new_account_name, new_till, sell, wait_until,
 )
+from tillsync.archive_verify import verify_till
 from tillsync.cli import app
 from tillsync.setup import SetupError, SetupSettings, setup
 
@@ -324,6 +325,9 @@ async def test_expired_months_are_purged_and_nothing_else(env: Environment) -> N
     # the key stays: the purged record is never archived again
     conn = await env.db()
     try:
+        # verify counts it as purged, not as a broken link (the kept row, made by hand here, is no valid record)
+        report = await verify_till(conn, {"till_id": till_id, "till_name": "K", "serial_number": "K", "account_name": "A"})
+        assert report.purged == 1 and report.first_broken is not None and report.first_broken.till_seq == 2
         with pytest.raises(asyncpg.UniqueViolationError, match="archived already"):
             await conn.execute(
                 "insert into archive_records (record_id, account_id, till_id, till_seq, kind, schema_version, content_sha256, "
