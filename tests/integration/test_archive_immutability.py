@@ -197,6 +197,8 @@ async def test_the_services_role_may_only_read_and_insert_the_archive(env: Envir
         for name in ("accounts", "tills"):
             assert await conn.fetchval("select has_table_privilege($1, $2, 'SELECT, INSERT, UPDATE')", SERVICE_DATABASE_ROLE, name)
             assert not await conn.fetchval("select has_table_privilege($1, $2, 'DELETE')", SERVICE_DATABASE_ROLE, name)
+        for column in ("till_id", "account_id", "serial_number"):  # what finds a till's records
+            assert not await conn.fetchval("select has_column_privilege($1, 'tills', $2, 'UPDATE')", SERVICE_DATABASE_ROLE, column)
         role = await conn.fetchrow(
             """
             select r.rolsuper, r.rolcreaterole, r.rolcreatedb, r.rolbypassrls,
@@ -277,6 +279,10 @@ async def test_nothing_inside_the_retention_period_can_be_dropped(env: Environme
             (f"alter table archive_records detach partition {partition} concurrently", "detaching a partition"),
             ("alter table archive_records alter column payload type jsonb using payload || '{}'::jsonb",
              "rewriting the archive table"),
+            ("alter table archive_records detach /**/ partition archive_records_default", "not the default partition"),
+            ("alter table archive_records enable row level security", "row security is on"),
+            ("alter table archive_record_keys drop constraint archive_record_keys_till_id_till_seq_key",
+             "constraint archive_record_keys_till_id_till_seq_key of archive_record_keys is missing"),
             ("alter table archive_record_keys alter column content_sha256 type bytea using content_sha256 || ''::bytea",
              "rewriting the archive table archive_record_keys"),
             (f"alter table {partition} rename to old_records", "is not archive_records_default nor one calendar month"),

@@ -494,6 +494,24 @@ async def test_refused_uploads_and_receipts_closed_twice_are_named_and_not_expor
         )
         assert export.exit_code == 1 and "is archived closed in two different versions" in export.stderr, export.output
         assert not (tmp_path / "x.zip").exists()
+        # another till closes the same receipt (as if it had been paid there too)
+        other = await signed_in(env, tmp_path, account, "Kasse Drei")
+        try:
+            taken = receipt(1).model_copy(update={"receipt_id": first.receipt_id})
+            await publish(env, other, upload(other, 1, taken), upload(other, 2, zreport(1, [taken])))
+            await wait_archived(env, other, 2)
+            result = await archive_status_cli(env, "--till", str(other.store.identity().till_id))
+            assert any(f"receipt {first.receipt_id} is archived closed by 2 tills" in p for p in lines_of(result, other)[1:])
+            export = await asyncio.to_thread(
+                CliRunner().invoke, app,
+                ["archive", "export-dsfinvk", "--till", str(other.store.identity().till_id), "--from", str(now().date()),
+                 "--to", str(now().date()), "--output", str(tmp_path / "y.zip")],
+                env={"TILLSYNC_DATABASE_URL": env.settings.database_url, "COLUMNS": "1000"},
+            )
+            assert export.exit_code == 1 and "archived closed by another till too" in export.stderr, export.output
+            assert f"receipt {first.receipt_id} also closed by till {till.store.identity().till_id}" in export.stderr
+        finally:
+            other.close()
     finally:
         till.close()
 

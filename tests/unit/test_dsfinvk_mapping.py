@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 from dsfinvk.collection import Collection
+from dsfinvk import models as dm
 from dsfinvk.models import Bonkopf, Bonpos
 from dsfinvk.validate import validate_zip
 
@@ -198,3 +199,15 @@ def test_discrepancies_name_what_does_not_add_up() -> None:
 def test_ranges() -> None:
     assert _ranges([3]) == "3"
     assert _ranges([3, 4, 5, 9, 11, 12]) == "3-5, 9, 11-12"
+
+
+def test_the_zip_is_never_written_through_a_link_at_its_partial_file(tmp_path: Path) -> None:
+    victim = tmp_path / "victim.txt"
+    victim.write_text("keep me")
+    (tmp_path / "out.zip.part").symlink_to(victim)
+    with _ZipWriter(tmp_path / "out.zip") as writer:
+        writer.add(dm.Stamm_USt, Z_KASSE_ID="K", Z_ERSTELLUNG=T0, Z_NR=1, UST_SCHLUESSEL=1, UST_SATZ=Decimal("19"), UST_BESCHR="x")
+        writer.finish()
+    assert victim.read_text() == "keep me"
+    assert zipfile.is_zipfile(tmp_path / "out.zip") and not (tmp_path / "out.zip").is_symlink()
+    assert not (tmp_path / "out.zip.part").exists()
