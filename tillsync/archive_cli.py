@@ -5,15 +5,19 @@ from __future__ import annotations
 import asyncio
 from typing import Any, Optional
 
-import asyncpg
 import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from shared.db import init_connection
 from shared.settings import ServiceSettings
 from tillsync.archive import purge_expired_command, retention_command
 from tillsync.archive_status import archive_status_command
-from tillsync.archive_tills import archive_integrity_problems, select_tills, till_label, tills_without_row
+from tillsync.archive_tills import (
+    archive_integrity_problems,
+    connect_archive,
+    select_tills,
+    till_label,
+    tills_without_row,
+)
 from tillsync.archive_verify import ChainReport, verify_archive
 from tillsync.console import err, friendly, out
 from tillsync.dsfinvk_export import export_dsfinvk_command
@@ -78,8 +82,7 @@ def archive_verify_command(till: Optional[str] = TillOption, account: Optional[s
     settings = ServiceSettings()
 
     async def body() -> tuple[list[tuple[ChainReport, str]], list[str]]:
-        conn = await asyncpg.connect(settings.database_url)
-        await init_connection(conn)
+        conn = await connect_archive(settings.database_url)
         try:
             problems = await archive_integrity_problems(conn)
             tills: list[Any] = list(await select_tills(conn, till, account))

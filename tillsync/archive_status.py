@@ -51,7 +51,7 @@ from rich.text import Text
 from shared.consumer import validation_summary
 from shared.models import Receipt, ZReport
 from shared.settings import ServiceSettings
-from tillsync.archive_tills import archive_integrity_problems, select_tills
+from tillsync.archive_tills import archive_integrity_problems, connect_archive, select_tills
 from tillsync.console import friendly, out
 
 
@@ -737,7 +737,7 @@ def _status(till: str | None, account: str | None, all_: bool) -> None:
     settings = ServiceSettings()
 
     async def body() -> tuple[list[TillStatus], list[str]]:
-        conn = await asyncpg.connect(settings.database_url)
+        conn = await connect_archive(settings.database_url, decode_json=False)
         try:
             problems = await archive_integrity_problems(conn)
             try:
@@ -759,7 +759,7 @@ def _status(till: str | None, account: str | None, all_: bool) -> None:
         out.print(Text(f"{status.name} of {status.account_name}: ") + verdict + Text(f"; {status.facts()}"))
         for problem in status.problems():
             out.print(f"  - {problem}")
-    out.print(_summary(statuses, incomplete))
+    out.print(_summary(statuses, incomplete) + (f"; {len(problems)} problem(s) of the archive itself" if problems else ""))
     if incomplete or problems:
         raise typer.Exit(1)
 
@@ -769,7 +769,7 @@ def _summary(statuses: list[TillStatus], incomplete: list[TillStatus]) -> str:
         return "no tills to check"
     checked = f"{len(statuses)} {'till' if len(statuses) == 1 else 'tills'} checked"
     if not incomplete:
-        return f"{checked}: the archive is complete"
+        return f"{checked}: every till's archive is complete"
     found = [
         (sum(len(s.incomplete_zreports) for s in incomplete), "incomplete Z-report"),
         (sum(r.count for s in incomplete for r in s.missing_z_numbers), "missing Z number"),

@@ -68,16 +68,62 @@ async def select_tills(
     return rows
 
 
+# The archive's readers name everything through pg_catalog first, then public: set by the
+# client at connection start, it overrides search paths set for the role or database.
+ARCHIVE_SEARCH_PATH = "pg_catalog, public"
+
+# What could hide archived rows from a reader (the same as migration 0009's
+# archive_integrity_problems(), run here itself so that a replaced function cannot hide it).
+_INTEGRITY = r"""
+select pg_catalog.format('row security is on for the archive table %s: policies could hide its rows', c.relname)
+from pg_catalog.pg_class c join pg_catalog.pg_namespace n on n.oid = c.relnamespace
+where n.nspname = 'public' and (c.relname like 'archive\_%' or c.relname = 'password_reset_audit')
+  and (c.relrowsecurity or c.relforcerowsecurity)
+union all
+select pg_catalog.format('partition %s of archive_records is being detached: its records are hidden', c.relname)
+from pg_catalog.pg_inherits i join pg_catalog.pg_class c on c.oid = i.inhrelid
+where i.inhparent = 'public.archive_records'::pg_catalog.regclass and i.inhdetachpending
+union all
+select 'archive_records_default is not the default partition of archive_records'
+where not exists (select 1 from pg_catalog.pg_inherits i join pg_catalog.pg_class c on c.oid = i.inhrelid
+                  where i.inhparent = 'public.archive_records'::pg_catalog.regclass and c.relname = 'archive_records_default')
+union all
+select pg_catalog.format('the %s constraint of %s on (%s) is missing: the archive relies on it', want.kind, want.tab, want.cols)
+from (values ('archive_record_keys', 'p', 'record_id'), ('archive_record_keys', 'u', 'till_id, till_seq'),
+             ('archive_records', 'p', 'record_id, archived_at')) want (tab, kind, cols)
+where not exists (
+    select 1 from pg_catalog.pg_constraint k
+    where k.conrelid = ('public.' || want.tab)::pg_catalog.regclass and k.contype = want.kind::"char"
+      and (select pg_catalog.string_agg(a.attname, ', ' order by x.ord)
+           from pg_catalog.unnest(k.conkey) with ordinality x (attnum, ord)
+           join pg_catalog.pg_attribute a on a.attrelid = k.conrelid and a.attnum = x.attnum) = want.cols
+)
+union all
+select pg_catalog.format('%s on this connection is not public.%s: another schema shadows the archive', t, t)
+from pg_catalog.unnest(array['archive_records', 'archive_record_keys', 'archive_conflicts', 'tills', 'accounts']) t
+where pg_catalog.to_regclass(t) is distinct from pg_catalog.to_regclass('public.' || t)
+"""
+
+
+async def connect_archive(database_url: str, decode_json: bool = True) -> asyncpg.Connection:
+    """A connection for reading the archive: search path ``pg_catalog, public`` (whatever
+    the role or database sets), ``jsonb`` decoded to Python objects if ``decode_json``.
+    Raises ``OSError`` or ``asyncpg.PostgresError`` when the database cannot be reached."""
+    from shared.db import init_connection
+
+    conn = await asyncpg.connect(database_url, server_settings={"search_path": ARCHIVE_SEARCH_PATH})
+    if decode_json:
+        await init_connection(conn)
+    return conn
+
+
 async def archive_integrity_problems(conn: asyncpg.Connection) -> list[str]:
     """What keeps the archive's checks from seeing every archived row, one sentence each
     (empty: nothing): row security on an archive table, a partition being detached, the
-    default partition gone, an exactly-once constraint missing (migration 0009), or a
-    table of another schema shadowing the archive on this connection's search path."""
-    problems = [r[0] for r in await conn.fetch("select * from public.archive_integrity_problems()")]
-    for table in ("archive_records", "archive_record_keys", "archive_conflicts", "tills", "accounts"):
-        if await conn.fetchval("select to_regclass($1) is distinct from to_regclass('public.' || $1)", table):
-            problems.append(f"{table} on this connection is not public.{table}: another schema shadows the archive")
-    return problems
+    default partition gone, an exactly-once constraint missing or changed, or a table of
+    another schema shadowing the archive on this connection's search path. Read from
+    ``pg_catalog`` here (migration 0009's DDL guard refuses the same changes)."""
+    return [r[0] for r in await conn.fetch(_INTEGRITY)]
 
 
 async def tills_without_row(conn: asyncpg.Connection) -> list[UUID]:

@@ -51,11 +51,11 @@ from rich.table import Table
 
 from shared.broker_admin import BrokerAdmin
 from shared.fiscal import PaymentType
-from shared.db import create_pool, init_connection
+from shared.db import create_pool
 from shared.settings import amqp_url_with_credentials
 from shared.topology import ARCHIVE_WRITER_QUEUE, SIGNUP_USER
 from tillsync.archive_status import archive_status
-from tillsync.archive_tills import select_tills
+from tillsync.archive_tills import connect_archive, select_tills
 from tillsync.archive_verify import verify_archive
 from tillsync.bakery import ARTICLE_GROUPS, CASHIERS, PAYMENT_TYPES, VAT_RATES, BakeryExport, Ticket, read_export
 from tillsync.dsfinvk_export import export_dsfinvk
@@ -699,8 +699,7 @@ async def _archive_checks(settings: DemoSettings, account_name: str, run_dir: Pa
     export per till (into ``run_dir``) checked by the ``dsfinvk`` library's validator.
     Returns the ``DemoReport`` fields ``chains_intact``, ``archive_complete``,
     ``dsfinvk_exports`` and ``dsfinvk_valid``."""
-    conn = await asyncpg.connect(settings.database_url)
-    await init_connection(conn)
+    conn = await connect_archive(settings.database_url)
     try:
         tills = await select_tills(conn, account=account_name)
         chains = await verify_archive(conn, tills)

@@ -101,7 +101,7 @@ from shared.fiscal import VAT_PERCENT, PaymentType, VatKey, split_gross
 from shared.models import Receipt, ZReport
 from shared.settings import DEFAULT_DATABASE_URL, BaseTillsyncSettings
 from tillsync.archive_status import closing_differences
-from tillsync.archive_tills import archive_integrity_problems, select_tills
+from tillsync.archive_tills import archive_integrity_problems, connect_archive, select_tills
 from tillsync.console import err, friendly, out, words
 
 BERLIN = ZoneInfo("Europe/Berlin")
@@ -876,7 +876,7 @@ def _run_export(
     settings = ArchiveExportSettings()
 
     async def body() -> ExportSummary:
-        conn = await asyncpg.connect(settings.database_url)
+        conn = await connect_archive(settings.database_url, decode_json=False)
         try:
             found = await resolve_till(conn, till, account)
             path = output or default_output(found, date_from, date_to)

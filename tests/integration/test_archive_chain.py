@@ -298,3 +298,43 @@ async def test_deleted_moved_and_unchained_records_are_broken_links(services, en
     finally:
         for till in tills.values():
             till.close()
+
+
+async def test_a_shadowing_search_path_and_a_replaced_check_function_cannot_hide_records(
+    services, env: Environment, tmp_path: Path
+) -> None:
+    account = new_account_name()
+    till = await selling_till(env, tmp_path, account, "Kasse 1", 3)
+    try:
+        await wait_until(lambda: _equals(archived_count(env, till), 4), what="the records archived")
+        conn = await superuser(env)
+        try:
+            # the owner shadows the archive for the services' role and replaces the database's own check
+            await conn.execute(
+                f"""
+                create schema shadow;
+                create view shadow.archive_records as select * from public.archive_records where till_seq < 3;
+                create view shadow.archive_record_keys as select * from public.archive_record_keys where till_seq < 3;
+                grant usage on schema shadow to tillsync_service;
+                grant select on all tables in schema shadow to tillsync_service;
+                alter role tillsync_service in database "{env.database}" set search_path = shadow, public;
+                create or replace function archive_integrity_problems() returns setof text language sql
+                    as $$ select null::text where false $$;
+                """
+            )
+        finally:
+            await conn.close()
+        result = await verify(env, "--account", account)
+        # read through pg_catalog and public only: every record is seen, and the chain is intact
+        assert result.exit_code == 0 and "4 records: every chain intact" in result.output, result.output
+        conn = await superuser(env)
+        try:
+            # with its check function replaced, the database's own guard lets row security on ...
+            await conn.execute("alter table archive_records enable row level security")
+        finally:
+            await conn.close()
+        # ... but the readers check the catalog themselves
+        result = await verify(env, "--account", account)
+        assert result.exit_code == 1 and "row security is on for the archive table archive_records" in result.output, result.output
+    finally:
+        till.close()

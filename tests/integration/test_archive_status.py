@@ -201,7 +201,7 @@ async def test_a_withheld_receipt_makes_its_z_report_incomplete_until_it_arrives
         await till.stop_sync()
         result = await archive_status_cli(env, "--till", str(till.store.identity().till_id))
         assert result.exit_code == 0, result.output
-        assert output(result) == ["1 till checked: the archive is complete"]
+        assert output(result) == ["1 till checked: every till's archive is complete"]
         status = await status_of(env, till)
         assert status.complete and status.zreports == 1 and status.open_business_day is None
     finally:
@@ -399,7 +399,7 @@ async def test_a_complete_till_is_reported_complete(env: Environment, tmp_path: 
 
         result = await archive_status_cli(env, "--account", name)
         assert result.exit_code == 0, result.output
-        assert output(result) == ["1 till checked: the archive is complete"]
+        assert output(result) == ["1 till checked: every till's archive is complete"]
         result = await archive_status_cli(env, "--account", name.upper(), "--all")
         assert result.exit_code == 0, result.output
         heading, summary = output(result)
@@ -408,7 +408,7 @@ async def test_a_complete_till_is_reported_complete(env: Environment, tmp_path: 
             f"of {name}: complete; 6 records (till_seq up to 6), 1 Z-report (up to Z 1); "
             "open business day: 2 receipts (4–5), 3,98 €"
         )
-        assert summary == "1 till checked: the archive is complete"
+        assert summary == "1 till checked: every till's archive is complete"
     finally:
         await till.stop_sync()
         till.close()
