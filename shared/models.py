@@ -996,6 +996,19 @@ class TillRecordShared(WireModel):
     record: Annotated[Union[Receipt, ZReport], Field(discriminator="kind")]
 
 
+class RecordRefused(WireModel):
+    """To the till that uploaded it: the archive refused its record ``record_id`` at
+    ``till_seq`` (``reason``: e.g. another record is archived at that till_seq, or the
+    record breaks the till's hash chain). The archive keeps the refused upload for the
+    operator (``archive_conflicts``); the till shows it as a notice."""
+
+    type: Literal["record_refused"] = "record_refused"
+    record_id: UUID
+    till_seq: Counter
+    kind: str
+    reason: str
+
+
 class Download(WireModel):
     """Envelope of every message a till receives on its queue ``till.<till_id>``."""
 
@@ -1013,6 +1026,7 @@ class Download(WireModel):
             ReceiptSnapshot,
             ReceiptCatchUpDone,
             TillRecordShared,
+            RecordRefused,
         ],
         Field(discriminator="type"),
     ]

@@ -43,6 +43,7 @@ from shared.models import (
     ReceiptCatchUpRequest,
     ReceiptEventAccepted,
     ReceiptEventRefused,
+    RecordRefused,
     ReceiptSnapshot,
     TillRecordShared,
 )
@@ -315,6 +316,9 @@ class FeedClient:
                     self._refresh.set()  # the next page of other tills' records
         elif isinstance(body, TillRecordShared):
             self._count(self._store.apply_shared_record(body, till_id))
+        elif isinstance(body, RecordRefused):
+            self._count(self._store.apply_record_refused(body))
+            log.warning("record_refused_by_archive", record_id=str(body.record_id), till_seq=body.till_seq, reason=body.reason)
         return False
 
     def _on_entry(self, entry: FeedEntry, till_id: uuid.UUID | None) -> None:

@@ -41,6 +41,7 @@ from shared.models import (
     Receipt,
     ReceiptEvent,
     ReceiptEventRefused,
+    RecordRefused,
     ReceiptOpened,
     ReceiptPaid,
     ReceiptSnapshot,
@@ -602,6 +603,25 @@ class HandoverStore:
             (dt.datetime.now(dt.UTC).isoformat(), str(receipt_id) if receipt_id else None,
              str(record_id) if record_id else None, code, message),
         )
+
+    def apply_record_refused(self, refused: RecordRefused) -> str:
+        """Keep the archive's refusal of one of this till's records as a notice (code
+        ``archive_refused``; once per record). Returns ``archive_refused`` or ``repeat``."""
+        with transaction(self._db):
+            if self._db.execute(
+                "select 1 from receipt_notices where record_id = ? and code = 'archive_refused'", (str(refused.record_id),)
+            ).fetchone():
+                return "repeat"
+            self._notice(
+                None, refused.record_id, "archive_refused",
+                f"the archive refused this till's {refused.kind} record {refused.record_id} (till_seq {refused.till_seq}): "
+                f"{refused.reason}. The archive keeps what was sent for the operator; tell your service technician",
+            )
+        return "archive_refused"
+
+    def archive_refusals(self) -> int:
+        """How many of this till's records the archive refused (notices ``archive_refused``)."""
+        return int(self._db.execute("select count(*) from receipt_notices where code = 'archive_refused'").fetchone()[0])
 
     def apply_handover_refused(self, refused: ReceiptEventRefused, till_id: UUID | None = None) -> str:
         """Apply the refusal of one of this till's events: the event is marked refused and a

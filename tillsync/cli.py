@@ -876,8 +876,10 @@ def till_sync(
     differences = len(till.differences())
     notices = len(till.notices())
     new_notices = notices - notices_before
+    refused = till.store.archive_refusals()
     out.print(
         f"in sync: all records uploaded{f' ({last.held} held by the upload switches)' if last.held else ''}"
+        + (f", but the archive refused {refused} of them (see the notices)" if refused else "")
         + (f"; master data up to date ({', '.join(categories)})" if categories else "")
         + (f"; shared receipts up to date ({len(till.open_receipts())} open)" if receipts else "")
         + (f"; {differences} master-data differences to decide: `tillsync till differences`" if differences else "")
@@ -1038,7 +1040,9 @@ def till_status(data_dir: Optional[Path] = DataDir) -> None:
         ("till id", str(identity.till_id or "-")),
         ("signed in", "yes" if identity.signed_in else "no"),
         ("sync", f"{'on' if enabled else 'off'}, mode {mode}" + _switches(flags)),
-        ("outbox", f"{pending} pending, {sent} sent" + (f", {held} held by the upload switches" if held else "")),
+        ("outbox", f"{pending} pending, {sent} sent" + (f", {held} held by the upload switches" if held else "")
+         + (f", {till.store.archive_refusals()} refused by the archive (`tillsync till notices`)"
+            if till.store.archive_refusals() else "")),
         ("master data", ", ".join(f"{n} {kind}" for kind, n in sorted(till.store.masterdata_counts().items())) or "none"),
         ("master-data sync", ", ".join(
             f"{c} at feed {till.store.feed_position(c)}{'' if till.store.caught_up(c) else ' (not caught up)'}"
@@ -1379,11 +1383,12 @@ def till_receipt(
 @till_app.command("notices")
 @_friendly
 def till_notices(data_dir: Optional[Path] = DataDir) -> None:
-    """List what the router refused of this till's receipt events, and what the till did about it."""
+    """List what the router refused of this till's receipt events (and what the till did
+    about it) and the records the archive refused."""
     till = _open_till(data_dir)
     notices = till.notices()
     if not notices:
-        out.print("no notices: the router refused none of this till's receipt events")
+        out.print("no notices: the router refused none of this till's receipt events, the archive none of its records")
         return
     table = Table(title=f"{len(notices)} notices")
     for column in ("#", "when (UTC)", "receipt", "code", "message"):

@@ -30,7 +30,8 @@ import rfc8785
 
 from shared.chain import chain_hash
 from shared.consumer import Delivery
-from shared.models import Upload
+from shared.models import Download, RecordRefused, Upload
+from shared.topology import DOWNLOAD_EXCHANGE, till_direct_routing_key
 from shared.uploads import sender_problem
 
 
@@ -92,10 +93,11 @@ async def archive_uploads(deliveries: list[Delivery[Upload]], conn: asyncpg.Conn
             d.refuse(f"record has no canonical JSON form (RFC 8785): {exc}", outcome="invalid")
             continue
         if expected != u.chain_hash:
-            d.refuse(
+            _refuse(
+                d,
                 f"chain_hash {u.chain_hash} of record {u.record_id} (till_seq {u.till_seq}) does not match its "
                 f"content and prev_hash (SHA-256 gives {expected}): changed on the way or made wrongly",
-                outcome="invalid",
+                "invalid",
             )
             continue
         item = (d, digest, payload)
@@ -159,7 +161,7 @@ async def _linked(items: list[Item], conn: asyncpg.Connection) -> list[Item]:
             passed.append(item)
             continue
         reason = f"record {u.record_id} breaks the hash chain of till {u.till_id}: {problem}; the archive is not changed"
-        d.refuse(reason, outcome="conflict")
+        _refuse(d, reason, "conflict")
         conflicts.append((u.record_id, u.account_id, u.till_id, u.till_seq, digest, payload, reason))
     await _keep_conflicts(conflicts, conn)
     return passed
@@ -190,6 +192,21 @@ def _link_problem(
             f"not to this record's {u.chain_hash}"
         )
     return None
+
+
+def _refuse(d: Delivery[Upload], reason: str, outcome: str) -> None:
+    """Refuse the upload (dead-lettered with ``reason``) and tell the till that sent it
+    (its direct routing key; a till with sync off is not bound and learns nothing)."""
+    d.refuse(reason, outcome=outcome)
+    u = d.body
+    d.emit(
+        DOWNLOAD_EXCHANGE,
+        till_direct_routing_key(u.account_id, u.till_id),
+        Download(
+            account_id=u.account_id,
+            message=RecordRefused(record_id=u.record_id, till_seq=u.till_seq, kind=u.record.kind, reason=reason),
+        ),
+    )
 
 
 def _hex(value: bytes | None) -> str | None:
@@ -244,6 +261,6 @@ async def _judge_repeats(items: list[Item], conn: asyncpg.Connection) -> None:
                 f"till_seq {u.till_seq} of till {u.till_id} is already archived as record {other_id}; "
                 f"record {u.record_id} is refused"
             )
-        d.refuse(reason, outcome="conflict")
+        _refuse(d, reason, "conflict")
         conflicts.append((u.record_id, u.account_id, u.till_id, u.till_seq, digest, payload, reason))
     await _keep_conflicts(conflicts, conn)

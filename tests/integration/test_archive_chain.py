@@ -192,6 +192,12 @@ async def test_uploads_that_break_the_chain_are_refused_on_arrival(services, env
         assert await fetchval(
             env, "select reason from archive_conflicts where record_id = $1", wrong_link.record_id
         ) == reason  # kept for the operator, not lost
+        # and the till that sent it hears of it: a notice, counted in its status
+        till.start_sync()
+        await wait_until(lambda: till.store.archive_refusals() == 1, what="the till told of the refusal")
+        await till.stop_sync()
+        [notice] = [n for n in till.notices() if n.code == "archive_refused"]
+        assert notice.record_id == wrong_link.record_id and "till_seq 4" in notice.message and "breaks the hash chain" in notice.message
         # a chain_hash that does not fit the content (changed on the way)
         honest = Upload.sealed(
             await fetchval(env, "select encode(chain_hash, 'hex') from archive_records where record_id = $1", last[0]),
