@@ -19,6 +19,7 @@ from shared.models import (
     DOWNLOAD_ADAPTER,
     Cashier,
     Download,
+    RecordRefused,
     ReceiptCatchUpDone,
     ReceiptCatchUpRequest,
     ReceiptEvent,
@@ -699,9 +700,17 @@ async def test_another_tills_record_id_and_oversized_catch_ups_are_refused(servi
             receipt_ids=(secret, *(uuid.uuid4() for _ in range(999))),
         )
         await publish_as_till(env, x, many.model_dump_json().encode(), receipt_catchup_routing_key(me.account_id, me.till_id))
-        answers = await wait_until(
-            lambda: _queued_downloads(env, x), what="the answer on X's queue"
-        )
+        taken: list[Download] = []
+
+        async def answered() -> bool:
+            taken.extend(await _queued_downloads(env, x))
+            types = {type(t.message) for t in taken}
+            return ReceiptCatchUpDone in types and RecordRefused in types
+
+        await wait_until(answered, what="the answer and the archive's refusal on X's queue")
+        # the archive writer refused the forged upload too (its record_id is archived) and told X
+        assert [t.message.record_id for t in taken if isinstance(t.message, RecordRefused)] == [stolen]
+        answers = [t for t in taken if not isinstance(t.message, RecordRefused)]
         assert len(answers) == 1  # one answer, not one per unknown receipt; the other account's receipt is unknown here
         done = answers[0].message
         assert isinstance(done, ReceiptCatchUpDone) and done.receipts == 0 and len(done.unknown_receipts) == 1000
