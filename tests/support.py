@@ -159,6 +159,15 @@ def new_till(env: Environment, tmp_path: Path, serial: str | None = None, name: 
     return Till(store, TillSettings(cloud_amqp_url=env.signup_url, request_timeout_seconds=20))
 
 
+async def signed_in_till(env: Environment, tmp_path: Path, account: str, name: str = "Kasse", create: bool = False) -> Till:
+    """A new till signed in to ``account``; with ``create`` it creates the account first."""
+    till = new_till(env, tmp_path, name=name)
+    if create:
+        await till.create_account(account, STRONG_PASSWORD)
+    await till.sign_in(account, STRONG_PASSWORD)
+    return till
+
+
 def new_account_name() -> str:
     return f"shop-{uuid.uuid4().hex[:10]}@example.com"
 

@@ -10,7 +10,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from shared.settings import ServiceSettings
 from tillsync.archive import purge_expired_command, retention_command
-from tillsync.archive_status import archive_status_command
+from tillsync.archive_status import archive_status_command, ranges_text
 from tillsync.archive_tills import (
     archive_integrity_problems,
     connect_archive,
@@ -34,10 +34,6 @@ TillOption = typer.Option(None, "--till", help="one till: its id, serial number 
 AccountOption = typer.Option(None, "--account", help="only the tills of this account (account name)")
 
 
-def _ranges(ranges: list[tuple[int, int]]) -> str:
-    return ", ".join(str(a) if a == b else f"{a}–{b}" for a, b in ranges)
-
-
 def _chain_lines(report: ChainReport, label: str) -> list[str]:
     if report.intact:
         lines = [f"OK      {label}: {report.records} records, chain intact"]
@@ -59,7 +55,7 @@ def _chain_lines(report: ChainReport, label: str) -> list[str]:
         lines.append(f"        {report.other_refusals} other uploads were refused (archive_conflicts)")
     if report.missing:
         lines.append(
-            f"        till_seq {_ranges(report.missing)} never archived: links across them not checked "
+            f"        till_seq {ranges_text(report.missing)} never archived: links across them not checked "
             "(see `tillsync archive status`)"
         )
     if report.unchained:

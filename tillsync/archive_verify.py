@@ -38,6 +38,7 @@ from pydantic import ValidationError
 from shared.chain import chain_hash
 from shared.consumer import validation_summary
 from shared.models import Upload
+from tillsync.archive_status import NumberRange
 
 # every key of the till with its row (none: the row is gone or was moved to another time)
 _ROWS = """
@@ -87,7 +88,7 @@ class ChainReport:
 
     ``records``: records checked; ``broken``: records that failed a check (also those
     gone from the archive and rows without a key); ``first_broken``: the first of them;
-    ``missing``: ``(first, last)`` till_seq ranges never archived; ``unchained``: rows
+    ``missing``: till_seq ranges never archived; ``unchained``: rows
     archived before chaining; ``chain_refusals``: uploads refused for breaking the chain
     (counted as broken); ``other_refusals``: other refused uploads (``archive_conflicts``);
     ``purged``: records whose month was dropped past the retention period (keys remain);
@@ -101,7 +102,7 @@ class ChainReport:
     records: int = 0
     broken: int = 0
     first_broken: BrokenLink | None = None
-    missing: list[tuple[int, int]] = field(default_factory=list)
+    missing: list[NumberRange] = field(default_factory=list)
     unchained: int = 0
     chain_refusals: int = 0
     other_refusals: int = 0
@@ -218,7 +219,7 @@ async def verify_till(
         async for row in conn.cursor(_ROWS, till["till_id"], prefetch=1000):
             seq = row["key_till_seq"]
             if seq != previous_seq + 1:
-                report.missing.append((previous_seq + 1, seq - 1))
+                report.missing.append(NumberRange(previous_seq + 1, seq - 1))
             report.records += 1
             if row["record_id"] is None and row["purged"]:  # its month was dropped past the retention period
                 report.purged += 1

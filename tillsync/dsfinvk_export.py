@@ -99,7 +99,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from shared.consumer import validation_summary
 from shared.fiscal import VAT_PERCENT, PaymentType, VatKey, split_gross
 from shared.models import Receipt, ZReport
-from shared.settings import DEFAULT_DATABASE_URL, BaseTillsyncSettings
+from shared.settings import ServiceSettings
 from tillsync.archive_status import closing_differences
 from tillsync.archive_tills import archive_integrity_problems, connect_archive, select_tills
 from tillsync.console import err, friendly, out, words
@@ -827,12 +827,6 @@ def _first_line(doc: str | None) -> str:
 # command line: tillsync archive export-dsfinvk
 
 
-class ArchiveExportSettings(BaseTillsyncSettings):
-    """Settings of the export command (environment ``TILLSYNC_*``): the database only."""
-
-    database_url: str = DEFAULT_DATABASE_URL
-
-
 def default_output(till: TillRef, date_from: dt.date, date_to: dt.date) -> Path:
     """``dsfinvk_<serial>_<from>_<to>.zip`` in the working directory (unsafe characters as ``_``)."""
     serial = re.sub(r"[^A-Za-z0-9._-]", "_", till.serial_number)
@@ -873,7 +867,7 @@ def _run_export(
         raise ExportError(f"{output} exists and is no regular file: name a new file or a regular file to replace")
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, _interrupted)  # clean up the partial files, as on Ctrl-C
-    settings = ArchiveExportSettings()
+    settings = ServiceSettings()
 
     async def body() -> ExportSummary:
         conn = await connect_archive(settings.database_url, decode_json=False)

@@ -27,6 +27,7 @@ from tests.support import (
     new_till,
     publish_as_till,
     sell,
+    signed_in_till,
     wait_until,
 )
 from tillsync.cli import app
@@ -60,10 +61,8 @@ async def fetchrow(env: Environment, query: str, *args: object) -> asyncpg.Recor
 
 async def selling_till(env: Environment, tmp_path: Path, account: str, name: str, receipts: int) -> Till:
     """A till of ``account`` (created by its first till) that sold ``receipts`` and closed the day, all uploaded."""
-    till = new_till(env, tmp_path, name=name)
-    if not await fetchval(env, "select 1 from accounts where account_name = $1", account):
-        await till.create_account(account, STRONG_PASSWORD)
-    await till.sign_in(account, STRONG_PASSWORD)
+    first = not await fetchval(env, "select 1 from accounts where account_name = $1", account)
+    till = await signed_in_till(env, tmp_path, account, name, create=first)
     sell(till, receipts)
     till.close_day(dt.datetime.now(dt.UTC).date(), dt.datetime.now(dt.UTC))
     till.start_sync()

@@ -20,7 +20,7 @@ from typer.testing import CliRunner, Result
 from shared.db import MIGRATIONS_DIR, load_migrations, migrate
 from shared.settings import SERVICE_DATABASE_ROLE
 from tests.support import (
-    STRONG_PASSWORD, Environment, drop_database, fetchval, new_account_name, new_till, sell, wait_until,
+    Environment, drop_database, fetchval, new_account_name, sell, signed_in_till, wait_until,
 )
 from tillsync.archive_verify import verify_till
 from tillsync.cli import app
@@ -94,10 +94,7 @@ async def cli(env: Environment, *args: str) -> Result:
 @pytest.fixture(scope="module")
 async def archived(env, services, tmp_path_factory):  # type: ignore[no-untyped-def]
     """A receipt archived through the services: (record_id, archived_at)."""
-    till = new_till(env, tmp_path_factory.mktemp("immutable"))
-    account = new_account_name()
-    await till.create_account(account, STRONG_PASSWORD)
-    await till.sign_in(account, STRONG_PASSWORD)
+    till = await signed_in_till(env, tmp_path_factory.mktemp("immutable"), new_account_name(), create=True)
     till.start_sync()
     try:
         sell(till, 1)

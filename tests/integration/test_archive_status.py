@@ -25,7 +25,9 @@ from typer.testing import CliRunner, Result
 from shared.fiscal import PaymentType, VatKey
 from shared.models import Cashier, Receipt, Upload, ZReport
 from shared.topology import upload_routing_key
-from tests.support import STRONG_PASSWORD, Environment, fetchval, new_account_name, new_till, publish_as_till, sell, wait_until
+from tests.support import (
+    STRONG_PASSWORD, Environment, fetchval, new_account_name, new_till, publish_as_till, sell, signed_in_till, wait_until,
+)
 from till_agent.booking import SaleLine, closed_receipt, z_report
 from till_agent.store import RECORD_ADAPTER
 from till_agent.till import Till
@@ -118,9 +120,7 @@ async def account(env: Environment, services, tmp_path_factory: pytest.TempPathF
 
 async def signed_in(env: Environment, tmp_path: Path, account: str, name: str) -> Till:
     """A new till signed in to ``account``; its sync stays off (nothing is uploaded by itself)."""
-    till = new_till(env, tmp_path, name=name)
-    await till.sign_in(account, STRONG_PASSWORD)
-    return till
+    return await signed_in_till(env, tmp_path, account, name)
 
 
 async def status_of(env: Environment, till: Till) -> TillStatus:

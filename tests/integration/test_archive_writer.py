@@ -17,7 +17,9 @@ from shared.amqp import ORIGINAL_USER_HEADER, REASON_HEADER
 from shared.fiscal import PaymentType, VatKey
 from shared.models import Cashier, Upload
 from shared.topology import ARCHIVE_WRITER_QUEUE, UPLOAD_EXCHANGE, upload_routing_key
-from tests.support import STRONG_PASSWORD, Environment, fetchval, new_account_name, new_till, sell, take_dead_letters, wait_until
+from tests.support import (
+    STRONG_PASSWORD, Environment, fetchval, new_account_name, new_till, sell, signed_in_till, take_dead_letters, wait_until,
+)
 from till_agent.booking import SaleLine, closed_receipt
 
 pytestmark = pytest.mark.integration
@@ -25,10 +27,7 @@ pytestmark = pytest.mark.integration
 
 @pytest.fixture(scope="module")
 async def till(env, services, tmp_path_factory):  # type: ignore[no-untyped-def]
-    till = new_till(env, tmp_path_factory.mktemp("writer"))
-    name = new_account_name()
-    await till.create_account(name, STRONG_PASSWORD)
-    await till.sign_in(name, STRONG_PASSWORD)
+    till = await signed_in_till(env, tmp_path_factory.mktemp("writer"), new_account_name(), create=True)
     yield till
     till.close()
 
