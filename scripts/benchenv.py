@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import secrets
 from contextlib import asynccontextmanager
-from typing import AsyncIterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import AsyncIterator, Iterable
 from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
@@ -12,6 +14,7 @@ import asyncpg
 from shared.broker_admin import BrokerAdmin
 from shared.settings import DatabaseAdminSettings
 from shared.topology import TILL_USER_PREFIX
+from tillsync.processes import SERVICES, ServiceProcess, service_env
 from tillsync.setup import SetupSettings, setup
 
 
@@ -47,3 +50,56 @@ async def throwaway_environment(base: DatabaseAdminSettings) -> AsyncIterator[tu
                 await server.execute(f'drop database if exists "{database}" with (force)')
             finally:
                 await server.close()
+
+
+def peak_rss_mib(pid: int | str = "self") -> float | None:
+    """The peak resident memory (``VmHWM``) of process ``pid`` in MiB, None where
+    ``/proc/<pid>/status`` cannot be read (not Linux, or the process is gone)."""
+    try:
+        with open(f"/proc/{pid}/status") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024  # kB
+    except OSError:
+        return None
+    return None
+
+
+@asynccontextmanager
+async def running_services(settings: SetupSettings, log_dir: Path, names: Iterable[str] = SERVICES) -> AsyncIterator[ServicePeaks]:
+    """Run the services ``names`` as real processes (``python -m services.<name>``, as in
+    production and the end-to-end tests) against ``settings``; wait until each is ready.
+
+    Yields a ``ServicePeaks``: ``processes`` by service name, and ``sample()`` that records
+    each running service's peak RSS so far; the peaks are sampled once more before the
+    processes are stopped (SIGTERM), so ``peaks_mib`` holds each service's peak over the run."""
+    env = service_env(settings.amqp_url, settings.database_url, settings.management_url)
+    peaks = ServicePeaks({name: ServiceProcess(name, env, log_dir) for name in names})
+    try:
+        for process in peaks.processes.values():
+            process.start()
+        for process in peaks.processes.values():
+            await process.wait_ready()
+        yield peaks
+        peaks.sample()
+    finally:
+        for process in peaks.processes.values():
+            process.stop()
+
+
+@dataclass
+class ServicePeaks:
+    """Service processes and the highest peak RSS seen of each (MiB)."""
+
+    processes: dict[str, ServiceProcess]
+    peaks_mib: dict[str, float] = field(default_factory=dict)
+
+    def sample(self) -> dict[str, float]:
+        """Read each running service's ``VmHWM`` and keep the highest per service; returns ``peaks_mib``.
+        A restarted process keeps its earlier peak (the maximum over all its runs)."""
+        for name, process in self.processes.items():
+            if process.process is not None and process.process.poll() is None:
+                value = peak_rss_mib(process.process.pid)
+                if value is not None:
+                    self.peaks_mib[name] = max(value, self.peaks_mib.get(name, 0.0))
+        return self.peaks_mib
