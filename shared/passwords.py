@@ -9,6 +9,7 @@ Hashing: argon2id through argon2-cffi with its RFC 9106 low-memory profile.
 from __future__ import annotations
 
 import asyncio
+import threading
 
 from argon2 import PasswordHasher
 from argon2.exceptions import InvalidHashError, VerificationError
@@ -17,6 +18,11 @@ SPECIAL_CHARACTERS = "!§$%&=+*#-.:,;<>"
 MIN_LENGTH = 8
 
 _hasher = PasswordHasher()  # argon2id, RFC 9106 low-memory parameters
+# Each hash or verification takes memory_cost (64 MiB) for its duration; at most this
+# many run at once per process, so a burst of sign-ins keeps a service under 300 MB
+# RSS (issue "Evidence": no service above 300 MB). More wait in their worker threads.
+MAX_CONCURRENT_HASHES = 2
+_hash_slots = threading.BoundedSemaphore(MAX_CONCURRENT_HASHES)
 # A hash of a password nobody knows: verified against when the account name is
 # unknown, so that an unknown name costs the same time as a wrong password.
 _DUMMY_HASH = _hasher.hash("unknown-account-dummy-Pw1!")
@@ -46,8 +52,14 @@ def password_problems(password: str) -> list[str]:
 
 
 async def hash_password(password: str) -> str:
-    """Return the argon2id hash (PHC string) of ``password``; runs in a worker thread."""
-    return await asyncio.to_thread(_hasher.hash, password)
+    """Return the argon2id hash (PHC string) of ``password``; runs in a worker thread,
+    at most ``MAX_CONCURRENT_HASHES`` at once."""
+
+    def _hash() -> str:
+        with _hash_slots:
+            return _hasher.hash(password)
+
+    return await asyncio.to_thread(_hash)
 
 
 async def verify_password(password_hash: str | None, password: str) -> bool:
@@ -55,11 +67,13 @@ async def verify_password(password_hash: str | None, password: str) -> bool:
 
     With ``password_hash=None`` (unknown account) a dummy hash is verified so the
     answer takes as long as for a wrong password; the result is then always False.
+    At most ``MAX_CONCURRENT_HASHES`` verifications and hashes run at once.
     """
 
     def _verify() -> bool:
         try:
-            ok = _hasher.verify(_DUMMY_HASH if password_hash is None else password_hash, password)
+            with _hash_slots:
+                ok = _hasher.verify(_DUMMY_HASH if password_hash is None else password_hash, password)
         except (VerificationError, InvalidHashError):
             return False
         return ok and password_hash is not None

@@ -7,6 +7,8 @@ Hashing: argon2id.
 
 from __future__ import annotations
 
+import asyncio
+
 import pytest
 
 from shared.passwords import hash_password, needs_rehash, password_problems, verify_password
@@ -150,3 +152,33 @@ async def test_verify_against_a_malformed_hash_is_false_not_an_error() -> None:
 @pytest.mark.asyncio
 async def test_a_fresh_hash_needs_no_rehash() -> None:
     assert needs_rehash(await hash_password(VALID)) is False
+
+
+async def test_at_most_two_argon2_computations_run_at_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each argon2 computation holds 64 MiB: a burst of sign-ins must not hold more than
+    ``MAX_CONCURRENT_HASHES`` of them (the account service stays under 300 MB RSS)."""
+    import threading
+    import time
+
+    from shared import passwords
+
+    running, peak, lock = 0, 0, threading.Lock()
+
+    def slow(*args: object) -> str:
+        nonlocal running, peak
+        with lock:
+            running += 1
+            peak = max(peak, running)
+        time.sleep(0.05)
+        with lock:
+            running -= 1
+        return "hash"
+
+    class CountingHasher:
+        hash = staticmethod(slow)
+        verify = staticmethod(slow)
+
+    monkeypatch.setattr(passwords, "_hasher", CountingHasher())
+    await asyncio.gather(*(passwords.hash_password("Pw-1xxxxx") for _ in range(4)),
+                         *(passwords.verify_password(None, "Pw-1xxxxx") for _ in range(4)))
+    assert peak == passwords.MAX_CONCURRENT_HASHES == 2
