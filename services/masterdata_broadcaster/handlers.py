@@ -136,12 +136,13 @@ async def broadcast_masterdata(deliveries: list[Delivery[Upload]], conn: asyncpg
         await _judge(candidates, conn)
     for d in repeats:
         first = seen[d.body.record_id]
-        if (d.body.account_id, d.body.till_id, d.body.record) != (first.body.account_id, first.body.till_id, first.body.record):
-            d.refuse(
-                f"record_id {d.body.record_id} came twice with other content (or from another till); a record_id "
-                "is never reused; the change is not applied",
-                outcome="record_id_reused",
-            )
+        if (d.body.account_id, d.body.till_id) != (first.body.account_id, first.body.till_id):
+            d.refuse(f"record_id {d.body.record_id} is already used by another till; the change is not applied",
+                     outcome="record_id_reused")
+            continue
+        if d.body.record != first.body.record:
+            d.refuse(f"record_id {d.body.record_id} came twice with other content; a record_id is never reused; "
+                     "the change is not applied", outcome="record_id_reused")
             continue
         d.outgoing = list(first.outgoing)
         d.outcome = f"repeat_{first.outcome}"
