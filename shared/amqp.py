@@ -27,6 +27,7 @@ QUEUE_HEADER = "x-tillsync-queue"
 ORIGINAL_ROUTING_KEY_HEADER = "x-tillsync-original-routing-key"
 ORIGINAL_USER_HEADER = "x-tillsync-original-user-id"
 REJECTED_AT_HEADER = "x-tillsync-rejected-at"
+ORIGINAL_SIZE_HEADER = "x-tillsync-original-size"  # bytes of a body not kept whole in the dead letter
 DIRECT_REPLY_TO = "amq.rabbitmq.reply-to"
 
 R = TypeVar("R")
@@ -41,15 +42,21 @@ async def connect(url: str, connection_name: str, robust: bool = True) -> Abstra
 
 
 async def dead_letter(
-    channel: AbstractChannel, message: AbstractIncomingMessage, queue: str, reason: str, body: bytes | None = None
+    channel: AbstractChannel,
+    message: AbstractIncomingMessage,
+    queue: str,
+    reason: str,
+    body: bytes | None = None,
+    original_size: int | None = None,
 ) -> None:
     """Publish ``message`` (or ``body`` instead of its body) to the dead-letter exchange.
 
     Routing key is ``queue`` (each service queue's dead-letter queue is bound with
     it). Headers carry the reason, the source queue, the original routing key and the
     original ``user_id`` (the property itself is dropped: RabbitMQ would refuse a
-    ``user_id`` that is not the publishing user). ``channel`` must have publisher
-    confirms; returns after the broker confirmed.
+    ``user_id`` that is not the publishing user); ``original_size`` (bytes), when
+    given, goes into ``x-tillsync-original-size`` (a body kept only in part).
+    ``channel`` must have publisher confirms; returns after the broker confirmed.
     """
     headers: dict[str, Any] = dict(message.headers or {})
     headers.update(
@@ -61,6 +68,8 @@ async def dead_letter(
             REJECTED_AT_HEADER: dt.datetime.now(dt.UTC).isoformat(),
         }
     )
+    if original_size is not None:
+        headers[ORIGINAL_SIZE_HEADER] = original_size
     exchange = await channel.get_exchange(DEAD_LETTER_EXCHANGE, ensure=False)
     await exchange.publish(
         aio_pika.Message(

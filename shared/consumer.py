@@ -9,6 +9,9 @@ redelivers the message, so handlers must recognise work already done and emit it
 outgoing messages again (receivers are idempotent).
 
 Failure handling:
+- a body over ``max_body_bytes`` (default ``MAX_BODY_BYTES``, 1 MiB): dead-lettered
+  without parsing, with its size and the limit as reason; the dead letter keeps only
+  its first ``KEPT_BODY_BYTES`` and the original size (header ``x-tillsync-original-size``);
 - invalid message (not JSON, wrong shape): dead-lettered with the validation error;
 - handler refuses one message (``Delivery.refuse``): dead-lettered with its reason;
 - database unreachable: the batch is kept (not acked) and retried with backoff;
@@ -38,6 +41,9 @@ from shared.amqp import DIRECT_REPLY_TO, Publisher, dead_letter
 from shared.topology import DELIVERY_LIMIT
 
 M = TypeVar("M")
+
+MAX_BODY_BYTES = 1024 * 1024  # default limit of a message body: far above any till's record or request
+KEPT_BODY_BYTES = 4096  # of a body over the limit, the dead letter keeps this much (for the operator)
 
 TRANSIENT_DB_ERRORS: tuple[type[BaseException], ...] = (
     OSError,
@@ -111,7 +117,8 @@ class ConsumeAdapter(Generic[M]):
     fields bound to each message's log line. ``redact(body_bytes)`` replaces a body
     before it is dead-lettered (for requests that carry secrets). Replies go only to
     RabbitMQ's direct reply-to; ``invalid_reply(reason)`` answers a message that is not
-    valid (else the caller only times out).
+    valid (else the caller only times out). ``max_body_bytes``: a longer body is refused
+    unread (see module docstring).
     """
 
     def __init__(
@@ -130,6 +137,7 @@ class ConsumeAdapter(Generic[M]):
         redact: Callable[[bytes], bytes] | None = None,
         error_reply: Callable[[Exception], BaseModel] | None = None,
         invalid_reply: Callable[[str], BaseModel] | None = None,
+        max_body_bytes: int = MAX_BODY_BYTES,
     ) -> None:
         self._channel = channel
         self._publish_channel = publish_channel
@@ -144,6 +152,7 @@ class ConsumeAdapter(Generic[M]):
         self._redact = redact
         self._error_reply = error_reply
         self._invalid_reply = invalid_reply
+        self._max_body_bytes = max_body_bytes
         self._publisher = Publisher(publish_channel)
         self._inbox: asyncio.Queue[AbstractIncomingMessage] = asyncio.Queue()
         self._workers: list[asyncio.Task[None]] = []
@@ -209,6 +218,15 @@ class ConsumeAdapter(Generic[M]):
         started = time.monotonic()
         valid: list[Delivery[M]] = []
         for message in messages:
+            size = len(message.body)
+            if size > self._max_body_bytes:
+                await self._refuse_invalid(
+                    message,
+                    f"message body of {size} bytes is over the limit of {self._max_body_bytes} bytes; not read "
+                    f"(the dead letter keeps its first {KEPT_BODY_BYTES} bytes)",
+                    oversize=True,
+                )
+                continue
             try:
                 body = self._adapter.validate_json(message.body)
             except ValidationError as exc:
@@ -279,9 +297,14 @@ class ConsumeAdapter(Generic[M]):
             # started in order on one channel, so the broker receives them in order
             await asyncio.gather(*(self._publisher.publish(name, key, body) for name, key, body in messages))
 
-    async def _dead_letter(self, message: AbstractIncomingMessage, reason: str) -> None:
-        body = self._redact(message.body) if self._redact else None
-        await dead_letter(self._publish_channel, message, self._queue.name, reason, body=body)
+    async def _dead_letter(self, message: AbstractIncomingMessage, reason: str, oversize: bool = False) -> None:
+        """Dead-letter ``message`` with ``reason``; of an ``oversize`` body only the first
+        ``KEPT_BODY_BYTES`` are kept (and redacted like any other, if this queue redacts)."""
+        body = message.body[:KEPT_BODY_BYTES] if oversize else message.body
+        if self._redact:
+            body = self._redact(body)
+        original_size = len(message.body) if oversize else None
+        await dead_letter(self._publish_channel, message, self._queue.name, reason, body=body, original_size=original_size)
 
     async def _reply(self, message: AbstractIncomingMessage, reply: BaseModel) -> None:
         """Answer through RabbitMQ's direct reply-to only: a ``reply_to`` naming any other
@@ -294,10 +317,10 @@ class ConsumeAdapter(Generic[M]):
             mandatory=False,
         )
 
-    async def _refuse_invalid(self, message: AbstractIncomingMessage, reason: str) -> None:
+    async def _refuse_invalid(self, message: AbstractIncomingMessage, reason: str, oversize: bool = False) -> None:
         if self._invalid_reply is not None:
             await self._reply(message, self._invalid_reply(reason))
-        await self._dead_letter(message, reason)
+        await self._dead_letter(message, reason, oversize=oversize)
         await message.ack()
         self._log.warning("message_handled", outcome="invalid", reason=reason, message_id=message.message_id)
 

@@ -67,14 +67,21 @@ class BrokerSettings(BaseTillsyncSettings):
         return user, password
 
 
+# A message body longer than this is refused unread (shared.consumer); a till's record or
+# request is a few kB, a receipt with a thousand lines about 200 kB.
+DEFAULT_MAX_MESSAGE_BYTES = 1024 * 1024
+
+
 class ServiceSettings(BrokerSettings):
     """A service that uses both RabbitMQ and PostgreSQL.
 
     ``database_url`` connects as the services' role (``tillsync_service``), which may
-    only read and insert the archive tables."""
+    only read and insert the archive tables. ``max_message_bytes``: a message body
+    longer than this (bytes) is dead-lettered unread."""
 
     database_url: str = DEFAULT_DATABASE_URL
     database_pool_size: int = Field(default=5, ge=1)
+    max_message_bytes: int = Field(default=DEFAULT_MAX_MESSAGE_BYTES, ge=1024, description="longest message body read, bytes")
 
 
 class DatabaseAdminSettings(ServiceSettings):

@@ -47,6 +47,9 @@ APPROVAL_REQUEST_KEY = "request"  # the account service: a new reset request
 APPROVAL_DECISION_KEY = "decision"  # ops: approve / reject
 APPROVAL_QUERY_KEY = "query"  # ops: list
 ACCOUNT_SERVICE_ROUTING_KEY = ACCOUNT_SERVICE_QUEUE
+# Every routing-key kind a till may publish with on till.upload: a key with any other
+# kind would reach no queue, so the till's topic permission refuses it at the broker.
+TILL_UPLOAD_KINDS: tuple[str, ...] = (*RECORD_KINDS, CATCHUP_KIND, RECEIPT_CATCHUP_KIND)
 
 DEFAULT_VHOST = "tillsync"
 SIGNUP_USER = "tillsync-signup"
@@ -261,16 +264,18 @@ class UserPermissions(BaseModel):
 def till_permissions(account_id: UUID, till_id: UUID) -> UserPermissions:
     """Permissions of a till's broker user (regular expressions, RabbitMQ access control).
 
-    The till may publish only to ``till.upload`` and only with routing keys that begin
-    with its own ``<account_id>.<till_id>.``; it may read only its own queue; it may
-    not declare, delete or bind anything.
+    The till may publish only to ``till.upload`` and only with routing keys
+    ``<account_id>.<till_id>.<kind>`` of its own account and till and a kind of
+    ``TILL_UPLOAD_KINDS`` (any other kind would be routed nowhere and lost unseen); it
+    may read only its own queue; it may not declare, delete or bind anything.
     """
+    kinds = "|".join(re.escape(kind) for kind in TILL_UPLOAD_KINDS)
     return UserPermissions(
         configure="^$",
         write=f"^{re.escape(UPLOAD_EXCHANGE)}$",
         read=f"^{re.escape(till_queue_name(till_id))}$",
         topic_exchange=UPLOAD_EXCHANGE,
-        topic_write=f"^{re.escape(str(account_id))}\\.{re.escape(str(till_id))}\\.[a-z_]+$",
+        topic_write=f"^{re.escape(str(account_id))}\\.{re.escape(str(till_id))}\\.({kinds})$",
         topic_read="^$",
     )
 

@@ -477,6 +477,13 @@ def _error(
     )
 
 
+def invalid_request_reply(reason: str) -> AccountReply:
+    """The reply to a request the service cannot read (not JSON, wrong shape, too long):
+    ``invalid_request`` with ``reason`` (it names fields and limits, never a value). The
+    request is dead-lettered, redacted."""
+    return _error(ErrorCode.INVALID_REQUEST, "the account service could not read the request", details=(reason,))
+
+
 def internal_error_reply(exc: Exception) -> AccountReply:
     """The reply when a handler failed unexpectedly (details stay in the service log)."""
     return _error(ErrorCode.INTERNAL, "the account service failed on this request; it was logged, please try again")

@@ -14,6 +14,7 @@ from services.account_service.handlers import (
     ThrottlePolicy,
     handle_account_requests,
     internal_error_reply,
+    invalid_request_reply,
     redact_request,
     request_log_context,
 )
@@ -70,10 +71,12 @@ async def main(settings: AccountServiceSettings, stop: asyncio.Event) -> None:
             adapter=TypeAdapter(AccountRequest),
             handler=functools.partial(handle_account_requests, deps=deps),
             pool=pool,
+            max_body_bytes=settings.max_message_bytes,
             log_context=request_log_context,
             concurrency=settings.concurrency,
             redact=redact_request,
             error_reply=internal_error_reply,
+            invalid_reply=invalid_request_reply,
         )
         await adapter.start()
         log.info("service_ready", queue=queue.name, vhost=settings.vhost)

@@ -74,11 +74,14 @@ where record_id = any($1::uuid[])
 
 
 async def archive_uploads(deliveries: list[Delivery[Upload]], conn: asyncpg.Connection) -> None:
-    """Consume-adapter handler: archive a batch in the caller's transaction."""
-    first: list[Item] = []
-    later: list[Item] = []
-    seen_ids: set[UUID] = set()
-    seen_positions: set[tuple[UUID, int]] = set()
+    """Consume-adapter handler: archive a batch in the caller's transaction.
+
+    Uploads that repeat a ``record_id`` or position of an earlier one in the batch are
+    judged in a later round, against what the earlier rounds archived: a repeat of an
+    archived upload is a no-op or a conflict, and an upload whose earlier namesake was
+    refused (e.g. a record_id reused with other content) is archived on its own merits.
+    """
+    pending: list[Item] = []
     for d in deliveries:
         problem = sender_problem(d)
         if problem:
@@ -100,14 +103,28 @@ async def archive_uploads(deliveries: list[Delivery[Upload]], conn: asyncpg.Conn
                 "invalid",
             )
             continue
-        item = (d, digest, payload)
-        position = (u.till_id, u.till_seq)
-        if u.record_id in seen_ids or position in seen_positions:
-            later.append(item)  # a repeat inside this batch: judged against the first
-        else:
-            first.append(item)
-            seen_ids.add(u.record_id)
-            seen_positions.add(position)
+        pending.append((d, digest, payload))
+    while pending:
+        first: list[Item] = []
+        later: list[Item] = []
+        seen_ids: set[UUID] = set()
+        seen_positions: set[tuple[UUID, int]] = set()
+        for item in pending:
+            u = item[0].body
+            position = (u.till_id, u.till_seq)
+            if u.record_id in seen_ids or position in seen_positions:
+                later.append(item)  # a repeat inside this batch: judged in the next round
+            else:
+                first.append(item)
+                seen_ids.add(u.record_id)
+                seen_positions.add(position)
+        await _archive_round(first, conn)
+        pending = later
+
+
+async def _archive_round(first: list[Item], conn: asyncpg.Connection) -> None:
+    """Archive ``first`` (no two share a record_id or position): the new ones are
+    inserted, the others judged as repeats or conflicts."""
     first = await _linked(first, conn)
     inserted: set[UUID] = set()
     if first:
@@ -126,7 +143,7 @@ async def archive_uploads(deliveries: list[Delivery[Upload]], conn: asyncpg.Conn
             [bytes.fromhex(d.body.chain_hash) for d, _, _ in first],
         )
         inserted = {r["record_id"] for r in rows}
-    leftovers = [item for item in first if item[0].body.record_id not in inserted] + later
+    leftovers = [item for item in first if item[0].body.record_id not in inserted]
     if leftovers:
         await _judge_repeats(leftovers, conn)
 
@@ -249,7 +266,11 @@ async def _judge_repeats(items: list[Item], conn: asyncpg.Connection) -> None:
         ):
             d.outcome = "duplicate"
             continue
-        if same_id is not None:
+        if same_id is not None and same_id["till_id"] != u.till_id:
+            # the other till (maybe of another account) is not named to this one; the
+            # operator finds it by the record_id
+            reason = f"record_id {u.record_id} is already used by another till; record {u.record_id} is refused"
+        elif same_id is not None:
             reason = (
                 f"record_id {u.record_id} is already archived with other content or position "
                 f"(till {same_id['till_id']} till_seq {same_id['till_seq']}); the archived record is kept"

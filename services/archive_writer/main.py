@@ -60,6 +60,7 @@ async def main(settings: ArchiveWriterSettings, stop: asyncio.Event) -> None:
             adapter=UPLOAD_ADAPTER,
             handler=archive_uploads,
             pool=pool,
+            max_body_bytes=settings.max_message_bytes,
             log_context=upload_log_context,
             batch_size=settings.batch_size,
             batch_window_seconds=settings.batch_window_seconds,

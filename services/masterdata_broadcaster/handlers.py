@@ -14,7 +14,9 @@ Rules (DESIGN.md §3, server-authoritative master data with optimistic concurren
 - a change from a till whose mode does not take part in that kind is archived only
   and the till is told so.
 A redelivered change is recognised by its ``record_id`` and its messages are sent
-again (tills apply them idempotently).
+again (tills apply them idempotently); a ``record_id`` judged before that comes with
+other content or from another till is dead-lettered (``replay_problem``), so no till
+learns another's verdict.
 """
 
 from __future__ import annotations
@@ -134,6 +136,14 @@ async def broadcast_masterdata(deliveries: list[Delivery[Upload]], conn: asyncpg
         await _judge(candidates, conn)
     for d in repeats:
         first = seen[d.body.record_id]
+        if (d.body.account_id, d.body.till_id) != (first.body.account_id, first.body.till_id):
+            d.refuse(f"record_id {d.body.record_id} is already used by another till; the change is not applied",
+                     outcome="record_id_reused")
+            continue
+        if d.body.record != first.body.record:
+            d.refuse(f"record_id {d.body.record_id} came twice with other content; a record_id is never reused; "
+                     "the change is not applied", outcome="record_id_reused")
+            continue
         d.outgoing = list(first.outgoing)
         d.outcome = f"repeat_{first.outcome}"
         if first.refused:
@@ -174,10 +184,10 @@ async def _judge(candidates: list[Delivery[Upload]], conn: asyncpg.Connection) -
 
 async def _earlier_verdicts(
     conn: asyncpg.Connection, record_ids: list[UUID], till_id: UUID | None = None
-) -> tuple[dict[UUID, asyncpg.Record], dict[UUID, MasterDataConflict]]:
+) -> tuple[dict[UUID, asyncpg.Record], dict[UUID, MasterDataConflict], dict[UUID, asyncpg.Record]]:
     """The changes among ``record_ids`` judged before (of ``till_id`` only, if given):
-    the feed rows of the accepted ones and the conflict verdicts (with the entity's
-    current state) of the refused ones."""
+    the feed rows of the accepted ones, the conflict verdicts (with the entity's
+    current state) of the refused ones, and the ``masterdata_conflicts`` rows of those."""
     accepted = {
         r["record_id"]: r
         for r in await conn.fetch(
@@ -185,34 +195,74 @@ async def _earlier_verdicts(
             record_ids, till_id,
         )
     }
+    rows = await conn.fetch(
+        """
+        select c.record_id as conflict_record_id, c.reason, c.base_version, c.entity_kind as conflict_kind,
+               c.entity_key as conflict_key, c.account_id as conflict_account_id, c.till_id as conflict_till_id,
+               e.entity_kind is not null as exists, e.*
+        from masterdata_conflicts c
+        left join masterdata_entities e
+          on e.account_id = c.account_id and e.entity_kind = c.entity_kind and e.entity_key = c.entity_key
+        where c.record_id = any($1::uuid[]) and ($2::uuid is null or c.till_id = $2)
+        """,
+        record_ids, till_id,
+    )
     conflicts = {
         r["conflict_record_id"]: MasterDataConflict(
             record_id=r["conflict_record_id"], entity_kind=r["conflict_kind"], entity_key=r["conflict_key"],
             base_version=r["base_version"], reason=r["reason"], current=state_from_row(r) if r["exists"] else None,
         )
-        for r in await conn.fetch(
-            """
-            select c.record_id as conflict_record_id, c.reason, c.base_version, c.entity_kind as conflict_kind,
-                   c.entity_key as conflict_key, e.entity_kind is not null as exists, e.*
-            from masterdata_conflicts c
-            left join masterdata_entities e
-              on e.account_id = c.account_id and e.entity_kind = c.entity_kind and e.entity_key = c.entity_key
-            where c.record_id = any($1::uuid[]) and ($2::uuid is null or c.till_id = $2)
-            """,
-            record_ids, till_id,
-        )
+        for r in rows
     }
-    return accepted, conflicts
+    return accepted, conflicts, {r["conflict_record_id"]: r for r in rows}
+
+
+def replay_problem(u: Upload, judged: asyncpg.Record | dict[str, Any], conflict: bool) -> str | None:
+    """Why an upload whose ``record_id`` was judged before is not that change again, or None.
+
+    ``judged``: its ``masterdata_feed`` row (accepted) or, with ``conflict``, its
+    ``masterdata_conflicts`` row (keys prefixed ``conflict_``). The same till and account
+    must send the same entity; an accepted change also the same deletion flag and data
+    (a conflict row keeps only the entity and the base version)."""
+    record = u.record
+    assert isinstance(record, MasterDataRecord)
+    prefix = "conflict_" if conflict else ""
+    account_id, till_id = judged[f"{prefix}account_id"], judged[f"{prefix}till_id"]
+    if (account_id, till_id) != (u.account_id, u.till_id):
+        return f"record_id {u.record_id} is already used by another till; the change is not applied"
+    kind, key = (judged["conflict_kind"], judged["conflict_key"]) if conflict else (judged["entity_kind"], judged["entity_key"])
+    if (kind, key) != (record.entity_kind, record.entity_key):
+        return (
+            f"record_id {u.record_id} was judged before as a change of {kind} {key!r}, not of "
+            f"{record.entity_kind} {record.entity_key!r}: a record_id is never reused; the change is not applied"
+        )
+    if conflict:
+        differs = judged["base_version"] != record.base_version
+    else:
+        data = record.data.model_dump(mode="json") if record.data is not None else None
+        differs = judged["deleted"] != record.deleted or judged["data"] != data
+    if differs:
+        return (
+            f"record_id {u.record_id} was judged before with other content; a record_id is never reused; "
+            "the change is not applied"
+        )
+    return None
 
 
 async def _repeats(deliveries: list[Delivery[Upload]], conn: asyncpg.Connection) -> list[Delivery[Upload]]:
     """Send the messages of changes judged before again; return the deliveries not judged yet."""
-    accepted, conflicts = await _earlier_verdicts(conn, [d.body.record_id for d in deliveries])
+    accepted, conflicts, conflict_rows = await _earlier_verdicts(conn, [d.body.record_id for d in deliveries])
     fresh = []
     for d in deliveries:
         u = d.body
         direct = till_direct_routing_key(u.account_id, u.till_id)
-        if u.record_id in accepted:
+        judged = accepted.get(u.record_id)
+        problem = replay_problem(u, judged, False) if judged is not None else None
+        if problem is None and u.record_id in conflict_rows:
+            problem = replay_problem(u, conflict_rows[u.record_id], True)
+        if problem is not None:
+            d.refuse(problem, outcome="record_id_reused")
+        elif u.record_id in accepted:
             row = accepted[u.record_id]
             state = state_from_row(row)
             d.emit(DOWNLOAD_EXCHANGE, download_routing_key(u.account_id, row["category"]),
@@ -368,7 +418,7 @@ async def _resend_verdicts(request: CatchUpRequest, conn: asyncpg.Connection, di
     before the pages: a till applies a verdict on its own change before later states."""
     if not request.verdicts_for:
         return
-    accepted, conflicts = await _earlier_verdicts(conn, list(request.verdicts_for), request.till_id)
+    accepted, conflicts, _ = await _earlier_verdicts(conn, list(request.verdicts_for), request.till_id)
     for record_id, row in accepted.items():
         await publish(DOWNLOAD_EXCHANGE, direct, _download(request.account_id, MasterDataAccepted(
             record_id=record_id, entity=state_from_row(row))))

@@ -52,6 +52,7 @@ async def main(settings: BroadcasterSettings, stop: asyncio.Event) -> None:
             adapter=UPLOAD_ADAPTER,
             handler=broadcast_masterdata,
             pool=pool,
+            max_body_bytes=settings.max_message_bytes,
             log_context=upload_log_context,
             batch_size=settings.batch_size,
             batch_window_seconds=settings.batch_window_seconds,
@@ -65,6 +66,7 @@ async def main(settings: BroadcasterSettings, stop: asyncio.Event) -> None:
                 serve_catchups, publish=Publisher(publish_channel).publish, page_size=settings.catchup_page_size
             ),
             pool=pool,
+            max_body_bytes=settings.max_message_bytes,
             log_context=catchup_log_context,
             concurrency=settings.catchup_concurrency,
         )

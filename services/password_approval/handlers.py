@@ -12,7 +12,8 @@ Rules (issue "password reset with service approval"; DESIGN.md §1.6):
   working); rejecting keeps the old one;
 - every request and decision is written to ``password_reset_audit`` with its actor;
   a command repeated with the same ``command_id`` changes nothing and gets the same
-  answer; the account gets a notice its tills show at the next sign-in.
+  answer (a ``command_id`` reused for another command is refused and dead-lettered);
+  the account gets a notice its tills show at the next sign-in.
 The clear password never reaches this service: requests carry its argon2id hash.
 """
 
@@ -136,7 +137,9 @@ async def handle_approval_messages(
             reply = await decide(conn, message, user, policy, now)
             d.reply = ApprovalReply(reply=reply)
             d.outcome = reply.code if isinstance(reply, ApprovalError) else ("repeat" if reply.repeat else reply.request.status)
-            if isinstance(reply, ApprovalError):
+            if isinstance(reply, ApprovalError) and reply.code == "invalid":
+                d.refuse(reply.message, outcome=reply.code)  # bad input (a reused command id): dead-lettered too
+            elif isinstance(reply, ApprovalError):
                 d.log["reason"] = reply.message
 
 

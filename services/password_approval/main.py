@@ -54,6 +54,7 @@ async def main(settings: ApprovalSettings, stop: asyncio.Event) -> None:
             adapter=APPROVAL_ADAPTER,
             handler=functools.partial(handle_approval_messages, policy=policy),
             pool=pool,
+            max_body_bytes=settings.max_message_bytes,
             log_context=approval_log_context,
             error_reply=internal_error_reply,
             invalid_reply=invalid_message_reply,

@@ -261,6 +261,10 @@ async def _route_event(d: Delivery[Upload], record: ReceiptEvent, till: _Till, c
     if owners - {u.till_id}:
         d.refuse(f"record_id {u.record_id} is already used by another till; the event is not applied", outcome="record_id_taken")
         return
+    problem = _replay_problem(u, record, done, earlier)
+    if problem is not None:
+        d.refuse(problem, outcome="record_id_reused")
+        return
     if done:
         for row in done:
             _broadcast(d, event_from_row(row))
@@ -297,6 +301,21 @@ async def _route_event(d: Delivery[Upload], record: ReceiptEvent, till: _Till, c
     for event in accepted:
         _broadcast(d, event)
     d.outcome = f"accepted_{record.event.type}"
+
+
+def _replay_problem(
+    u: Upload, record: ReceiptEvent, done: list[asyncpg.Record], earlier: asyncpg.Record | None
+) -> str | None:
+    """Why an event whose ``record_id`` the router has seen before (accepted: ``done``,
+    refused: ``earlier``) is not that event again, or None: a record_id is never reused,
+    so other content is refused instead of answered with the first event's verdict."""
+    if done:
+        mine = [row for row in done if row["receipt_id"] == record.receipt_id]
+        if not mine or event_from_row(mine[0]).event != record.event:
+            return f"record_id {u.record_id} was accepted before with another event; the event is not applied"
+    elif earlier is not None and (earlier["receipt_id"], earlier["event_type"]) != (record.receipt_id, record.event.type):
+        return f"record_id {u.record_id} was refused before as another event; the event is not applied"
+    return None
 
 
 def _broadcast(d: Delivery[Upload], event: HandoverEvent) -> None:

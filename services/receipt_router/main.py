@@ -45,6 +45,7 @@ async def main(settings: RouterSettings, stop: asyncio.Event) -> None:
             adapter=UPLOAD_ADAPTER,
             handler=route_receipts,
             pool=pool,
+            max_body_bytes=settings.max_message_bytes,
             log_context=upload_log_context,
             batch_size=settings.batch_size,
             batch_window_seconds=settings.batch_window_seconds,
@@ -56,6 +57,7 @@ async def main(settings: RouterSettings, stop: asyncio.Event) -> None:
             adapter=RECEIPT_CATCHUP_ADAPTER,
             handler=serve_receipt_catchups,
             pool=pool,
+            max_body_bytes=settings.max_message_bytes,
             log_context=receipt_catchup_log_context,
             concurrency=settings.catchup_concurrency,
         )

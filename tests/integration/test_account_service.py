@@ -69,25 +69,6 @@ async def test_unknown_account_answers_exactly_like_a_wrong_password(env, servic
     assert wrong_password.value.code == ErrorCode.WRONG_CREDENTIALS
 
 
-async def test_repeated_wrong_passwords_are_slowed_down(env, services, tmp_path) -> None:  # type: ignore[no-untyped-def]
-    """Policy of the test service: 3 free attempts, then a lock of 2 s, doubling."""
-    till = new_till(env, tmp_path)
-    name = new_account_name()
-    await till.create_account(name, STRONG_PASSWORD)
-    for _ in range(3):
-        with pytest.raises(AccountError) as refused:
-            await till.sign_in(name, "Wrong-pass1!")
-        assert refused.value.code == ErrorCode.WRONG_CREDENTIALS
-    # locked now: even the right password is not checked until the lock ends
-    with pytest.raises(AccountError) as locked:
-        await till.sign_in(name, STRONG_PASSWORD)
-    assert locked.value.code == ErrorCode.TOO_MANY_ATTEMPTS
-    assert locked.value.retry_after_seconds is not None and 0 < locked.value.retry_after_seconds <= 2.0
-    await asyncio.sleep(locked.value.retry_after_seconds + 0.2)
-    signed_in = await till.sign_in(name, STRONG_PASSWORD)
-    assert signed_in.account_name == name
-
-
 async def test_same_serial_number_gets_the_same_till_and_continues_its_sequence(env, services, tmp_path) -> None:  # type: ignore[no-untyped-def]
     name = new_account_name()
     first = new_till(env, tmp_path / "first", serial="SERIAL-42")

@@ -115,7 +115,7 @@ def test_bindings_only_name_the_tills_own_account() -> None:
 PERMS = till_permissions(ACCOUNT, TILL)
 
 
-@pytest.mark.parametrize("kind", ["masterdata", "receipt", "zreport"])
+@pytest.mark.parametrize("kind", ["masterdata", "receipt", "zreport", "receipt_event", "catchup", "receipt_catchup"])
 def test_topic_write_allows_the_tills_own_upload_keys(kind: str) -> None:
     assert re.search(PERMS.topic_write, f"{ACCOUNT}.{TILL}.{kind}")
     assert re.search(PERMS.topic_write, upload_routing_key(ACCOUNT, TILL, kind))  # type: ignore[arg-type]
@@ -135,6 +135,9 @@ def test_topic_write_allows_the_tills_own_upload_keys(kind: str) -> None:
         f"{ACCOUNT}.{TILL}.#",
         f"{ACCOUNT}.*.receipt",
         f"{ACCOUNT}x{TILL}.receipt",  # the dot must be a dot
+        f"{ACCOUNT}.{TILL}.voucher",  # a kind no service takes: it would be routed nowhere
+        f"{ACCOUNT}.{TILL}.receipts",
+        f"{ACCOUNT}.{TILL}.receipt_events",
         "#",
         "",
     ],
