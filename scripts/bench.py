@@ -52,7 +52,7 @@ import asyncpg
 
 from bench_archive_writer import queue_uploads, upload_bodies
 from benchenv import ServicePeaks, peak_rss_mib, running_services, throwaway_environment
-from shared.broker_admin import BrokerAdmin
+from shared.broker_admin import BrokerAdmin, BrokerAdminError
 from shared.fiscal import PaymentType, VatKey
 from shared.logging import configure_logging
 from shared.models import Cashier, SyncMode
@@ -374,10 +374,10 @@ async def _upload_run(settings: SetupSettings, services: ServicePeaks, signup_ur
     output = log_dir / f"till-agent-{records}.json"
     errors = log_dir / f"till-agent-{records}.log"
     try:
-        with output.open("wb") as out, errors.open("ab") as err:
+        with output.open("wb") as out, errors.open("wb") as err:
             child = subprocess.Popen(
                 [sys.executable, str(TILL_AGENT_SCRIPT), "--data-dir", str(tmp / f"till-{records}"),
-                 "--timeout-seconds", str(max(300.0, records / 50))],
+                 "--timeout-seconds", str(max(300.0, records / 50)), "--log-level", "INFO"],
                 env={**os.environ, "TILLSYNC_CLOUD_AMQP_URL": signup_url}, stdout=out, stderr=err,
             )
         till_peak = 0.0
@@ -403,6 +403,10 @@ async def _upload_run(settings: SetupSettings, services: ServicePeaks, signup_ur
         raise RuntimeError(f"the till agent process failed ({child.returncode}): {errors.read_text()[-2000:]}")
     figures = json.loads(output.read_text())
     seconds = figures["last_confirmed"] - figures["started"]
+    reconnects = errors.read_text(errors="replace").count("relay_offline")
+    if reconnects:
+        progress(f"catch-up: WARNING: the till agent lost its connection {reconnects} times (broker restarted or "
+                 f"overloaded?); these figures are disturbed, see {errors}")
     assert archived_at is not None
     return {
         "records": records,
@@ -414,6 +418,7 @@ async def _upload_run(settings: SetupSettings, services: ServicePeaks, signup_ur
         "archived_per_second": records / (archived_at - figures["started"]),
         "till_agent_peak_rss_mib": max(till_peak, figures["peak_rss_mib"] or 0.0),
         "till_agent_start_rss_mib": figures["rss_start_mib"],
+        "till_agent_reconnects": reconnects,
     }
 
 
@@ -541,7 +546,8 @@ def figures(result: dict[str, Any]) -> list[Figure]:
         rate = run["confirmed_per_second"]
         out.append(Figure(f"offline catch-up, {run['records']:,} records (confirmed by the broker)", rate, "records/s",
                           publish, "raw publish with confirms", f"≥ {CATCHUP_TARGET_RATIO} × raw",
-                          rate / publish >= CATCHUP_TARGET_RATIO))
+                          rate / publish >= CATCHUP_TARGET_RATIO,
+                          f"disturbed: {run['till_agent_reconnects']} reconnects" if run.get("till_agent_reconnects") else ""))
         out.append(Figure(f"offline catch-up, {run['records']:,} records (until all archived)", run["archived_per_second"],
                           "records/s", publish, "raw publish with confirms", note="all five services running"))
         small, large = catchup["runs"][0], catchup["runs"][-1]
@@ -680,12 +686,18 @@ async def run(args: argparse.Namespace, command: str) -> dict[str, Any]:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     configure_logging("WARNING")
-    command = "make bench" if os.environ.get("TILLSYNC_BENCH_VIA_MAKE") else "python scripts/bench.py " + " ".join(
-        sys.argv[1:] if argv is None else argv)
+    given = " ".join(sys.argv[1:] if argv is None else argv)
+    if os.environ.get("TILLSYNC_BENCH_VIA_MAKE"):
+        command = f"make bench BENCH_ARGS='{given}'" if given else "make bench"
+    else:
+        command = f"python scripts/bench.py {given}"
     try:
         result = asyncio.run(run(args, command.strip()))
     except ServersUnreachable as exc:
         print(f"bench: {exc}", file=sys.stderr)
+        return 2
+    except BrokerAdminError as exc:  # e.g. the management API too slow while the broker is overloaded or restarting
+        print(f"bench: the RabbitMQ management API failed: {exc}; nothing was measured to the end, run it again", file=sys.stderr)
         return 2
     path = args.json or ROOT / "var" / "bench" / f"bench-{result['date'].replace('-', '').replace(':', '')[:15]}Z.json"
     path.parent.mkdir(parents=True, exist_ok=True)

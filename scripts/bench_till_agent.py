@@ -91,8 +91,9 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data-dir", type=Path, required=True, help="the till's store")
     parser.add_argument("--timeout-seconds", type=float, default=900.0)
+    parser.add_argument("--log-level", default="WARNING", help="of the till agent's log on stderr (INFO: the relay's reconnects)")
     args = parser.parse_args()
-    configure_logging("WARNING")
+    configure_logging(args.log_level)
     figures = asyncio.run(upload_outbox(args.data_dir, args.timeout_seconds))
     print(json.dumps(figures), flush=True)
     return 0 if figures["pending"] == 0 else 1
