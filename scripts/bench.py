@@ -65,10 +65,12 @@ from tillsync.setup import SetupSettings
 
 ROOT = Path(__file__).resolve().parent.parent
 TILL_AGENT_SCRIPT = Path(__file__).resolve().with_name("bench_till_agent.py")
+RESTART_MARKER = Path("/tmp/tillsync-servers-restarting")  # the team's sign that the shared servers restart
 PASSWORD = "Backstube-2021!"  # meets the account service's password rules
 RAW_QUEUE = "bench.raw"
 RAW_EXCHANGE = "bench.raw"
 PUBLISH_WINDOW = 1000  # messages in flight (unconfirmed) in the raw publish, as in queue_uploads
+SERVICE_READY_SECONDS = 120.0  # a service's start-up on a busy 2-core machine
 RECORD_CHUNK = 1000  # receipts recorded on a till per SQLite transaction while preparing it
 
 # Targets (the project's issue)
@@ -307,7 +309,7 @@ async def measure_ingest(base: DatabaseAdminSettings, uploads: int, log_dir: Pat
         db = await asyncpg.connect(settings.database_url)
         try:
             progress("ingest: starting the archive writer process")
-            async with running_services(settings, log_dir / "ingest", ["archive-writer"]) as services:
+            async with running_services(settings, log_dir / "ingest", ["archive-writer"], SERVICE_READY_SECONDS) as services:
                 first: tuple[float, int] | None = None
                 archived = 0
 
@@ -433,7 +435,7 @@ async def measure_catchup(base: DatabaseAdminSettings, records: int, log_dir: Pa
         progress("catch-up: starting the five services")
         phase_logs = log_dir / "catchup"
         phase_logs.mkdir(parents=True, exist_ok=True)
-        async with running_services(settings, phase_logs) as services:
+        async with running_services(settings, phase_logs, ready_timeout_seconds=SERVICE_READY_SECONDS) as services:
             signup_url = amqp_url_with_credentials(settings.amqp_url, SIGNUP_USER, settings.signup_password)
             with tempfile.TemporaryDirectory(prefix="tillsync-bench-") as tmp_name:
                 tmp = Path(tmp_name)
@@ -641,15 +643,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-async def run(args: argparse.Namespace, command: str) -> dict[str, Any]:
-    """Every phase in turn; returns the result written to the JSON file."""
+async def run(args: argparse.Namespace, command: str, result: dict[str, Any]) -> None:
+    """Every phase in turn, filling ``result`` (written to the JSON file) as they finish."""
     base = DatabaseAdminSettings()
     versions = await check_servers(base)
     now = dt.datetime.now(dt.UTC)
     stamp = now.strftime("%Y%m%dT%H%M%SZ")
     log_dir = args.log_dir or ROOT / "var" / "bench" / stamp
     log_dir.mkdir(parents=True, exist_ok=True)
-    result: dict[str, Any] = {
+    result |= {
         "date": now.isoformat(timespec="seconds"),
         "command": command,
         "machine": machine(versions),
@@ -660,7 +662,7 @@ async def run(args: argparse.Namespace, command: str) -> dict[str, Any]:
     m = result["machine"]
     progress(f"machine: {m['cpu']}, {m['cores']} cores, {m['ram_gib']} GiB, {m['kernel']}, RabbitMQ {m['rabbitmq']}, "
              f"PostgreSQL {m['postgresql']}, Python {m['python']}")
-    peaks: dict[str, float] = {}
+    peaks: dict[str, float] = result.setdefault("service_peak_rss_mib", {})
     raw = result["raw"] = await measure_raw(base, args.uploads)
     progress(f"raw: publish with confirms {raw['publish_confirm_per_second']:.0f} msg/s, consume with acks "
              f"{raw['consume_ack_per_second']:.0f} msg/s, COPY {raw['copy_rows_per_second']:.0f} rows/s")
@@ -680,7 +682,6 @@ async def run(args: argparse.Namespace, command: str) -> dict[str, Any]:
     result["service_peak_rss_mib"] = peaks
     result["figures"] = [f.as_dict() for f in figures(result)]
     result["seconds"] = time.monotonic() - _started
-    return result
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -691,17 +692,27 @@ def main(argv: list[str] | None = None) -> int:
         command = f"make bench BENCH_ARGS='{given}'" if given else "make bench"
     else:
         command = f"python scripts/bench.py {given}"
+    result: dict[str, Any] = {}
     try:
-        result = asyncio.run(run(args, command.strip()))
+        asyncio.run(run(args, command.strip(), result))
     except ServersUnreachable as exc:
         print(f"bench: {exc}", file=sys.stderr)
         return 2
-    except BrokerAdminError as exc:  # e.g. the management API too slow while the broker is overloaded or restarting
-        print(f"bench: the RabbitMQ management API failed: {exc}; nothing was measured to the end, run it again", file=sys.stderr)
-        return 2
+    except Exception as exc:  # a phase failed: keep what was measured before it
+        result["error"] = f"{type(exc).__name__}: {exc}"
+        print(f"bench: stopped: {result['error']}", file=sys.stderr)
+        if RESTART_MARKER.exists():
+            print(f"bench: {RESTART_MARKER} exists: the shared servers are being restarted; run it again after", file=sys.stderr)
+        if isinstance(exc, BrokerAdminError):
+            print("bench: (the management API is slow while the broker is overloaded or restarting: run it again)", file=sys.stderr)
+        if "date" not in result:
+            return 1
     path = args.json or ROOT / "var" / "bench" / f"bench-{result['date'].replace('-', '').replace(':', '')[:15]}Z.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(result, indent=2, default=str))
+    if "error" in result:
+        print(f"partial figures written to {path} (logs in {result['log_dir']})", file=sys.stderr)
+        return 1
     print_summary(result)
     print(f"\nwritten to {path} (logs in {result['log_dir']}); run took {result['seconds']:.0f} s")
     return 0

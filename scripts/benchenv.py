@@ -66,9 +66,12 @@ def peak_rss_mib(pid: int | str = "self") -> float | None:
 
 
 @asynccontextmanager
-async def running_services(settings: SetupSettings, log_dir: Path, names: Iterable[str] = SERVICES) -> AsyncIterator[ServicePeaks]:
+async def running_services(
+    settings: SetupSettings, log_dir: Path, names: Iterable[str] = SERVICES, ready_timeout_seconds: float = 30.0
+) -> AsyncIterator[ServicePeaks]:
     """Run the services ``names`` as real processes (``python -m services.<name>``, as in
-    production and the end-to-end tests) against ``settings``; wait until each is ready.
+    production and the end-to-end tests) against ``settings``; wait until each is ready
+    (``ServiceStartError`` after ``ready_timeout_seconds`` each).
 
     Yields a ``ServicePeaks``: ``processes`` by service name, and ``sample()`` that records
     each running service's peak RSS so far; the peaks are sampled once more before the
@@ -79,7 +82,7 @@ async def running_services(settings: SetupSettings, log_dir: Path, names: Iterab
         for process in peaks.processes.values():
             process.start()
         for process in peaks.processes.values():
-            await process.wait_ready()
+            await process.wait_ready(ready_timeout_seconds)
         yield peaks
         peaks.sample()
     finally:
