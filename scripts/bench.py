@@ -388,6 +388,8 @@ async def _upload_run(settings: SetupSettings, services: ServicePeaks, signup_ur
 
         async def all_archived() -> bool:
             nonlocal till_peak, archived, archived_at
+            if child.poll() not in (None, 0):
+                raise RuntimeError(f"the till agent process failed ({child.returncode}): {errors.read_text()[-2000:]}")
             till_peak = max(till_peak, peak_rss_mib(child.pid) or 0.0)
             archived = await db.fetchval("select count(*) from archive_records where till_id = $1", till_id)
             if archived >= records and archived_at is None:
@@ -616,6 +618,46 @@ def print_summary(result: dict[str, Any]) -> None:
     print(markdown_table(result))
 
 
+class RestartWatch:
+    """Notices the team's restart marker (``RESTART_MARKER``: someone restarts the shared
+    servers) and repeats a phase that ran while it was there (its figures are disturbed,
+    or it failed), at most ``attempts`` times in all; ``repeated`` counts repeats by phase."""
+
+    def __init__(self, attempts: int = 3) -> None:
+        self.attempts = attempts
+        self.seen = False
+        self.repeated: dict[str, int] = {}
+
+    async def run(self) -> None:
+        while True:
+            self.seen = self.seen or RESTART_MARKER.exists()
+            await asyncio.sleep(0.5)
+
+    async def _quiet(self) -> None:
+        if RESTART_MARKER.exists():
+            progress(f"waiting: {RESTART_MARKER} says the shared servers are being restarted")
+        while RESTART_MARKER.exists():
+            await asyncio.sleep(1)
+        self.seen = False
+
+    async def phase(self, name: str, measure: Callable[[], Awaitable[dict[str, Any]]]) -> dict[str, Any]:
+        """``await measure()``, repeated while the servers were restarted during it."""
+        for attempt in range(1, self.attempts + 1):
+            await self._quiet()
+            try:
+                figures = await measure()
+            except Exception as exc:
+                if not (self.seen or RESTART_MARKER.exists()) or attempt == self.attempts:
+                    raise
+                progress(f"{name}: failed while the servers were restarted ({type(exc).__name__}: {exc}); repeating it")
+            else:
+                if not (self.seen or RESTART_MARKER.exists()) or attempt == self.attempts:
+                    return figures
+                progress(f"{name}: the servers were restarted meanwhile, the figures are disturbed; repeating it")
+            self.repeated[name] = self.repeated.get(name, 0) + 1
+        raise AssertionError("unreachable")
+
+
 # -- main -------------------------------------------------------------------------------
 
 
@@ -662,26 +704,38 @@ async def run(args: argparse.Namespace, command: str, result: dict[str, Any]) ->
     m = result["machine"]
     progress(f"machine: {m['cpu']}, {m['cores']} cores, {m['ram_gib']} GiB, {m['kernel']}, RabbitMQ {m['rabbitmq']}, "
              f"PostgreSQL {m['postgresql']}, Python {m['python']}")
-    peaks: dict[str, float] = result.setdefault("service_peak_rss_mib", {})
-    raw = result["raw"] = await measure_raw(base, args.uploads)
+    result["service_peak_rss_mib"] = {}
+    watch = RestartWatch()
+    watcher = asyncio.create_task(watch.run())
+    try:
+        await _phases(args, base, log_dir, result, watch)
+    finally:
+        watcher.cancel()
+        await asyncio.gather(watcher, return_exceptions=True)
+    result["repeated_phases"] = watch.repeated
+    result["figures"] = [f.as_dict() for f in figures(result)]
+    result["seconds"] = time.monotonic() - _started
+
+
+async def _phases(args: argparse.Namespace, base: DatabaseAdminSettings, log_dir: Path, result: dict[str, Any],
+                  watch: RestartWatch) -> None:
+    peaks: dict[str, float] = result["service_peak_rss_mib"]
+    raw = result["raw"] = await watch.phase("raw", lambda: measure_raw(base, args.uploads))
     progress(f"raw: publish with confirms {raw['publish_confirm_per_second']:.0f} msg/s, consume with acks "
              f"{raw['consume_ack_per_second']:.0f} msg/s, COPY {raw['copy_rows_per_second']:.0f} rows/s")
-    ingest = result["ingest"] = await measure_ingest(base, args.uploads, log_dir, peaks)
+    ingest = result["ingest"] = await watch.phase("ingest", lambda: measure_ingest(base, args.uploads, log_dir, peaks))
     progress(f"ingest: {ingest['uploads_per_second']:.0f} uploads/s "
              f"({ingest['uploads_per_second'] / raw['consume_ack_per_second']:.2f} × raw consume with acks)")
-    result["catchup"] = await measure_catchup(base, args.records, log_dir, peaks)
-    fanout = result["fanout"] = await measure_other(
-        "scripts/bench_fanout.py measure_fanout", lambda: _fanout(base, args.quick, args.fanout_seconds, log_dir))
+    result["catchup"] = await watch.phase("catch-up", lambda: measure_catchup(base, args.records, log_dir, peaks))
+    fanout = result["fanout"] = await watch.phase("fan-out", lambda: measure_other(
+        "scripts/bench_fanout.py measure_fanout", lambda: _fanout(base, args.quick, args.fanout_seconds, log_dir)))
     _merge(peaks, fanout.get("service_peak_rss_mib"))
     progress("fan-out: " + (fanout["not_measured"] if "not_measured" in fanout else f"p99 {fanout['latency_ms']['p99']:.0f} ms"))
-    download = result["initial_download"] = await measure_other(
-        "scripts/bench_initial_download.py measure_initial_download", lambda: _initial_download(base, args.articles, log_dir))
+    download = result["initial_download"] = await watch.phase("initial download", lambda: measure_other(
+        "scripts/bench_initial_download.py measure_initial_download", lambda: _initial_download(base, args.articles, log_dir)))
     _merge(peaks, download.get("service_peak_rss_mib"))
     progress("initial download: " + (download["not_measured"] if "not_measured" in download
                                       else f"{download['articles_per_second']:.0f} articles/s"))
-    result["service_peak_rss_mib"] = peaks
-    result["figures"] = [f.as_dict() for f in figures(result)]
-    result["seconds"] = time.monotonic() - _started
 
 
 def main(argv: list[str] | None = None) -> int:

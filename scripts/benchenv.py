@@ -33,7 +33,8 @@ async def throwaway_environment(base: DatabaseAdminSettings) -> AsyncIterator[tu
         database_admin_url=urlunsplit(urlsplit(base.admin_database_url)._replace(path="/" + database)),
     )
     user, password = settings.management_credentials
-    admin = BrokerAdmin(settings.management_url, user, password)
+    # deleting a vhost whose quorum queues hold many messages takes the management API a while
+    admin = BrokerAdmin(settings.management_url, user, password, timeout_seconds=120)
     try:
         await setup(settings)
         yield settings, admin
