@@ -1,6 +1,7 @@
 # tillsync — the two commands of the README:
 #   make demo   set up everything and replay a real bakery's sales through two tills
 #   make test   set up everything and run the tests (unit, integration, e2e)
+#   make bench  measure throughput, latency and memory beside the raw limits (BENCH_ARGS=--quick: a smoke run)
 
 VENV   ?= .venv
 PYTHON ?= python3
@@ -10,7 +11,7 @@ SHARED_DATA_DIR ?= $(or $(TILLSYNC_SHARED_DATA_DIR),../shared/data)
 INPUT  ?= $(SHARED_DATA_DIR)/bakery_sales_2021-01.csv
 BIN     = $(VENV)/bin
 
-.PHONY: demo test install infra setup lint-topology clean
+.PHONY: demo test bench install infra setup lint-topology clean
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -32,6 +33,9 @@ demo: install infra
 
 test: install infra
 	$(BIN)/pytest
+
+bench: install infra
+	TILLSYNC_BENCH_VIA_MAKE=1 $(BIN)/python scripts/bench.py $(BENCH_ARGS)
 
 clean:
 	rm -rf var/demo

@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import datetime as dt
+import json
 import secrets
 import time
 import uuid
@@ -25,15 +26,19 @@ import asyncpg
 from services.archive_writer.main import ArchiveWriterSettings
 from services.archive_writer.main import main as archive_writer_main
 from shared.fiscal import PaymentType, VatKey
+from shared.broker_admin import BrokerAdmin
 from shared.logging import configure_logging
 from shared.models import Cashier, Upload
 from shared.settings import DatabaseAdminSettings, amqp_url_with_credentials
 from shared.topology import UPLOAD_EXCHANGE, till_broker_user, till_permissions, upload_routing_key
 from benchenv import throwaway_environment
 from till_agent.booking import SaleLine, closed_receipt
+from tillsync.setup import SetupSettings
 
 
-def _uploads(account_id: uuid.UUID, till_id: uuid.UUID, count: int) -> list[bytes]:
+def upload_bodies(account_id: uuid.UUID, till_id: uuid.UUID, count: int) -> list[bytes]:
+    """``count`` chained ``Upload`` bodies (JSON bytes, as a till's relay sends them) of a
+    closed two-line receipt each, ``till_seq`` 1..count of ``till_id``."""
     now = dt.datetime.now(dt.UTC)
     bodies = []
     prev = None
@@ -59,27 +64,47 @@ def _uploads(account_id: uuid.UUID, till_id: uuid.UUID, count: int) -> list[byte
     return bodies
 
 
+def _message(body: bytes, till_id: uuid.UUID) -> aio_pika.Message:
+    """An upload message with the properties the till's relay gives it (till_agent/relay.py)."""
+    return aio_pika.Message(
+        body,
+        content_type="application/json",
+        message_id=json.loads(body)["record_id"],
+        user_id=till_broker_user(till_id),
+        type="receipt",
+        delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+    )
+
+
+async def queue_uploads(settings: SetupSettings, admin: BrokerAdmin, count: int) -> tuple[uuid.UUID, uuid.UUID]:
+    """Publish ``count`` uploads of a new till (its own broker user, publisher confirms,
+    1,000 in flight) to the upload exchange, where they wait in the services' queues;
+    returns ``(account_id, till_id)``."""
+    account_id, till_id = uuid.uuid4(), uuid.uuid4()
+    secret = secrets.token_urlsafe(16)
+    await admin.put_user(till_broker_user(till_id), secret)
+    await admin.grant_permissions(settings.vhost, till_broker_user(till_id), till_permissions(account_id, till_id))
+    connection = await aio_pika.connect(amqp_url_with_credentials(settings.amqp_url, till_broker_user(till_id), secret))
+    async with connection:
+        channel = await connection.channel(publisher_confirms=True)
+        exchange = await channel.get_exchange(UPLOAD_EXCHANGE, ensure=False)
+        key = upload_routing_key(account_id, till_id, "receipt")
+        bodies = upload_bodies(account_id, till_id, count)
+        for start in range(0, len(bodies), 1000):
+            await asyncio.gather(
+                *(
+                    exchange.publish(_message(b, till_id), routing_key=key)
+                    for b in bodies[start : start + 1000]
+                )
+            )
+    return account_id, till_id
+
+
 async def _round(base: DatabaseAdminSettings, uploads: int, batch_size: int) -> float:
     """Archive ``uploads`` waiting in the queue with ``batch_size``; return uploads per second."""
     async with throwaway_environment(base) as (settings, admin):
         amqp_url, database_url = settings.amqp_url, settings.database_url
-        account_id, till_id = uuid.uuid4(), uuid.uuid4()
-        secret = secrets.token_urlsafe(16)
-        await admin.put_user(till_broker_user(till_id), secret)
-        await admin.grant_permissions(settings.vhost, till_broker_user(till_id), till_permissions(account_id, till_id))
-        connection = await aio_pika.connect(amqp_url_with_credentials(amqp_url, till_broker_user(till_id), secret))
-        async with connection:
-            channel = await connection.channel(publisher_confirms=True)
-            exchange = await channel.get_exchange(UPLOAD_EXCHANGE, ensure=False)
-            key = upload_routing_key(account_id, till_id, "receipt")
-            bodies = _uploads(account_id, till_id, uploads)
-            for start in range(0, len(bodies), 1000):
-                await asyncio.gather(
-                    *(
-                        exchange.publish(aio_pika.Message(b, user_id=till_broker_user(till_id)), routing_key=key)
-                        for b in bodies[start : start + 1000]
-                    )
-                )
+        await queue_uploads(settings, admin, uploads)
         stop = asyncio.Event()
         writer_settings = ArchiveWriterSettings(
             amqp_url=amqp_url, management_url=base.management_url, database_url=database_url, batch_size=batch_size

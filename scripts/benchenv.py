@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import secrets
+import sys
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -11,7 +13,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
 
-from shared.broker_admin import BrokerAdmin
+from shared.broker_admin import BrokerAdmin, BrokerAdminError
 from shared.settings import DatabaseAdminSettings
 from shared.topology import TILL_USER_PREFIX
 from tillsync.processes import SERVICES, ServiceProcess, service_env
@@ -33,16 +35,14 @@ async def throwaway_environment(base: DatabaseAdminSettings) -> AsyncIterator[tu
         database_admin_url=urlunsplit(urlsplit(base.admin_database_url)._replace(path="/" + database)),
     )
     user, password = settings.management_credentials
-    admin = BrokerAdmin(settings.management_url, user, password)
+    # deleting a vhost whose quorum queues hold many messages takes the management API a while
+    admin = BrokerAdmin(settings.management_url, user, password, timeout_seconds=120)
     try:
         await setup(settings)
         yield settings, admin
     finally:
         try:
-            for permission in await admin.vhost_permissions(vhost):
-                if permission["user"].startswith(TILL_USER_PREFIX):
-                    await admin.delete_user(permission["user"])
-            await admin.delete_vhost(vhost)
+            await _remove_vhost(admin, vhost)
         finally:
             await admin.close()
             server = await asyncpg.connect(urlunsplit(urlsplit(base.admin_database_url)._replace(path="/postgres")))
@@ -50,6 +50,25 @@ async def throwaway_environment(base: DatabaseAdminSettings) -> AsyncIterator[tu
                 await server.execute(f'drop database if exists "{database}" with (force)')
             finally:
                 await server.close()
+
+
+async def _remove_vhost(admin: BrokerAdmin, vhost: str, attempts: int = 4) -> None:
+    """Delete the till users of ``vhost`` and the vhost; the management API refusing
+    (a broker restarting or overloaded on a shared machine) is tried again after 5 s, and
+    after ``attempts`` only named on stderr, so the figures measured before are kept."""
+    for attempt in range(1, attempts + 1):
+        try:
+            for permission in await admin.vhost_permissions(vhost):
+                if permission["user"].startswith(TILL_USER_PREFIX):
+                    await admin.delete_user(permission["user"])
+            await admin.delete_vhost(vhost)
+            return
+        except BrokerAdminError as exc:
+            if attempt == attempts:
+                print(f"benchmark: could not remove vhost {vhost} and its till users ({exc}); remove them by hand",
+                      file=sys.stderr)
+                return
+            await asyncio.sleep(5)
 
 
 def peak_rss_mib(pid: int | str = "self") -> float | None:
@@ -66,9 +85,12 @@ def peak_rss_mib(pid: int | str = "self") -> float | None:
 
 
 @asynccontextmanager
-async def running_services(settings: SetupSettings, log_dir: Path, names: Iterable[str] = SERVICES) -> AsyncIterator[ServicePeaks]:
+async def running_services(
+    settings: SetupSettings, log_dir: Path, names: Iterable[str] = SERVICES, ready_timeout_seconds: float = 30.0
+) -> AsyncIterator[ServicePeaks]:
     """Run the services ``names`` as real processes (``python -m services.<name>``, as in
-    production and the end-to-end tests) against ``settings``; wait until each is ready.
+    production and the end-to-end tests) against ``settings``; wait until each is ready
+    (``ServiceStartError`` after ``ready_timeout_seconds`` each).
 
     Yields a ``ServicePeaks``: ``processes`` by service name, and ``sample()`` that records
     each running service's peak RSS so far; the peaks are sampled once more before the
@@ -79,7 +101,7 @@ async def running_services(settings: SetupSettings, log_dir: Path, names: Iterab
         for process in peaks.processes.values():
             process.start()
         for process in peaks.processes.values():
-            await process.wait_ready()
+            await process.wait_ready(ready_timeout_seconds)
         yield peaks
         peaks.sample()
     finally:
