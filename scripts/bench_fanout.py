@@ -50,16 +50,16 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Awaitable, Callable, Iterator
 
 from shared.fiscal import VatKey
 from shared.logging import configure_logging
-from shared.models import Article, CatchUpPage, FeedEntry, SyncMode
+from shared.models import Article, CatchUpPage, ErrorCode, FeedEntry, SyncMode
 from shared.settings import DatabaseAdminSettings, amqp_url_with_credentials
 from shared.topology import SIGNUP_USER
 from benchenv import running_services, throwaway_environment
 from till_agent.store import TillStore
-from till_agent.till import Till, TillSettings
+from till_agent.till import AccountError, CloudUnreachable, Till, TillSettings
 
 CATEGORY = "articles"
 PASSWORD = "Backstube-2021!"  # strong enough for the account service's password rules
@@ -220,6 +220,23 @@ async def _wait_until(predicate: Any, timeout_seconds: float, what: str, interva
         await asyncio.sleep(interval)
 
 
+async def _retrying(request: Callable[[], Awaitable[Any]], what: str, attempts: int = 5) -> Any:
+    """Run an account request, again after ``CloudUnreachable`` (the shared machine may be
+    too busy to connect in time); an ``AccountError`` is not retried. Raises the last error."""
+    for attempt in range(1, attempts + 1):
+        try:
+            return await request()
+        except AccountError as exc:
+            if exc.code == ErrorCode.ACCOUNT_EXISTS and what.startswith("creation"):
+                return None  # made by the attempt whose reply was lost
+            raise
+        except CloudUnreachable:
+            if attempt == attempts:
+                raise
+            await asyncio.sleep(2.0 * attempt)
+    raise AssertionError(f"unreachable: {what}")
+
+
 async def _worker_main(spec: _WorkerSpec, conn: Connection) -> None:
     loop = asyncio.get_running_loop()
     settings = TillSettings(cloud_amqp_url=spec.signup_url, request_timeout_seconds=120)
@@ -231,7 +248,7 @@ async def _worker_main(spec: _WorkerSpec, conn: Connection) -> None:
         founder = Till(TillStore.create(data_dir / f"founder-{a}", f"SN-F{a:03d}", "founder"), settings)
         try:
             async with gentle:
-                await founder.create_account(name, PASSWORD)
+                await _retrying(lambda: founder.create_account(name, PASSWORD), f"creation of account {name}")
         finally:
             founder.close()
 
@@ -240,8 +257,8 @@ async def _worker_main(spec: _WorkerSpec, conn: Connection) -> None:
         till = Till(_TimedStore.create(data_dir / serial, serial, f"Kasse {j + 1}"), settings)
         tills[(a, j)] = till
         async with gentle:
-            await till.sign_in(name, PASSWORD)
-            await till.set_sync_mode(True, SyncMode.ARCHIVE_MASTERDATA)
+            await _retrying(lambda: till.sign_in(name, PASSWORD), f"sign-in of till {serial}")
+            await _retrying(lambda: till.set_sync_mode(True, SyncMode.ARCHIVE_MASTERDATA), f"sync mode of till {serial}")
         till.start_sync()
 
     try:
@@ -260,7 +277,9 @@ async def _worker_main(spec: _WorkerSpec, conn: Connection) -> None:
             SETUP_TIMEOUT_SECONDS, "every till to hold every article of its account",
         )
         conn.send(("ready", spec.index, len(tills)))
-        t0 = await loop.run_in_executor(None, conn.recv)  # the common start (time.monotonic())
+        t0 = await loop.run_in_executor(None, conn.recv)  # the common start (time.monotonic()); None: abort
+        if t0 is None:
+            return
         result = await _load(spec, tills, t0)
         conn.send(("result", spec.index, result))
     finally:
@@ -432,9 +451,16 @@ async def _measure(base: DatabaseAdminSettings, accounts: int, tills_per_account
                     cpu_used = _cpu_used(cpu, _cpu_snapshot(services, processes), seconds)
                     results = await _gather_workers(conns, processes, "result", GRACE_SECONDS + seconds + 120, sample)
                     sample()
+                except BaseException:
+                    for conn in conns:  # the others wait for the start: let them stop their tills
+                        try:
+                            conn.send(None)
+                        except OSError:
+                            pass
+                    raise
                 finally:
                     for process in processes:
-                        process.join(timeout=60)
+                        process.join(timeout=30)
                         if process.is_alive():
                             process.kill()
     return _report(accounts, tills_per_account, changes_per_second, seconds, warmup, workers, setup_seconds,
@@ -500,6 +526,7 @@ def _report(accounts: int, tills_per_account: int, rate: float, seconds: float, 
         "deliveries_via_catchup": sum(r["via_catchup"] for r in results),
         "feed_outcomes": outcomes,
         "setup_seconds": round(setup_seconds, 1),
+        "machine_load_average": [round(v, 2) for v in os.getloadavg()],  # 1, 5, 15 min at the end: the machine is shared
         "harness_note": (
             f"{accounts * tills_per_account} real till agents (SQLite stores, own broker connections) in {workers} worker "
             f"processes of {accounts // workers}-{-(-accounts // workers)} accounts each, every account's tills in one "

@@ -36,6 +36,7 @@ import asyncio
 import cProfile
 import datetime as dt
 import json
+import os
 import sys
 import tempfile
 import time
@@ -58,7 +59,8 @@ from till_agent.till import Till, TillSettings
 CATEGORY = "articles"
 PASSWORD = "Backstube-2021!"  # strong enough for the account service's password rules
 SERVICES_USED = ("account-service", "archive-writer", "masterdata-broadcaster")
-IMPORT_CHUNK = 5000  # articles imported on the seeding till per store transaction
+IMPORT_CHUNK = 5000  # articles imported on a seeding till per store transaction
+SEEDING_TILLS = 2  # tills importing the articles, chunks in turn (more relays in flight)
 
 
 def _article(i: int) -> Article:
@@ -86,11 +88,30 @@ def _say(text: str) -> None:
 
 
 class _Cloud:
-    """The service processes and a connection to their database."""
+    """The service processes and a connection to their database (made again if the
+    server dropped it: the servers are shared)."""
 
-    def __init__(self, peaks: ServicePeaks, db: asyncpg.Connection) -> None:
+    def __init__(self, peaks: ServicePeaks, database_url: str) -> None:
         self.peaks = peaks
-        self.db = db
+        self.database_url = database_url
+        self.db: asyncpg.Connection | None = None
+
+    async def _fetchval(self, query: str, *args: Any) -> Any:
+        for attempt in range(5):
+            try:
+                if self.db is None or self.db.is_closed():
+                    self.db = await asyncpg.connect(self.database_url)
+                return await self.db.fetchval(query, *args)
+            except (OSError, asyncpg.PostgresConnectionError, asyncpg.InterfaceError,
+                    asyncpg.CannotConnectNowError, asyncpg.AdminShutdownError):
+                if attempt == 4:
+                    raise
+                self.db = None
+                await asyncio.sleep(1.0)
+
+    async def close(self) -> None:
+        if self.db is not None:
+            await self.db.close()
 
     def check(self) -> None:
         """Record the services' peak RSS; raise if a service process exited."""
@@ -101,13 +122,13 @@ class _Cloud:
 
     async def head(self, account_id: uuid.UUID) -> int:
         """The account's last feed_seq of ``articles`` (0: none)."""
-        return await self.db.fetchval(
+        return await self._fetchval(
             "select last_feed_seq from feed_category_heads where account_id = $1 and category = $2", account_id, CATEGORY
         ) or 0
 
-    async def archived_masterdata(self, till_id: uuid.UUID) -> int:
-        return await self.db.fetchval(
-            "select count(*) from archive_records where till_id = $1 and kind = 'masterdata'", till_id
+    async def archived_masterdata(self, till_ids: list[uuid.UUID]) -> int:
+        return await self._fetchval(
+            "select count(*) from archive_records where till_id = any($1::uuid[]) and kind = 'masterdata'", till_ids
         )
 
 
@@ -144,53 +165,59 @@ async def _joined_till(signup_url: str, data_dir: Path, account: str, name: str)
     return till
 
 
-async def _seed(cloud: _Cloud, seeder: Till, articles: int) -> tuple[str, dict[str, float]]:
-    """Import ``articles`` on ``seeder`` while it syncs and wait until they are accepted,
-    applied and archived; return the seeding till's state hash and the seconds of each step."""
-    identity = seeder.store.identity()
-    assert identity.account_id and identity.till_id
-    seeder.start_sync()
-    await _wait(cloud, lambda: seeder.store.caught_up(CATEGORY), 30, "the seeding till's (empty) first catch-up")
+async def _seed(cloud: _Cloud, seeders: list[Till], articles: int) -> tuple[list[str], dict[str, float]]:
+    """Import ``articles`` on ``seeders`` (chunks in turn) while they sync and wait until the
+    broadcaster accepted them, every seeding till applied them (its own verdicts and the
+    others' feed entries) and the archive writer archived them; return the seeding tills'
+    state hashes and the seconds of each step since the import started."""
+    identities = [s.store.identity() for s in seeders]
+    account_id = identities[0].account_id
+    assert account_id is not None
+    for seeder in seeders:
+        seeder.start_sync()
+    await _wait(cloud, lambda: all(s.store.caught_up(CATEGORY) for s in seeders), 30, "the seeding tills' (empty) first catch-up")
     at = dt.datetime.now(dt.UTC)
     started = time.monotonic()
-    for start in range(0, articles, IMPORT_CHUNK):
-        counts = seeder.import_entities((_article(i) for i in range(start, min(start + IMPORT_CHUNK, articles))), at)
-        if counts.get("created") != min(IMPORT_CHUNK, articles - start):
-            raise RuntimeError(f"the seeding till did not create every article of a chunk: {counts}")
-        await asyncio.sleep(0)  # let the relay upload meanwhile
+    for n, start in enumerate(range(0, articles, IMPORT_CHUNK)):
+        chunk = range(start, min(start + IMPORT_CHUNK, articles))
+        counts = seeders[n % len(seeders)].import_entities((_article(i) for i in chunk), at)
+        if counts.get("created") != len(chunk):
+            raise RuntimeError(f"a seeding till did not create every article of a chunk: {counts}")
+        await asyncio.sleep(0)  # let the relays upload meanwhile
     saved = time.monotonic() - started
-    _say(f"seeding: {articles} articles imported on the seeding till in {saved:.1f} s")
+    _say(f"seeding: {articles} articles imported on {len(seeders)} seeding till(s) in {saved:.1f} s")
     timeout = max(120.0, articles / 50)  # s
     head = 0
 
     async def accepted() -> bool:
         nonlocal head
-        head = await cloud.head(identity.account_id)  # type: ignore[arg-type]
+        head = await cloud.head(account_id)
         return head >= articles
 
     await _wait(cloud, accepted, timeout, "the broadcaster to accept every article", interval=0.25,
-                progress=lambda: f"{head} accepted, {seeder.store.outbox_counts()[0]} not uploaded yet")
+                progress=lambda: f"{head} accepted, {sum(s.store.outbox_counts()[0] for s in seeders)} not uploaded yet")
     accepted_after = time.monotonic() - started
-    await _wait(cloud, lambda: seeder.store.feed_position(CATEGORY) == head and seeder.status().pending == 0, timeout,
-                "the seeding till to apply its verdicts", interval=0.25,
-                progress=lambda: f"seeding till at feed position {seeder.store.feed_position(CATEGORY)} of {head}")
+    await _wait(cloud, lambda: all(s.store.feed_position(CATEGORY) == head and s.status().pending == 0 for s in seeders),
+                timeout, "the seeding tills to apply every article", interval=0.25,
+                progress=lambda: f"seeding tills at feed positions {[s.store.feed_position(CATEGORY) for s in seeders]} of {head}")
     applied_after = time.monotonic() - started
     archived = 0
 
     async def all_archived() -> bool:
         nonlocal archived
-        archived = await cloud.archived_masterdata(identity.till_id)  # type: ignore[arg-type]
+        archived = await cloud.archived_masterdata([i.till_id for i in identities])  # type: ignore[misc]
         return archived >= articles
 
     await _wait(cloud, all_archived, timeout, "the archive writer to archive every article", interval=0.5,
                 progress=lambda: f"{archived} archived")
     archived_after = time.monotonic() - started
-    _say(f"seeding: accepted after {accepted_after:.1f} s, verdicts applied after {applied_after:.1f} s, "
+    _say(f"seeding: accepted after {accepted_after:.1f} s, applied on the seeding tills after {applied_after:.1f} s, "
          f"archived after {archived_after:.1f} s ({articles / archived_after:.0f} articles/s)")
-    await seeder.stop_sync()  # a quiet cloud for the measurement
-    return seeder.store.masterdata_state_hash(), {
+    for seeder in seeders:
+        await seeder.stop_sync()  # a quiet cloud for the measurement
+    return [s.store.masterdata_state_hash() for s in seeders], {
         "imported": round(saved, 2), "accepted": round(accepted_after, 2),
-        "verdicts_applied": round(applied_after, 2), "archived": round(archived_after, 2),
+        "applied_on_seeding_tills": round(applied_after, 2), "archived": round(archived_after, 2),
     }
 
 
@@ -241,16 +268,16 @@ async def _download(cloud: _Cloud, newcomer: Till, articles: int, profile: str |
     }
 
 
-async def _measure(base: DatabaseAdminSettings, articles: int, log_dir: Path, profile: str | None) -> dict[str, Any]:
-    if articles < 1:
-        raise ValueError(f"articles must be at least 1, not {articles}")
+async def _measure(base: DatabaseAdminSettings, articles: int, log_dir: Path, profile: str | None,
+                   seeding_tills: int = SEEDING_TILLS) -> dict[str, Any]:
+    if articles < 1 or seeding_tills < 1:
+        raise ValueError(f"articles and seeding tills must be at least 1, not {articles} and {seeding_tills}")
     tills: list[Till] = []
     async with throwaway_environment(base) as (settings, _admin):
         suffix = settings.vhost.rsplit("-", 1)[-1]
         with tempfile.TemporaryDirectory(prefix="tillsync-bench-") as tmp:
             async with running_services(settings, log_dir, SERVICES_USED) as peaks:
-                db = await asyncpg.connect(settings.database_url)
-                cloud = _Cloud(peaks, db)
+                cloud = _Cloud(peaks, settings.database_url)
                 try:
                     signup_url = amqp_url_with_credentials(settings.amqp_url, SIGNUP_USER, settings.signup_password)
                     account = f"bench-{suffix}@example.com"
@@ -258,19 +285,19 @@ async def _measure(base: DatabaseAdminSettings, articles: int, log_dir: Path, pr
                                    TillSettings(cloud_amqp_url=signup_url, request_timeout_seconds=30))
                     tills.append(founder)
                     await founder.create_account(account, PASSWORD)
-                    seeder = await _joined_till(signup_url, Path(tmp), account, "Kasse 1")
-                    tills.append(seeder)
-                    seed_hash, seeding = await _seed(cloud, seeder, articles)
-                    newcomer = await _joined_till(signup_url, Path(tmp), account, "Kasse 2")
+                    seeders = [await _joined_till(signup_url, Path(tmp), account, f"Kasse {n + 1}") for n in range(seeding_tills)]
+                    tills.extend(seeders)
+                    seed_hashes, seeding = await _seed(cloud, seeders, articles)
+                    newcomer = await _joined_till(signup_url, Path(tmp), account, f"Kasse {seeding_tills + 1}")
                     tills.append(newcomer)
                     figures = await _download(cloud, newcomer, articles, profile)
-                    same = newcomer.store.masterdata_state_hash() == seed_hash
+                    same = {newcomer.store.masterdata_state_hash()} == set(seed_hashes)
                     cloud.check()
                 finally:
                     for till in tills:
                         await till.stop_sync()
                         till.close()
-                    await db.close()
+                    await cloud.close()
             return {
                 "articles": articles,
                 "seconds": figures["seconds"],
@@ -281,6 +308,8 @@ async def _measure(base: DatabaseAdminSettings, articles: int, log_dir: Path, pr
                 "till_peak_rss_mib": figures["till_peak_rss_mib"],
                 "till_peak_rss_scope": figures["till_peak_rss_scope"],
                 "catchup_page_size": BroadcasterSettings(database_url=settings.database_url).catchup_page_size,
+                "seeding_tills": seeding_tills,
+                "machine_load_average": [round(v, 2) for v in os.getloadavg()],  # 1, 5, 15 min at the end: the machine is shared
                 "seeding_seconds": seeding,
             }
 
@@ -309,12 +338,14 @@ async def _main() -> int:
     parser.add_argument("--target-seconds", type=float, default=20.0)
     parser.add_argument("--log-dir", type=Path, help="service logs (default: a temporary directory)")
     parser.add_argument("--profile", metavar="FILE", help="write a cProfile of the download phase to FILE")
+    parser.add_argument("--seeding-tills", type=int, default=SEEDING_TILLS, help="tills importing the articles")
     args = parser.parse_args()
-    if args.articles < 1:
-        parser.error("--articles must be at least 1")
+    if args.articles < 1 or args.seeding_tills < 1:
+        parser.error("--articles and --seeding-tills must be at least 1")
     configure_logging("WARNING")
     with tempfile.TemporaryDirectory(prefix="tillsync-bench-logs-") as tmp_logs:
-        result = await _measure(DatabaseAdminSettings(), args.articles, args.log_dir or Path(tmp_logs), args.profile)
+        result = await _measure(DatabaseAdminSettings(), args.articles, args.log_dir or Path(tmp_logs), args.profile,
+                                args.seeding_tills)
     seconds = result["seconds"]
     print(f"initial download: {result['articles']} articles in {seconds:.2f} s ({result['articles_per_second']:.0f} "
           f"articles/s; catch-up pages of {result['catchup_page_size']})")
