@@ -212,15 +212,17 @@ def _worker(spec: _WorkerSpec, conn: Connection) -> None:
         conn.close()
 
 
-async def _wait_until(predicate: Any, timeout_seconds: float, what: str, interval: float = 0.1) -> None:
+async def _wait_until(predicate: Any, timeout_seconds: float, what: str, interval: float = 0.1,
+                      detail: Callable[[], str] | None = None) -> None:
     deadline = time.monotonic() + timeout_seconds
     while not predicate():
         if time.monotonic() > deadline:
-            raise TimeoutError(f"timed out after {timeout_seconds:.0f} s waiting for {what}")
+            raise TimeoutError(f"timed out after {timeout_seconds:.0f} s waiting for {what}"
+                               + (f" ({detail()})" if detail else ""))
         await asyncio.sleep(interval)
 
 
-async def _retrying(request: Callable[[], Awaitable[Any]], what: str, attempts: int = 5) -> Any:
+async def _retrying(request: Callable[[], Awaitable[Any]], what: str, attempts: int = 8) -> Any:
     """Run an account request, again after ``CloudUnreachable`` (the shared machine may be
     too busy to connect in time); an ``AccountError`` is not retried. Raises the last error."""
     for attempt in range(1, attempts + 1):
@@ -233,7 +235,7 @@ async def _retrying(request: Callable[[], Awaitable[Any]], what: str, attempts: 
         except CloudUnreachable:
             if attempt == attempts:
                 raise
-            await asyncio.sleep(2.0 * attempt)
+            await asyncio.sleep(min(2.0 * attempt, 10.0))
     raise AssertionError(f"unreachable: {what}")
 
 
@@ -259,13 +261,16 @@ async def _worker_main(spec: _WorkerSpec, conn: Connection) -> None:
         async with gentle:
             await _retrying(lambda: till.sign_in(name, PASSWORD), f"sign-in of till {serial}")
             await _retrying(lambda: till.set_sync_mode(True, SyncMode.ARCHIVE_MASTERDATA), f"sync mode of till {serial}")
-        till.start_sync()
 
     try:
         await asyncio.gather(*(create_account(a, name) for a, name in spec.accounts))
         await asyncio.gather(*(join(a, j, name) for a, name in spec.accounts for j in range(spec.tills_per_account)))
+        for till in tills.values():  # syncing starts once every till is signed in: a quieter sign-in phase
+            till.start_sync()
         await _wait_until(lambda: all(t.store.caught_up(CATEGORY) for t in tills.values()), SETUP_TIMEOUT_SECONDS,
-                          "every till's first catch-up")
+                          "every till's first catch-up", detail=lambda: "; ".join(
+                              f"{t.store.identity().serial_number}: {t.status().state} {t.status().detail}"
+                              for t in tills.values() if not t.store.caught_up(CATEGORY)))
         # each till's own articles; every till of the account ends up with all of them
         now = dt.datetime.now(dt.UTC)
         for (a, j), till in tills.items():
@@ -452,11 +457,9 @@ async def _measure(base: DatabaseAdminSettings, accounts: int, tills_per_account
                     results = await _gather_workers(conns, processes, "result", GRACE_SECONDS + seconds + 120, sample)
                     sample()
                 except BaseException:
-                    for conn in conns:  # the others wait for the start: let them stop their tills
-                        try:
-                            conn.send(None)
-                        except OSError:
-                            pass
+                    for process in processes:  # their tills are thrown away with the vhost
+                        if process.is_alive():
+                            process.terminate()
                     raise
                 finally:
                     for process in processes:
@@ -558,8 +561,14 @@ def _shortfall(result: dict[str, Any]) -> str:
                      + ", ".join(f"{k} {v:.2f}" for k, v in cpu.items() if k not in ("whole machine", "cores")) + ")")
     lag = result["schedule_lag_ms"]
     if lag and lag["p99"] > 50:
-        parts.append(f"the till workers made their changes up to {lag['max']:.0f} ms late (p99 {lag['p99']:.0f} ms): "
-                     "their event loops were saturated, so receiving tills also applied entries late")
+        parts.append(
+            f"the till workers made their changes up to {lag['max']:.0f} ms late (p99 {lag['p99']:.0f} ms): their event "
+            "loops were saturated, so receiving tills also applied entries late. Every change costs about "
+            f"{result['tills'] // max(result['accounts'], 1) + 2} store commits (SQLite, synchronous=full) on the tills of "
+            "its account (the origin's save, each receiver's apply, the verdict, the sent mark), and the tills of a worker "
+            "commit one after another on its one event loop; a profile of a worker under this load (py-spy) shows the "
+            "store's COMMIT as its largest share. Real tills each have their own machine, so this is the harness's limit "
+            "on this machine, not the cloud's: compare the broadcaster's share of a core above")
     if result["deliveries_via_catchup"]:
         parts.append(f"{result['deliveries_via_catchup']} deliveries came by catch-up after a gap")
     return "; ".join(parts)
