@@ -102,10 +102,12 @@ class _Cloud:
                 if self.db is None or self.db.is_closed():
                     self.db = await asyncpg.connect(self.database_url)
                 return await self.db.fetchval(query, *args)
-            except (OSError, asyncpg.PostgresConnectionError, asyncpg.InterfaceError,
-                    asyncpg.CannotConnectNowError, asyncpg.AdminShutdownError):
+            except (OSError, asyncpg.PostgresConnectionError, asyncpg.InterfaceError,  # the server was restarted
+                    asyncpg.CannotConnectNowError, asyncpg.AdminShutdownError, asyncpg.InternalClientError):
                 if attempt == 4:
                     raise
+                if self.db is not None:
+                    self.db.terminate()
                 self.db = None
                 await asyncio.sleep(1.0)
 
