@@ -26,8 +26,14 @@ only its own articles, so no change is a conflict); then a grace period in which
 last deliveries may arrive. A delivery not applied by the end of the grace period is
 ``lost``.
 
+With ``--protocol`` (``measure_cloud_fanout``) the tills, once signed in for real, are
+light AMQP clients with their own broker credentials in the measuring process instead
+of till agents: the cloud's fan-out from the upload's publish to the arrival of the
+feed entry at each other till, without the till's local apply. 200 till agents do not
+fit on a small machine (their store commits saturate the workers); 200 such clients do.
+
     .venv/bin/python scripts/bench_fanout.py [--accounts 20] [--tills-per-account 10] [--rate 100]
-        [--seconds 30] [--workers 4] [--log-dir DIR]
+        [--seconds 30] [--workers 4] [--log-dir DIR] [--protocol]
 
 Prints the figures as one JSON object.
 """
@@ -54,9 +60,26 @@ from typing import Any, Awaitable, Callable, Iterator
 
 from shared.fiscal import VatKey
 from shared.logging import configure_logging
-from shared.models import Article, CatchUpPage, ErrorCode, FeedEntry, SyncMode
+import aio_pika
+from aio_pika.abc import AbstractConnection, AbstractIncomingMessage
+from pydantic import ValidationError
+
+from shared.models import (
+    DOWNLOAD_ADAPTER,
+    Article,
+    CatchUpPage,
+    ErrorCode,
+    FeedEntry,
+    MasterDataAccepted,
+    MasterDataConflict,
+    MasterDataNotShared,
+    MasterDataRecord,
+    SignedIn,
+    SyncMode,
+    Upload,
+)
 from shared.settings import DatabaseAdminSettings, amqp_url_with_credentials
-from shared.topology import SIGNUP_USER
+from shared.topology import SIGNUP_USER, UPLOAD_EXCHANGE, upload_routing_key
 from benchenv import running_services, throwaway_environment
 from till_agent.store import TillStore
 from till_agent.till import AccountError, CloudUnreachable, Till, TillSettings
@@ -470,9 +493,15 @@ async def _measure(base: DatabaseAdminSettings, accounts: int, tills_per_account
                    list(results.values()), cpu_used, peaks.peaks_mib, window_start)
 
 
-def _cpu_snapshot(services: dict[str, int], processes: list[multiprocessing.process.BaseProcess]) -> dict[str, float | None]:
+def _cpu_snapshot(services: dict[str, int], processes: list[multiprocessing.process.BaseProcess],
+                  groups: dict[str, list[int]] | None = None) -> dict[str, float | None]:
+    """CPU seconds so far per service, of the till worker ``processes`` (if any), of each
+    of ``groups`` (name: pids), RabbitMQ, PostgreSQL and the whole machine."""
     snapshot: dict[str, float | None] = {name: _cpu_seconds(pid) for name, pid in services.items()}
-    snapshot["till workers"] = sum(_cpu_seconds(p.pid) or 0.0 for p in processes if p.pid is not None)
+    if processes:
+        snapshot["till workers"] = sum(_cpu_seconds(p.pid) or 0.0 for p in processes if p.pid is not None)
+    for name, pids in (groups or {}).items():
+        snapshot[name] = sum(_cpu_seconds(pid) or 0.0 for pid in pids)
     snapshot["rabbitmq"] = sum(_cpu_seconds(pid) or 0.0 for pid in _pids_named("beam.smp"))
     snapshot["postgresql"] = sum(_cpu_seconds(pid) or 0.0 for pid in _pids_named("postgres"))
     machine = _machine_busy()
@@ -495,7 +524,10 @@ def _cpu_used(before: dict[str, float | None], after: dict[str, float | None], s
 
 def _report(accounts: int, tills_per_account: int, rate: float, seconds: float, warmup: float, workers: int,
             setup_seconds: float, results: list[dict[str, Any]], cpu: dict[str, float], peaks_mib: dict[str, float],
-            window_start: float) -> dict[str, Any]:
+            window_start: float, harness_note: str | None = None,
+            shortfall: Callable[[dict[str, Any]], str] | None = None) -> dict[str, Any]:
+    """The figures of a run from the workers' ``results`` (see ``measure_fanout``);
+    ``harness_note`` and ``shortfall`` replace the till agents' note and explanation."""
     latencies = sorted(v for r in results for v in r["latencies_ms"])
     lags = sorted(v for r in results for v in r["schedule_lag_ms"])
     changes = sum(r["changes"] for r in results)
@@ -518,6 +550,7 @@ def _report(accounts: int, tills_per_account: int, rate: float, seconds: float, 
         "seconds": seconds,
         "changes": changes,
         "deliveries": deliveries,
+        "deliveries_expected": deliveries + lost,
         "lost": lost,
         "latency_ms": stats,
         "target_p99_ms": TARGET_P99_MS,
@@ -530,7 +563,7 @@ def _report(accounts: int, tills_per_account: int, rate: float, seconds: float, 
         "feed_outcomes": outcomes,
         "setup_seconds": round(setup_seconds, 1),
         "machine_load_average": [round(v, 2) for v in os.getloadavg()],  # 1, 5, 15 min at the end: the machine is shared
-        "harness_note": (
+        "harness_note": harness_note or (
             f"{accounts * tills_per_account} real till agents (SQLite stores, own broker connections) in {workers} worker "
             f"processes of {accounts // workers}-{-(-accounts // workers)} accounts each, every account's tills in one "
             f"process; account service, archive writer and master-data broadcaster as separate processes; RabbitMQ and "
@@ -544,7 +577,7 @@ def _report(accounts: int, tills_per_account: int, rate: float, seconds: float, 
         ),
     }
     if not result["target_met"]:
-        result["shortfall"] = _shortfall(result)
+        result["shortfall"] = (shortfall or _shortfall)(result)
     return result
 
 
@@ -599,6 +632,354 @@ async def measure_fanout(base: DatabaseAdminSettings, *, accounts: int = 20, til
     return await _measure(base, accounts, tills_per_account, changes_per_second, seconds, log_dir, WORKERS)
 
 
+# ---------------------------------------------------------------------------
+# Cloud fan-out with protocol-level tills: the cloud's share without the till agents' stores
+
+
+PROTOCOL_SIGN_INS_AT_ONCE = 4  # sign-ins (argon2 in the account service) in flight
+PROTOCOL_PREFETCH = 100  # unacked download messages per protocol till
+
+
+@dataclass
+class _ArticleBase:
+    """What a till knows of one of its own articles: the cloud's version (None: never
+    accepted) and its own change still awaiting a verdict (``TillStore`` keeps the same)."""
+
+    version: int | None = None
+    pending: uuid.UUID | None = None
+
+
+class _ProtocolTill:
+    """One till as a light AMQP client with the till's own broker user: publishes its
+    master-data changes as the ``Upload`` messages a till agent's outbox relay sends
+    (``till_agent/relay.py``), chained on from where the archive's chain of the till
+    stands, and consumes its own queue with acks, noting when each message arrived.
+
+    ``arrived[record_id]``: ``time.monotonic()`` when the feed entry of that change
+    reached this till's consumer (first arrival). ``verdicts``: the verdicts on its own
+    changes by record_id (``accepted`` / ``conflict`` / ``not_shared``).
+    """
+
+    def __init__(self, account: int, index: int, signed_in: SignedIn, broker_url: str) -> None:
+        self.account, self.index = account, index
+        self.account_id, self.till_id = signed_in.account_id, signed_in.till_id
+        self.user = signed_in.broker_username
+        self.queue_name = signed_in.queue
+        self._url = amqp_url_with_credentials(broker_url, signed_in.broker_username,
+                                              signed_in.broker_password.get_secret_value())
+        self.till_seq = signed_in.last_till_seq  # the archive's last; the next upload is the one after
+        self.prev_hash = signed_in.last_chain_hash
+        self.articles: dict[str, _ArticleBase] = {}
+        self.arrived: dict[uuid.UUID, float] = {}
+        self.verdicts: dict[uuid.UUID, str] = {}
+        self.received: dict[str, int] = {}
+        self.feed_position = 0
+        self.feed_gaps = 0
+        self.failures: list[str] = []
+        self._connection: AbstractConnection | None = None
+        self._exchange: aio_pika.abc.AbstractExchange | None = None
+
+    async def connect(self) -> None:
+        """Open the till's connection, a confirming publish channel and the consumer of its queue."""
+        self._connection = await aio_pika.connect(
+            self._url, client_properties={"connection_name": f"protocol till {self.account}-{self.index}"}, timeout=30)
+        publish_channel = await self._connection.channel(publisher_confirms=True, on_return_raises=True)
+        self._exchange = await publish_channel.get_exchange(UPLOAD_EXCHANGE, ensure=False)
+        consume_channel = await self._connection.channel()
+        await consume_channel.set_qos(prefetch_count=PROTOCOL_PREFETCH)
+        queue = await consume_channel.get_queue(self.queue_name, ensure=False)
+        await queue.consume(self._on_message)
+
+    async def close(self) -> None:
+        if self._connection is not None:
+            await self._connection.close()
+
+    async def _on_message(self, message: AbstractIncomingMessage) -> None:
+        arrived = time.monotonic()  # first thing: the arrival time of this message
+        try:
+            download = DOWNLOAD_ADAPTER.validate_json(message.body)
+        except ValidationError as exc:
+            self.failures.append(f"unreadable download message: {exc}")
+            await message.ack()
+            return
+        body = download.message
+        kind = type(body).__name__
+        self.received[kind] = self.received.get(kind, 0) + 1
+        if isinstance(body, FeedEntry):
+            self.arrived.setdefault(body.entity.record_id, arrived)
+            if body.prev_feed_seq != self.feed_position:
+                self.feed_gaps += 1  # a till agent would buffer it or ask for a catch-up
+            self.feed_position = max(self.feed_position, body.entity.feed_seq)
+        elif isinstance(body, MasterDataAccepted):
+            self.verdicts[body.record_id] = "accepted"
+            base = self.articles.get(body.entity.entity_key)
+            if base is not None and base.pending == body.record_id:
+                base.version, base.pending = body.entity.version, None
+        elif isinstance(body, (MasterDataConflict, MasterDataNotShared)):
+            self.verdicts[body.record_id] = "conflict" if isinstance(body, MasterDataConflict) else "not_shared"
+        await message.ack()
+
+    def seal(self, article: Article, recorded_at: dt.datetime) -> tuple[Upload, bytes]:
+        """The next upload of this till: a shared price change (or creation) of ``article``,
+        based as ``TillStore.save_masterdata`` bases it, chained to the till's last upload."""
+        base = self.articles.setdefault(article.article_nr, _ArticleBase())
+        record = MasterDataRecord(
+            entity_kind="article", entity_key=article.article_nr, base_version=base.version,
+            base_record_id=base.pending, shared=True, deleted=False, data=article,
+        )
+        upload = Upload.sealed(self.prev_hash, record_id=uuid.uuid4(), account_id=self.account_id, till_id=self.till_id,
+                               till_seq=self.till_seq + 1, recorded_at=recorded_at, record=record)
+        self.till_seq, self.prev_hash, base.pending = upload.till_seq, upload.chain_hash, upload.record_id
+        return upload, upload.model_dump_json().encode()
+
+    async def publish(self, upload: Upload, body: bytes) -> None:
+        """Publish ``upload`` as ``OutboxRelay._publish`` does and wait for the broker's confirm."""
+        assert self._exchange is not None, "connect() first"
+        await self._exchange.publish(
+            aio_pika.Message(body, content_type="application/json", message_id=str(upload.record_id), user_id=self.user,
+                             type=upload.record.kind, delivery_mode=aio_pika.DeliveryMode.PERSISTENT),
+            routing_key=upload_routing_key(upload.account_id, upload.till_id, upload.record.kind),
+            mandatory=True,
+        )
+
+
+async def _protocol_tills(settings: Any, names: list[tuple[int, str]], tills_per_account: int, data_dir: Path,
+                          ) -> list[_ProtocolTill]:
+    """Create the accounts and sign in every till for real (``Till`` with a SQLite store, mode
+    ``archive_masterdata``); return them as protocol tills with their sign-in's credentials,
+    queue and chain position (the ``Till`` objects are closed: they never sync)."""
+    signup_url = amqp_url_with_credentials(settings.amqp_url, SIGNUP_USER, settings.signup_password)
+    till_settings = TillSettings(cloud_amqp_url=signup_url, request_timeout_seconds=120)
+    gentle = asyncio.Semaphore(PROTOCOL_SIGN_INS_AT_ONCE)
+
+    async def create_account(a: int, name: str) -> None:
+        founder = Till(TillStore.create(data_dir / f"founder-{a}", f"SN-F{a:03d}", "founder"), till_settings)
+        try:
+            async with gentle:
+                await _retrying(lambda: founder.create_account(name, PASSWORD), f"creation of account {name}")
+        finally:
+            founder.close()
+
+    async def join(a: int, j: int, name: str) -> _ProtocolTill:
+        serial = f"SN-{a:03d}-{j:03d}"
+        till = Till(TillStore.create(data_dir / serial, serial, f"Kasse {j + 1}"), till_settings)
+        try:
+            async with gentle:
+                signed_in = await _retrying(lambda: till.sign_in(name, PASSWORD), f"sign-in of till {serial}")
+                await _retrying(lambda: till.set_sync_mode(True, SyncMode.ARCHIVE_MASTERDATA), f"sync mode of till {serial}")
+        finally:
+            till.close()
+        return _ProtocolTill(a, j, signed_in, settings.amqp_url)
+
+    await asyncio.gather(*(create_account(a, name) for a, name in names))
+    return list(await asyncio.gather(*(join(a, j, name) for a, name in names for j in range(tills_per_account))))
+
+
+async def _protocol_load(tills: dict[tuple[int, int], _ProtocolTill], accounts: int, rate: float, t0: float,
+                         warmup: float, seconds: float) -> dict[str, Any]:
+    """Publish the changes on schedule (slot ``n`` at ``t0 + n / rate``, in turn over all tills),
+    wait for the deliveries, and return what ``_report`` takes (one result)."""
+    order = sorted(tills, key=lambda key: _position(key[0], key[1], accounts))
+    total_slots = int(round(rate * (warmup + seconds)))
+    window_start = t0 + warmup
+    turns = {key: 0 for key in tills}
+    changes: list[tuple[uuid.UUID, tuple[int, int], float, bool]] = []  # record_id, till, published, measured
+    lags_ms: list[float] = []
+    publishes: list[asyncio.Task[None]] = []
+    for slot in range(total_slots):
+        key = order[slot % len(order)]
+        at = t0 + slot / rate
+        delay = at - time.monotonic()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        till = tills[key]
+        turn = turns[key] = turns[key] + 1
+        upload, body = till.seal(_article(key[0], key[1], turn % ARTICLES_PER_TILL, 100 + turn), dt.datetime.now(dt.UTC))
+        published = time.monotonic()  # just before the publish
+        publishes.append(asyncio.create_task(till.publish(upload, body)))
+        measured = at >= window_start
+        changes.append((upload.record_id, key, published, measured))
+        if measured:
+            lags_ms.append((published - at) * 1000)
+    load_end = time.monotonic()
+    results = await asyncio.gather(*publishes, return_exceptions=True)
+    refused = [r for r in results if isinstance(r, BaseException)]
+    if refused:
+        raise RuntimeError(f"{len(refused)} of {len(results)} uploads were not confirmed by the broker; first: {refused[0]!r}")
+
+    def missing() -> int:
+        return sum(1 for record_id, (a, j), _, _ in changes for other in range(len(tills) // accounts)
+                   if other != j and record_id not in tills[(a, other)].arrived)
+
+    deadline = time.monotonic() + GRACE_SECONDS
+    while missing() and time.monotonic() < deadline:
+        await asyncio.sleep(0.2)
+    latencies: list[float] = []
+    lost = 0
+    for record_id, (a, j), published, measured in changes:
+        if measured:
+            for other in range(len(tills) // accounts):
+                if other != j:
+                    arrived = tills[(a, other)].arrived.get(record_id)
+                    if arrived is None:
+                        lost += 1
+                    else:
+                        latencies.append((arrived - published) * 1000)
+    outcomes: dict[str, int] = {}
+    for till in tills.values():
+        for kind, count in till.received.items():
+            outcomes[kind] = outcomes.get(kind, 0) + count
+        for verdict in till.verdicts.values():
+            outcomes[f"verdict {verdict}"] = outcomes.get(f"verdict {verdict}", 0) + 1
+        outcomes["feed gaps"] = outcomes.get("feed gaps", 0) + till.feed_gaps
+    measured_publishes = [published for _, _, published, measured in changes if measured]
+    return {
+        "changes": len(measured_publishes),
+        "first_save": min(measured_publishes, default=None),
+        "last_save": max(measured_publishes, default=None),
+        "load_end": load_end,
+        "latencies_ms": latencies,
+        "lost": lost,
+        "via_catchup": 0,
+        "schedule_lag_ms": lags_ms,
+        "feed_outcomes": outcomes,
+    }
+
+
+async def _measure_cloud(base: DatabaseAdminSettings, accounts: int, tills_per_account: int, changes_per_second: float,
+                         seconds: float, log_dir: Path) -> dict[str, Any]:
+    if accounts < 1 or tills_per_account < 2:
+        raise ValueError(f"need at least 1 account and 2 tills per account, not {accounts} and {tills_per_account}")
+    if changes_per_second <= 0 or seconds <= 0:
+        raise ValueError(f"changes_per_second and seconds must be positive, not {changes_per_second} and {seconds}")
+    warmup = min(WARMUP_SECONDS, seconds)
+    async with throwaway_environment(base) as (settings, _admin):
+        suffix = settings.vhost.rsplit("-", 1)[-1]
+        names = [(a, f"cloud-fanout-{suffix}-{a:03d}@example.com") for a in range(accounts)]
+        with tempfile.TemporaryDirectory(prefix="tillsync-bench-cloud-fanout-") as tmp:
+            async with running_services(settings, log_dir, SERVICES_USED) as peaks:
+                services = {name: p.process.pid for name, p in peaks.processes.items() if p.process is not None}
+
+                def sample() -> None:
+                    peaks.sample()
+                    for name, process in peaks.processes.items():
+                        if process.process is None or process.process.poll() is not None:
+                            raise RuntimeError(f"service {name} exited:\n{process.log_tail()}")
+
+                setup_started = time.monotonic()
+                signed_in = await _protocol_tills(settings, names, tills_per_account, Path(tmp))
+                tills = {(t.account, t.index): t for t in signed_in}
+                sampler = asyncio.create_task(_sample_every(sample, 1.0))
+                try:
+                    await asyncio.gather(*(t.connect() for t in tills.values()))
+                    await _protocol_first_articles(tills, tills_per_account)
+                    setup_seconds = time.monotonic() - setup_started
+                    t0 = time.monotonic() + 1.0
+                    cpu_groups = {"protocol tills (measuring process)": [os.getpid()]}
+                    load = asyncio.create_task(_protocol_load(tills, accounts, changes_per_second, t0, warmup, seconds))
+                    window_start, window_end = t0 + warmup, t0 + warmup + seconds
+                    await asyncio.sleep(max(0.0, window_start - time.monotonic()))
+                    cpu = _cpu_snapshot(services, [], cpu_groups)
+                    await asyncio.sleep(max(0.0, window_end - time.monotonic()))
+                    cpu_used = _cpu_used(cpu, _cpu_snapshot(services, [], cpu_groups), seconds)
+                    result = await load
+                    failures = [f for t in tills.values() for f in t.failures]
+                    if failures:
+                        raise RuntimeError(f"{len(failures)} download messages could not be read; first: {failures[0]}")
+                    sample()
+                finally:
+                    sampler.cancel()
+                    await asyncio.gather(sampler, return_exceptions=True)
+                    await asyncio.gather(*(t.close() for t in tills.values()), return_exceptions=True)
+    total = accounts * tills_per_account
+    note = (
+        f"{total} protocol-level tills: each signed in for real through the account service (own broker user, password, "
+        f"queue and bindings of mode archive_masterdata), then a light aio-pika client on its own connection, all in the "
+        f"measuring process (no till agents, no SQLite stores). Each publishes the Upload a till agent's outbox relay "
+        f"sends (exchange {UPLOAD_EXCHANGE}, routing key <account>.<till>.masterdata, user_id, persistent, mandatory, "
+        f"publisher confirms; chain-sealed on from the till's archived chain) and consumes its own queue with acks. "
+        f"Latency per (change, other till of the account): time.monotonic() just before the publish to time.monotonic() "
+        f"on arrival of the broadcaster's feed entry at the other till's consumer, same process and clock; the till's "
+        f"local apply is not included. Account service, archive writer and master-data broadcaster as separate "
+        f"processes; RabbitMQ and PostgreSQL the machine's servers, all on {os.cpu_count()} cores. Offered load: price "
+        f"changes of each till's own articles, in turn over all tills (consecutive changes from different accounts), "
+        f"{warmup:g} s warm-up not counted, then {seconds:g} s measured; lost = not arrived {GRACE_SECONDS:g} s after "
+        f"the load. schedule_lag_ms: how late the scheduler published the measured changes (the measuring process's "
+        f"own backlog); cpu_cores_used: average cores per process group in the measured window (the machine is shared)."
+    )
+    return _report(accounts, tills_per_account, changes_per_second, seconds, warmup, 1, setup_seconds, [result],
+                   cpu_used, peaks.peaks_mib, window_start, harness_note=note, shortfall=_cloud_shortfall)
+
+
+async def _sample_every(sample: Callable[[], None], interval: float) -> None:
+    while True:
+        sample()
+        await asyncio.sleep(interval)
+
+
+async def _protocol_first_articles(tills: dict[tuple[int, int], _ProtocolTill], tills_per_account: int) -> None:
+    """Each till creates its own articles; wait until every verdict and every feed entry arrived."""
+    now = dt.datetime.now(dt.UTC)
+    publishes = []
+    for (a, j), till in tills.items():
+        for k in range(ARTICLES_PER_TILL):
+            upload, body = till.seal(_article(a, j, k, 100), now)
+            publishes.append(till.publish(upload, body))
+    await asyncio.gather(*publishes)
+    head = ARTICLES_PER_TILL * tills_per_account
+    await _wait_until(
+        lambda: all(t.feed_position == head and len(t.verdicts) == ARTICLES_PER_TILL for t in tills.values()),
+        SETUP_TIMEOUT_SECONDS, "every protocol till to receive every article of its account",
+        detail=lambda: f"{sum(t.feed_position < head for t in tills.values())} tills behind",
+    )
+    refused = {v for t in tills.values() for v in t.verdicts.values()} - {"accepted"}
+    if refused:
+        raise RuntimeError(f"the first articles were not all accepted: {sorted(refused)}")
+
+
+def _cloud_shortfall(result: dict[str, Any]) -> str:
+    """Why the cloud fan-out missed the target, from the figures of this run."""
+    cpu = result["cpu_cores_used"]
+    parts = [
+        f"p99 {result['latency_ms']['p99']} ms against a target under {TARGET_P99_MS:g} ms"
+        + (f", {result['lost']} deliveries lost" if result["lost"] else "")
+    ]
+    busy = cpu.get("whole machine")
+    if busy is not None and cpu.get("cores"):
+        parts.append(f"the machine was {busy / cpu['cores']:.0%} busy during the load ({busy:.2f} of {cpu['cores']} cores: "
+                     + ", ".join(f"{k} {v:.2f}" for k, v in cpu.items() if k not in ("whole machine", "cores")) + ")")
+    lag = result["schedule_lag_ms"]
+    if lag and lag["p99"] > 50:
+        parts.append(f"the measuring process published changes up to {lag['max']:.0f} ms late (p99 {lag['p99']:.0f} ms): "
+                     "its own event loop was behind, which also delays the arrival times it notes")
+    return "; ".join(parts)
+
+
+async def measure_cloud_fanout(base: DatabaseAdminSettings, *, accounts: int = 20, tills_per_account: int = 10,
+                               changes_per_second: float = 100.0, seconds: float = 30.0, log_dir: Path) -> dict:
+    """Measure the cloud's master-data fan-out latency with protocol-level tills.
+
+    Like ``measure_fanout`` (same services, accounts, load and result keys), but the
+    tills, after signing in for real, are light AMQP clients with their own broker
+    credentials instead of till agents: they publish the uploads a till agent publishes
+    and note when the broadcaster's feed entries arrive at the other tills of the
+    account. So the figure is the cloud's part (broker, broadcaster, database) from the
+    publish to the arrival at each receiving till, in ms, without the till's local apply,
+    and 200 tills fit on a small machine.
+
+    Returns the keys of ``measure_fanout`` (``"latency_ms": {"p50", "p90", "p99", "max"}``
+    from publish to arrival; ``"deliveries_via_catchup"`` is always 0: a feed entry that
+    does not arrive is ``lost``; ``"feed_outcomes"`` counts the download messages by kind,
+    the verdicts on the tills' own changes and the feed gaps seen) with a
+    ``"harness_note"`` describing the protocol-level tills. Raises ``ValueError`` for fewer
+    than 2 tills per account or a rate or duration that is not positive,
+    ``TimeoutError`` if the setup takes longer than ``SETUP_TIMEOUT_SECONDS``,
+    ``RuntimeError`` if a service fails, an upload is not confirmed or a download message
+    cannot be read.
+    """
+    return await _measure_cloud(base, accounts, tills_per_account, changes_per_second, seconds, log_dir)
+
+
 async def _main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--accounts", type=int, default=20)
@@ -607,12 +988,18 @@ async def _main() -> int:
     parser.add_argument("--seconds", type=float, default=30.0, help="measured load (after the warm-up)")
     parser.add_argument("--workers", type=int, default=WORKERS, help="till worker processes")
     parser.add_argument("--log-dir", type=Path, help="service logs (default: a temporary directory)")
+    parser.add_argument("--protocol", action="store_true",
+                        help="protocol-level tills (light AMQP clients) instead of till agents: the cloud's fan-out")
     args = parser.parse_args()
     configure_logging("WARNING")
     with tempfile.TemporaryDirectory(prefix="tillsync-bench-logs-") as tmp_logs:
         try:
-            result = await _measure(DatabaseAdminSettings(), args.accounts, args.tills_per_account, args.rate,
-                                    args.seconds, args.log_dir or Path(tmp_logs), args.workers)
+            if args.protocol:
+                result = await _measure_cloud(DatabaseAdminSettings(), args.accounts, args.tills_per_account, args.rate,
+                                              args.seconds, args.log_dir or Path(tmp_logs))
+            else:
+                result = await _measure(DatabaseAdminSettings(), args.accounts, args.tills_per_account, args.rate,
+                                        args.seconds, args.log_dir or Path(tmp_logs), args.workers)
         except ValueError as exc:
             parser.error(str(exc))
     print(json.dumps(result, indent=2))
