@@ -638,6 +638,7 @@ async def measure_fanout(base: DatabaseAdminSettings, *, accounts: int = 20, til
 
 PROTOCOL_SIGN_INS_AT_ONCE = 4  # sign-ins (argon2 in the account service) in flight
 PROTOCOL_PREFETCH = 100  # unacked download messages per protocol till
+PROTOCOL_CONNECTS_AT_ONCE = 10  # connections opened at once (a busy broker takes long for a burst of 200)
 
 
 @dataclass
@@ -871,7 +872,13 @@ async def _measure_cloud(base: DatabaseAdminSettings, accounts: int, tills_per_a
                 tills = {(t.account, t.index): t for t in signed_in}
                 sampler = asyncio.create_task(_sample_every(sample, 1.0))
                 try:
-                    await asyncio.gather(*(t.connect() for t in tills.values()))
+                    connecting = asyncio.Semaphore(PROTOCOL_CONNECTS_AT_ONCE)
+
+                    async def connect(till: _ProtocolTill) -> None:
+                        async with connecting:
+                            await till.connect()
+
+                    await asyncio.gather(*(connect(t) for t in tills.values()))
                     await _protocol_first_articles(tills, tills_per_account)
                     setup_seconds = time.monotonic() - setup_started
                     t0 = time.monotonic() + 1.0
