@@ -683,7 +683,7 @@ class _ProtocolTill:
     async def connect(self) -> None:
         """Open the till's connection, a confirming publish channel and the consumer of its queue."""
         self._connection = await aio_pika.connect(
-            self._url, client_properties={"connection_name": f"protocol till {self.account}-{self.index}"}, timeout=30)
+            self._url, client_properties={"connection_name": f"protocol till {self.account}-{self.index}"}, timeout=60)
         publish_channel = await self._connection.channel(publisher_confirms=True, on_return_raises=True)
         self._exchange = await publish_channel.get_exchange(UPLOAD_EXCHANGE, ensure=False)
         consume_channel = await self._connection.channel()
@@ -693,7 +693,8 @@ class _ProtocolTill:
 
     async def close(self) -> None:
         if self._connection is not None:
-            await self._connection.close()
+            connection, self._connection = self._connection, None
+            await connection.close()
 
     async def _on_message(self, message: AbstractIncomingMessage) -> None:
         arrived = time.monotonic()  # first thing: the arrival time of this message
@@ -875,8 +876,14 @@ async def _measure_cloud(base: DatabaseAdminSettings, accounts: int, tills_per_a
                     connecting = asyncio.Semaphore(PROTOCOL_CONNECTS_AT_ONCE)
 
                     async def connect(till: _ProtocolTill) -> None:
-                        async with connecting:
-                            await till.connect()
+                        async with connecting:  # a busy shared broker may stall for half a minute: try again
+                            for attempt in range(1, 4):
+                                try:
+                                    return await till.connect()
+                                except (asyncio.TimeoutError, aio_pika.exceptions.AMQPConnectionError, OSError):
+                                    await till.close()
+                                    if attempt == 3:
+                                        raise
 
                     await asyncio.gather(*(connect(t) for t in tills.values()))
                     await _protocol_first_articles(tills, tills_per_account)
