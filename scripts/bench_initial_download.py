@@ -3,27 +3,30 @@
 Measured: the wall time in seconds from ``Till.start_sync()`` of a new till, signed in
 and set to mode ``archive_masterdata``, until it has caught up on the category
 ``articles`` (its feed position is the account's head and no catch-up is in progress)
-and holds N live articles. Printed: articles, seconds, articles per second, seconds
-until the first catch-up page was applied (before it: the till connecting and asking,
-the broadcaster reading and building the catch-up), whether the target was met, the
-resident memory of this process before and at its peak during the download (MiB;
-services and tills share the process), and the check that the new till's master-data
-state hash equals the seeding till's (exit status 1 if it differs).
+and holds N live articles; the seconds until the first catch-up page was applied
+(before it: the till connecting and asking, the broadcaster reading and building the
+catch-up); the check that the new till's master-data state hash equals the seeding
+till's; the peak resident memory (MiB) of each service process over the whole run and
+of this process (the new till only) during the download.
 
 Everything is real: the account service, archive writer and master-data broadcaster
-run as tasks of this event loop (as in tests/integration/conftest.py) with their
-default settings, against the broker and database named by TILLSYNC_AMQP_URL (any
+run as processes (``python -m services.<name>``, as in production) with their default
+settings, in a fresh vhost and database on the servers named by TILLSYNC_AMQP_URL (any
 vhost; it is replaced), TILLSYNC_MANAGEMENT_URL, TILLSYNC_DATABASE_URL and
-TILLSYNC_DATABASE_ADMIN_URL (the server); tills are real till agents with SQLite stores in a temporary directory. The
-N articles are seeded through the real path first (not measured, but timed): a first
-till in mode ``archive_masterdata`` saves them and uploads them, the broadcaster
-accepts them, the seeding till applies the verdicts and the archive writer archives
-them (300-450 articles/s here, so 4-6 minutes for 100,000 on a 2-core machine); the
-seeding till then goes offline so the cloud is quiet during the download.
-A fresh vhost and database are created and, with the till users, removed at the end.
+TILLSYNC_DATABASE_ADMIN_URL (the server); vhost, database and till users are removed
+at the end. Tills are real till agents with SQLite stores in a temporary directory.
+The N articles are seeded through the real path first (not measured, but timed): a
+first till in mode ``archive_masterdata`` takes them as a bulk import
+(``Till.import_entities``, one store transaction per chunk, as an article list is
+imported) while it syncs; it uploads them, the broadcaster accepts them, the seeding
+till applies the verdicts and the archive writer archives them. The seeding till then
+goes offline so the cloud is quiet during the download.
 
     .venv/bin/python scripts/bench_initial_download.py [--articles 100000] [--target-seconds 20]
-        [--profile FILE]   (cProfile of the download phase, for pstats)
+        [--log-dir DIR] [--profile FILE]   (cProfile of this process in the download phase, for pstats)
+
+Prints the figures as lines and, last, as one JSON object (exit status 1 if the state
+hashes differ).
 """
 
 from __future__ import annotations
@@ -32,35 +35,32 @@ import argparse
 import asyncio
 import cProfile
 import datetime as dt
-import resource
+import json
+import os
 import sys
 import tempfile
 import time
 import uuid
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Awaitable, Callable
+from typing import Any, Awaitable, Callable
 
 import asyncpg
 
-from services.account_service.main import AccountServiceSettings
-from services.account_service.main import main as account_service_main
-from services.archive_writer.main import ArchiveWriterSettings
-from services.archive_writer.main import main as archive_writer_main
-from services.masterdata_broadcaster.main import BroadcasterSettings
-from services.masterdata_broadcaster.main import main as broadcaster_main
 from shared.fiscal import VatKey
 from shared.logging import configure_logging
 from shared.models import Article, SyncMode
 from shared.settings import DatabaseAdminSettings, amqp_url_with_credentials
 from shared.topology import SIGNUP_USER
-from benchenv import throwaway_environment
+from services.masterdata_broadcaster.main import BroadcasterSettings
+from benchenv import ServicePeaks, peak_rss_mib, running_services, throwaway_environment
 from till_agent.store import TillStore
 from till_agent.till import Till, TillSettings
 
 CATEGORY = "articles"
 PASSWORD = "Backstube-2021!"  # strong enough for the account service's password rules
-SAVE_CHUNK = 1000  # articles saved on the seeding till between yields to the event loop
+SERVICES_USED = ("account-service", "archive-writer", "masterdata-broadcaster")
+IMPORT_CHUNK = 5000  # articles imported on a seeding till per store transaction
+SEEDING_TILLS = 2  # tills importing the articles, chunks in turn (more relays in flight)
 
 
 def _article(i: int) -> Article:
@@ -73,22 +73,6 @@ def _article(i: int) -> Article:
     )
 
 
-def _rss_mib() -> tuple[float | None, float]:
-    """``(current, peak)`` resident memory of this process in MiB; the peak since the last
-    ``_reset_peak_rss()`` (Linux), else since the start (``getrusage``) and no current value."""
-    values = {}
-    try:
-        with open("/proc/self/status") as status:
-            for line in status:
-                if line.startswith(("VmRSS:", "VmHWM:")):
-                    values[line.split(":")[0]] = int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    if "VmRSS" in values and "VmHWM" in values:
-        return values["VmRSS"], values["VmHWM"]
-    return None, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # kB on Linux
-
-
 def _reset_peak_rss() -> bool:
     """Reset the peak RSS (VmHWM) of this process; False where the system does not allow it."""
     try:
@@ -99,84 +83,79 @@ def _reset_peak_rss() -> bool:
         return False
 
 
-@dataclass(frozen=True)
-class _Figures:
-    """The measured download: ``seconds`` from ``start_sync()`` until caught up,
-    ``first_entry_seconds`` until the first catch-up page was applied, and the memory of this
-    process in MiB (``peak_mib`` during the download, or over the whole run if ``peak_whole_run``)."""
-
-    seconds: float
-    first_entry_seconds: float
-    rss_before_mib: float | None
-    peak_mib: float
-    peak_whole_run: bool
+def _say(text: str) -> None:
+    print(text, file=sys.stderr, flush=True)
 
 
-async def _wait(predicate: Callable[[], Awaitable[bool] | bool], timeout_seconds: float, what: str,
-                interval: float = 0.05, progress: Callable[[], str] | None = None,
-                tasks: list[asyncio.Task[None]] | None = None) -> None:
-    """Poll ``predicate`` until true; raise after ``timeout_seconds``; print ``progress()`` every 10 s."""
+class _Cloud:
+    """The service processes and a connection to their database (made again if the
+    server dropped it: the servers are shared)."""
+
+    def __init__(self, peaks: ServicePeaks, database_url: str) -> None:
+        self.peaks = peaks
+        self.database_url = database_url
+        self.db: asyncpg.Connection | None = None
+
+    async def _fetchval(self, query: str, *args: Any) -> Any:
+        for attempt in range(5):
+            try:
+                if self.db is None or self.db.is_closed():
+                    self.db = await asyncpg.connect(self.database_url)
+                return await self.db.fetchval(query, *args)
+            except (OSError, asyncpg.PostgresConnectionError, asyncpg.InterfaceError,  # the server was restarted
+                    asyncpg.CannotConnectNowError, asyncpg.AdminShutdownError, asyncpg.InternalClientError):
+                if attempt == 4:
+                    raise
+                if self.db is not None:
+                    self.db.terminate()
+                self.db = None
+                await asyncio.sleep(1.0)
+
+    async def close(self) -> None:
+        if self.db is not None:
+            await self.db.close()
+
+    def check(self) -> None:
+        """Record the services' peak RSS; raise if a service process exited."""
+        self.peaks.sample()
+        for name, process in self.peaks.processes.items():
+            if process.process is None or process.process.poll() is not None:
+                raise RuntimeError(f"service {name} exited:\n{process.log_tail()}")
+
+    async def head(self, account_id: uuid.UUID) -> int:
+        """The account's last feed_seq of ``articles`` (0: none)."""
+        return await self._fetchval(
+            "select last_feed_seq from feed_category_heads where account_id = $1 and category = $2", account_id, CATEGORY
+        ) or 0
+
+    async def archived_masterdata(self, till_ids: list[uuid.UUID]) -> int:
+        return await self._fetchval(
+            "select count(*) from archive_records where till_id = any($1::uuid[]) and kind = 'masterdata'", till_ids
+        )
+
+
+async def _wait(cloud: _Cloud, predicate: Callable[[], Awaitable[bool] | bool], timeout_seconds: float, what: str,
+                interval: float = 0.05, progress: Callable[[], str] | None = None) -> None:
+    """Poll ``predicate`` until true (sampling the services' memory about every second);
+    raise ``TimeoutError`` after ``timeout_seconds``; report ``progress()`` every 10 s."""
     started = time.monotonic()
-    next_report = started + 10
+    next_report, next_sample = started + 10, started
     while True:
         value = predicate()
         if not isinstance(value, bool):
             value = await value
         if value:
             return
-        for task in tasks or ():
-            if task.done():
-                task.result()  # a service stopped: raise its error
-                raise RuntimeError(f"service task {task.get_name()} stopped")
         now = time.monotonic()
+        if now >= next_sample:
+            cloud.check()
+            next_sample = now + 1.0
         if now - started > timeout_seconds:
             raise TimeoutError(f"timed out after {timeout_seconds:.0f} s waiting for {what}")
         if progress is not None and now >= next_report:
-            print(f"  ... {now - started:5.0f} s: {progress()}", flush=True)
+            _say(f"  ... {now - started:5.0f} s: {progress()}")
             next_report = now + 10
         await asyncio.sleep(interval)
-
-
-class _Cloud:
-    """The three services as tasks of this event loop, and a connection to their database."""
-
-    def __init__(self, amqp_url: str, management_url: str, database_url: str) -> None:
-        common = dict(amqp_url=amqp_url, management_url=management_url, database_url=database_url)
-        self.broadcaster_settings = BroadcasterSettings(**common)
-        self.stop = asyncio.Event()
-        self.tasks = [
-            asyncio.create_task(account_service_main(AccountServiceSettings(**common), self.stop), name="account-service"),
-            asyncio.create_task(archive_writer_main(ArchiveWriterSettings(**common), self.stop), name="archive-writer"),
-            asyncio.create_task(broadcaster_main(self.broadcaster_settings, self.stop), name="masterdata-broadcaster"),
-        ]
-        self.database_url = database_url
-        self.db: asyncpg.Connection | None = None
-
-    async def start(self) -> None:
-        await asyncio.sleep(0.5)
-        for task in self.tasks:
-            if task.done():
-                task.result()  # raise the start-up error
-        self.db = await asyncpg.connect(self.database_url)
-
-    async def close(self) -> None:
-        if self.db is not None:
-            await self.db.close()
-        self.stop.set()
-        await asyncio.gather(*self.tasks, return_exceptions=True)
-
-    async def head(self, account_id: uuid.UUID) -> int:
-        """The account's last feed_seq of ``articles`` (0: none)."""
-        assert self.db is not None
-        return await self.db.fetchval(
-            "select last_feed_seq from feed_category_heads where account_id = $1 and category = $2", account_id, CATEGORY
-        ) or 0
-
-    async def archived_masterdata(self, till_id: uuid.UUID) -> int:
-        assert self.db is not None
-        return await self.db.fetchval(
-            "select count(*) from archive_records where till_id = $1 and kind = 'masterdata'", till_id
-        )
 
 
 async def _joined_till(signup_url: str, data_dir: Path, account: str, name: str) -> Till:
@@ -188,55 +167,63 @@ async def _joined_till(signup_url: str, data_dir: Path, account: str, name: str)
     return till
 
 
-async def _seed(cloud: _Cloud, seeder: Till, articles: int) -> str:
-    """Save ``articles`` on ``seeder`` and wait until they are accepted, applied and archived;
-    print the times (s) and rates (articles/s); return the seeding till's state hash."""
-    identity = seeder.store.identity()
-    assert identity.account_id and identity.till_id
-    seeder.start_sync()
-    await _wait(lambda: seeder.store.caught_up(CATEGORY), 30, "the seeding till's (empty) first catch-up", tasks=cloud.tasks)
+async def _seed(cloud: _Cloud, seeders: list[Till], articles: int) -> tuple[list[str], dict[str, float]]:
+    """Import ``articles`` on ``seeders`` (chunks in turn) while they sync and wait until the
+    broadcaster accepted them, every seeding till applied them (its own verdicts and the
+    others' feed entries) and the archive writer archived them; return the seeding tills'
+    state hashes and the seconds of each step since the import started."""
+    identities = [s.store.identity() for s in seeders]
+    account_id = identities[0].account_id
+    assert account_id is not None
+    for seeder in seeders:
+        seeder.start_sync()
+    await _wait(cloud, lambda: all(s.store.caught_up(CATEGORY) for s in seeders), 30, "the seeding tills' (empty) first catch-up")
     at = dt.datetime.now(dt.UTC)
     started = time.monotonic()
-    for start in range(0, articles, SAVE_CHUNK):
-        for i in range(start, min(start + SAVE_CHUNK, articles)):
-            seeder.save_entity(_article(i), at)
-        await asyncio.sleep(0)  # let the relay upload and the services work meanwhile
+    for n, start in enumerate(range(0, articles, IMPORT_CHUNK)):
+        chunk = range(start, min(start + IMPORT_CHUNK, articles))
+        counts = seeders[n % len(seeders)].import_entities((_article(i) for i in chunk), at)
+        if counts.get("created") != len(chunk):
+            raise RuntimeError(f"a seeding till did not create every article of a chunk: {counts}")
+        await asyncio.sleep(0)  # let the relays upload meanwhile
     saved = time.monotonic() - started
-    print(f"seeding: {articles} articles saved on the seeding till in {saved:.1f} s ({articles / saved:.0f} articles/s)", flush=True)
-    timeout = max(120.0, articles / 50)  # s; seeding runs at 300-450 articles/s on 2 cores
+    _say(f"seeding: {articles} articles imported on {len(seeders)} seeding till(s) in {saved:.1f} s")
+    timeout = max(120.0, articles / 50)  # s
     head = 0
 
     async def accepted() -> bool:
         nonlocal head
-        head = await cloud.head(identity.account_id)  # type: ignore[arg-type]
+        head = await cloud.head(account_id)
         return head >= articles
 
-    await _wait(accepted, timeout, "the broadcaster to accept every article", interval=0.25, tasks=cloud.tasks,
-                progress=lambda: f"{head} accepted, {seeder.store.outbox_counts()[0]} not uploaded yet")
+    await _wait(cloud, accepted, timeout, "the broadcaster to accept every article", interval=0.25,
+                progress=lambda: f"{head} accepted, {sum(s.store.outbox_counts()[0] for s in seeders)} not uploaded yet")
     accepted_after = time.monotonic() - started
-    print(f"seeding: broadcaster accepted all {articles} after {accepted_after:.1f} s "
-          f"({articles / accepted_after:.0f} articles/s)", flush=True)
-    await _wait(lambda: seeder.store.feed_position(CATEGORY) == head and seeder.status().pending == 0, timeout,
-                "the seeding till to apply its verdicts", interval=0.25, tasks=cloud.tasks,
-                progress=lambda: f"seeding till at feed position {seeder.store.feed_position(CATEGORY)} of {head}")
+    await _wait(cloud, lambda: all(s.store.feed_position(CATEGORY) == head and s.status().pending == 0 for s in seeders),
+                timeout, "the seeding tills to apply every article", interval=0.25,
+                progress=lambda: f"seeding tills at feed positions {[s.store.feed_position(CATEGORY) for s in seeders]} of {head}")
     applied_after = time.monotonic() - started
     archived = 0
 
     async def all_archived() -> bool:
         nonlocal archived
-        archived = await cloud.archived_masterdata(identity.till_id)  # type: ignore[arg-type]
+        archived = await cloud.archived_masterdata([i.till_id for i in identities])  # type: ignore[misc]
         return archived >= articles
 
-    await _wait(all_archived, timeout, "the archive writer to archive every article", interval=0.5, tasks=cloud.tasks,
+    await _wait(cloud, all_archived, timeout, "the archive writer to archive every article", interval=0.5,
                 progress=lambda: f"{archived} archived")
     archived_after = time.monotonic() - started
-    print(f"seeding: seeding till had every verdict after {applied_after:.1f} s, archive writer done after "
-          f"{archived_after:.1f} s; seeding total {archived_after:.1f} s ({articles / archived_after:.0f} articles/s)", flush=True)
-    await seeder.stop_sync()  # a quiet cloud for the measurement
-    return seeder.store.masterdata_state_hash()
+    _say(f"seeding: accepted after {accepted_after:.1f} s, applied on the seeding tills after {applied_after:.1f} s, "
+         f"archived after {archived_after:.1f} s ({articles / archived_after:.0f} articles/s)")
+    for seeder in seeders:
+        await seeder.stop_sync()  # a quiet cloud for the measurement
+    return [s.store.masterdata_state_hash() for s in seeders], {
+        "imported": round(saved, 2), "accepted": round(accepted_after, 2),
+        "applied_on_seeding_tills": round(applied_after, 2), "archived": round(archived_after, 2),
+    }
 
 
-async def _download(cloud: _Cloud, newcomer: Till, articles: int, profile: str | None) -> _Figures:
+async def _download(cloud: _Cloud, newcomer: Till, articles: int, profile: str | None) -> dict[str, Any]:
     """Start syncing ``newcomer`` and wait until it holds the account's articles; return the figures."""
     identity = newcomer.store.identity()
     assert identity.account_id
@@ -263,83 +250,117 @@ async def _download(cloud: _Cloud, newcomer: Till, articles: int, profile: str |
         return f"catch-up {catching_up[0]} of {catching_up[1]} entries" if catching_up else "waiting for the catch-up"
 
     peak_reset = _reset_peak_rss()
-    rss_before, _ = _rss_mib()
     profiler = cProfile.Profile() if profile else None
     if profiler:
         profiler.enable()
     started = time.monotonic()
     newcomer.start_sync()
-    await _wait(caught_up, timeout, "the new till to catch up", interval=0.01, progress=progress, tasks=cloud.tasks)
+    await _wait(cloud, caught_up, timeout, "the new till to catch up", interval=0.01, progress=progress)
     seconds = time.monotonic() - started
     if profiler:
         profiler.disable()
         profiler.dump_stats(profile)
-    _, peak = _rss_mib()
     assert first_entry is not None
-    return _Figures(seconds, first_entry - started, rss_before, peak, peak_whole_run=not peak_reset)
+    till_peak = peak_rss_mib()
+    return {
+        "seconds": round(seconds, 3),
+        "first_entry_seconds": round(first_entry - started, 3),
+        "till_peak_rss_mib": round(till_peak, 1) if till_peak is not None else None,
+        "till_peak_rss_scope": "during the download" if peak_reset else "whole run of the measuring process",
+    }
 
 
-async def _run(base: DatabaseAdminSettings, articles: int, target: float, profile: str | None) -> bool:
-    """Seed, measure and print; return whether the state hashes matched."""
+async def _measure(base: DatabaseAdminSettings, articles: int, log_dir: Path, profile: str | None,
+                   seeding_tills: int = SEEDING_TILLS) -> dict[str, Any]:
+    if articles < 1 or seeding_tills < 1:
+        raise ValueError(f"articles and seeding tills must be at least 1, not {articles} and {seeding_tills}")
     tills: list[Till] = []
-    cloud: _Cloud | None = None
     async with throwaway_environment(base) as (settings, _admin):
-        amqp_url, database_url = settings.amqp_url, settings.database_url
         suffix = settings.vhost.rsplit("-", 1)[-1]
-        tmp_dir = tempfile.TemporaryDirectory(prefix="tillsync-bench-")
-        tmp = tmp_dir.name
-        try:
-            cloud = _Cloud(amqp_url, base.management_url, database_url)
-            await cloud.start()
-            signup_url = amqp_url_with_credentials(amqp_url, SIGNUP_USER, settings.signup_password)
-            account = f"bench-{suffix}@example.com"
-            founder = Till(TillStore.create(Path(tmp) / "founder", "SN-founder", "founder"),
-                           TillSettings(cloud_amqp_url=signup_url, request_timeout_seconds=30))
-            tills.append(founder)
-            await founder.create_account(account, PASSWORD)
-            seeder = await _joined_till(signup_url, Path(tmp), account, "Kasse 1")
-            tills.append(seeder)
-            seed_hash = await _seed(cloud, seeder, articles)
+        with tempfile.TemporaryDirectory(prefix="tillsync-bench-") as tmp:
+            async with running_services(settings, log_dir, SERVICES_USED) as peaks:
+                cloud = _Cloud(peaks, settings.database_url)
+                try:
+                    signup_url = amqp_url_with_credentials(settings.amqp_url, SIGNUP_USER, settings.signup_password)
+                    account = f"bench-{suffix}@example.com"
+                    founder = Till(TillStore.create(Path(tmp) / "founder", "SN-founder", "founder"),
+                                   TillSettings(cloud_amqp_url=signup_url, request_timeout_seconds=30))
+                    tills.append(founder)
+                    await founder.create_account(account, PASSWORD)
+                    seeders = [await _joined_till(signup_url, Path(tmp), account, f"Kasse {n + 1}") for n in range(seeding_tills)]
+                    tills.extend(seeders)
+                    seed_hashes, seeding = await _seed(cloud, seeders, articles)
+                    newcomer = await _joined_till(signup_url, Path(tmp), account, f"Kasse {seeding_tills + 1}")
+                    tills.append(newcomer)
+                    figures = await _download(cloud, newcomer, articles, profile)
+                    same = {newcomer.store.masterdata_state_hash()} == set(seed_hashes)
+                    cloud.check()
+                finally:
+                    for till in tills:
+                        await till.stop_sync()
+                        till.close()
+                    await cloud.close()
+            return {
+                "articles": articles,
+                "seconds": figures["seconds"],
+                "articles_per_second": round(articles / figures["seconds"], 1),
+                "first_entry_seconds": figures["first_entry_seconds"],
+                "state_hash_equal": same,
+                "service_peak_rss_mib": {name: round(v, 1) for name, v in peaks.peaks_mib.items()},
+                "till_peak_rss_mib": figures["till_peak_rss_mib"],
+                "till_peak_rss_scope": figures["till_peak_rss_scope"],
+                "catchup_page_size": BroadcasterSettings(database_url=settings.database_url).catchup_page_size,
+                "seeding_tills": seeding_tills,
+                "machine_load_average": [round(v, 2) for v in os.getloadavg()],  # 1, 5, 15 min at the end: the machine is shared
+                "seeding_seconds": seeding,
+            }
 
-            newcomer = await _joined_till(signup_url, Path(tmp), account, "Kasse 2")
-            tills.append(newcomer)
-            figures = await _download(cloud, newcomer, articles, profile)
-            seconds = figures.seconds
-            new_hash = newcomer.store.masterdata_state_hash()
-            page_size = cloud.broadcaster_settings.catchup_page_size
-            print(f"initial download: {articles} articles in {seconds:.2f} s ({articles / seconds:.0f} articles/s; "
-                  f"catch-up pages of {page_size})")
-            print(f"  first catch-up page applied after {figures.first_entry_seconds:.2f} s, "
-                  f"the rest applied in {seconds - figures.first_entry_seconds:.2f} s")
-            print(f"  target under {target:g} s: {'met' if seconds < target else 'NOT met'}")
-            scope = "whole run, seeding included" if figures.peak_whole_run else "during the download"
-            before = f"{figures.rss_before_mib:.0f} MiB before, " if figures.rss_before_mib is not None else ""
-            print(f"  memory of this process (services and tills): {before}peak {figures.peak_mib:.0f} MiB ({scope})")
-            same = new_hash == seed_hash
-            print(f"  state hash: new till {new_hash[:16]}, seeding till {seed_hash[:16]}: {'equal' if same else 'DIFFERENT'}")
-            if profile:
-                print(f"  profile of the download phase written to {profile}")
-            return same
-        finally:
-            for till in tills:
-                await till.stop_sync()
-                till.close()
-            if cloud is not None:
-                await cloud.close()
-            tmp_dir.cleanup()
+
+async def measure_initial_download(base: DatabaseAdminSettings, *, articles: int, log_dir: Path) -> dict:
+    """Seed ``articles`` articles through a till, then measure a new till's initial download.
+
+    ``base``: where the broker and database servers are (a throwaway vhost and database
+    are made there and removed after); ``log_dir``: where the service processes' logs go.
+    Returns ``{"articles", "seconds" (start of sync until caught up), "articles_per_second",
+    "first_entry_seconds" (until the first catch-up page was applied), "state_hash_equal"
+    (new till's master data equals the seeding till's), "service_peak_rss_mib" ({service:
+    MiB} over the whole run), "till_peak_rss_mib" (this process, the new till only, during
+    the download), "till_peak_rss_scope", "catchup_page_size", "seeding_seconds"
+    ({step: seconds since the import started})}``. Raises ``ValueError`` for fewer than 1
+    article, ``TimeoutError`` if a step does not finish (seeding: ``articles / 50`` s at
+    least 120 s; download: ``articles / 200`` s, at least 120 s) and ``RuntimeError`` if a
+    service process exits.
+    """
+    return await _measure(base, articles, log_dir, None)
 
 
 async def _main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--articles", type=int, default=100_000)
     parser.add_argument("--target-seconds", type=float, default=20.0)
+    parser.add_argument("--log-dir", type=Path, help="service logs (default: a temporary directory)")
     parser.add_argument("--profile", metavar="FILE", help="write a cProfile of the download phase to FILE")
+    parser.add_argument("--seeding-tills", type=int, default=SEEDING_TILLS, help="tills importing the articles")
     args = parser.parse_args()
-    if args.articles < 1:
-        parser.error("--articles must be at least 1")
+    if args.articles < 1 or args.seeding_tills < 1:
+        parser.error("--articles and --seeding-tills must be at least 1")
     configure_logging("WARNING")
-    same = await _run(DatabaseAdminSettings(), args.articles, args.target_seconds, args.profile)
-    return 0 if same else 1
+    with tempfile.TemporaryDirectory(prefix="tillsync-bench-logs-") as tmp_logs:
+        result = await _measure(DatabaseAdminSettings(), args.articles, args.log_dir or Path(tmp_logs), args.profile,
+                                args.seeding_tills)
+    seconds = result["seconds"]
+    print(f"initial download: {result['articles']} articles in {seconds:.2f} s ({result['articles_per_second']:.0f} "
+          f"articles/s; catch-up pages of {result['catchup_page_size']})")
+    print(f"  first catch-up page applied after {result['first_entry_seconds']:.2f} s, "
+          f"the rest applied in {seconds - result['first_entry_seconds']:.2f} s")
+    print(f"  target under {args.target_seconds:g} s: {'met' if seconds < args.target_seconds else 'NOT met'}")
+    print(f"  peak memory (MiB): services {result['service_peak_rss_mib']}, new till {result['till_peak_rss_mib']} "
+          f"({result['till_peak_rss_scope']})")
+    print(f"  state hash of the new till equals the seeding till's: {result['state_hash_equal']}")
+    if args.profile:
+        print(f"  profile of the download phase written to {args.profile}")
+    print(json.dumps(result))
+    return 0 if result["state_hash_equal"] else 1
 
 
 if __name__ == "__main__":
