@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import csv
+import datetime as dt
 import os
 import random
 import shutil
@@ -20,14 +21,27 @@ import subprocess
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable
+from typing import Awaitable, Callable, Iterable
 from uuid import UUID
 
 import asyncpg
 import httpx
 
-from tests.support import BAKERY_CSV, Environment
+from shared.models import SyncMode
+from shared.topology import (
+    ACCOUNT_SERVICE_QUEUE,
+    ARCHIVE_WRITER_QUEUE,
+    MASTERDATA_BROADCASTER_QUEUE,
+    MASTERDATA_CATCHUP_QUEUE,
+    PASSWORD_APPROVAL_QUEUE,
+    RECEIPT_CATCHUP_QUEUE,
+    RECEIPT_ROUTER_QUEUE,
+)
+from tests.support import BAKERY_CSV, Environment, new_account_name, signed_in_till, wait_until
+from till_agent.booking import SaleLine
 from till_agent.store import TillStore
+from till_agent.till import Till
+from tillsync.bakery import PAYMENT_TYPES, BakeryExport, TicketLine, read_export
 from tillsync.processes import ServiceProcess
 
 # Other developers' test runs share the servers: while this file exists, a failure of
@@ -261,3 +275,138 @@ async def restart_postgresql() -> float:
         finally:
             SERVERS_RESTARTING_FLAG.unlink(missing_ok=True)
     return time.monotonic() - started
+
+
+# -- a replay with a fault in the middle ----------------------------------------------
+
+
+@dataclass
+class Replay:
+    """Two tills of one account replaying real tickets (see ``replay_with_fault``)."""
+
+    tills: list[Till]
+    store_dirs: list[Path]
+    export: BakeryExport
+    sold_during_fault: int = 0
+
+
+async def signed_in_tills(env: Environment, tmp_path: Path, count: int = 2) -> list[Till]:
+    """``count`` tills of a new account in mode ``archive_masterdata_receipts``, syncing."""
+    account = new_account_name()
+    tills = []
+    for i in range(count):
+        till = await signed_in_till(env, tmp_path, account, name=f"Kasse {i + 1}", create=i == 0)
+        await till.set_sync_mode(True, SyncMode.ARCHIVE_MASTERDATA_RECEIPTS)
+        till.start_sync()
+        tills.append(till)
+    return tills
+
+
+async def replay_with_fault(
+    env: Environment,
+    tmp_path: Path,
+    csv_path: Path,
+    fault: Callable[[], Awaitable[object]],
+    *,
+    fault_at: float = 0.3,
+    seconds_per_ticket: float = 0.01,
+) -> Replay:
+    """Replay the tickets of ``csv_path`` on two syncing tills of a new account (till 1
+    also records the articles as master data, till 2 receives them); when ``fault_at``
+    (a fraction) of the tickets are sold, start ``fault()`` and go on selling while it
+    runs (a till records offline when it must); close each business day on both tills;
+    then wait for ``fault()`` to finish. Returns the tills, still syncing.
+
+    ``seconds_per_ticket``: pause between tickets (the replay's pace)."""
+    export = read_export(csv_path)
+    tills = await signed_in_tills(env, tmp_path)
+    first_at = min(t.at for t in export.tickets).astimezone(dt.UTC) - dt.timedelta(hours=1)
+    for article in export.articles.values():
+        tills[0].save_entity(article, first_at)
+    replay = Replay(tills, [t.store.data_dir for t in tills], export)
+    fault_task: asyncio.Task[object] | None = None
+    start_fault_at = int(len(export.tickets) * fault_at)
+    sold = 0
+    try:
+        for day in export.business_days:
+            tickets = [t for t in export.tickets if t.business_day == day]
+            for ticket in tickets:
+                if fault_task is None and sold >= start_fault_at:
+                    fault_task = asyncio.create_task(fault())
+                    await asyncio.sleep(0)  # the fault begins before the next sale
+                till = tills[ticket.till_index]
+                till.sell(
+                    [_sale_line(export, line) for line in ticket.lines],
+                    payment_type=ticket.payment_type,
+                    payment_name=PAYMENT_TYPES[ticket.payment_type].name,
+                    cashier=ticket.cashier,
+                    at=ticket.at.astimezone(dt.UTC),
+                    business_day=day,
+                )
+                sold += 1
+                if fault_task is not None and not fault_task.done():
+                    replay.sold_during_fault += 1
+                await asyncio.sleep(seconds_per_ticket)
+            closing_at = (max(t.at for t in tickets) + dt.timedelta(minutes=5)).astimezone(dt.UTC)
+            for till in tills:
+                till.close_day(day, closing_at)
+        if fault_task is None:
+            fault_task = asyncio.create_task(fault())
+        await fault_task
+    except BaseException:
+        if fault_task is not None and not fault_task.done():
+            await asyncio.gather(fault_task, return_exceptions=True)  # never leave a server down
+        await stop_tills(tills)
+        raise
+    return replay
+
+
+def _sale_line(export: BakeryExport, line: TicketLine) -> SaleLine:
+    article = export.articles[line.article_name]
+    return SaleLine(article.article_nr, article.text, line.quantity, line.unit_price, article.vat_key)
+
+
+async def stop_tills(tills: Iterable[Till]) -> None:
+    """Stop syncing and close the stores."""
+    for till in tills:
+        await till.stop_sync()
+        till.close()
+
+
+async def assert_recovered(env: Environment, replay: Replay, context: str, timeout_seconds: float = 180.0) -> ArchiveComparison:
+    """After a fault: the tills uploaded everything, every service consumes its queue
+    again, the account service answers, a master-data change made now reaches the
+    other till, and the archive equals what the tills recorded."""
+    tills = replay.tills
+    try:
+        await wait_until(
+            lambda: all(t.status().pending == 0 for t in tills), timeout_seconds, interval=0.2,
+            what=f"{context}: the tills uploading their outboxes "
+                 f"({'; '.join(f'{t.status().pending} pending, {t.status().state} {t.status().detail}' for t in tills)})",
+        )
+        for queue in SERVICE_QUEUES:
+            await wait_until(
+                lambda: _consumed(env, queue), 60, interval=0.5, what=f"{context}: a consumer on queue {queue}"
+            )
+        await tills[0].set_sync_mode(True, SyncMode.ARCHIVE_MASTERDATA_RECEIPTS)  # the account service answers
+        article = sorted(replay.export.articles.values(), key=lambda a: a.article_nr)[0]
+        tills[0].save_entity(article.model_copy(update={"unit_price": article.unit_price + 5}), dt.datetime.now(dt.UTC))
+        await wait_until(
+            lambda: tills[0].status().pending == 0 and not tills[0].store.pending_masterdata()
+            and tills[1].store.masterdata_state_hash() == tills[0].store.masterdata_state_hash(),
+            timeout_seconds, interval=0.2, what=f"{context}: till 2 receiving till 1's master-data change made after the fault",
+        )
+        return await assert_archive_equals_recorded(env, replay.store_dirs, context, timeout_seconds)
+    finally:
+        await stop_tills(tills)
+
+
+SERVICE_QUEUES = (
+    ACCOUNT_SERVICE_QUEUE, ARCHIVE_WRITER_QUEUE, MASTERDATA_BROADCASTER_QUEUE, MASTERDATA_CATCHUP_QUEUE,
+    RECEIPT_ROUTER_QUEUE, RECEIPT_CATCHUP_QUEUE, PASSWORD_APPROVAL_QUEUE,
+)
+
+
+async def _consumed(env: Environment, queue: str) -> bool:
+    facts = await env.admin.queue(env.vhost, queue) or {}
+    return (facts.get("consumers") or 0) > 0
