@@ -306,16 +306,16 @@ async def replay_with_fault(
     env: Environment,
     tmp_path: Path,
     csv_path: Path,
-    fault: Callable[[], Awaitable[object]],
+    fault: Callable[[Replay], Awaitable[object]],
     *,
     fault_at: float = 0.3,
     seconds_per_ticket: float = 0.01,
 ) -> Replay:
     """Replay the tickets of ``csv_path`` on two syncing tills of a new account (till 1
     also records the articles as master data, till 2 receives them); when ``fault_at``
-    (a fraction) of the tickets are sold, start ``fault()`` and go on selling while it
+    (a fraction) of the tickets are sold, start ``fault(replay)`` and go on selling while it
     runs (a till records offline when it must); close each business day on both tills;
-    then wait for ``fault()`` to finish. Returns the tills, still syncing.
+    then wait for the fault to finish. Returns the tills, still syncing.
 
     ``seconds_per_ticket``: pause between tickets (the replay's pace)."""
     export = read_export(csv_path)
@@ -332,7 +332,7 @@ async def replay_with_fault(
             tickets = [t for t in export.tickets if t.business_day == day]
             for ticket in tickets:
                 if fault_task is None and sold >= start_fault_at:
-                    fault_task = asyncio.create_task(fault())
+                    fault_task = asyncio.create_task(fault(replay))
                     await asyncio.sleep(0)  # the fault begins before the next sale
                 till = tills[ticket.till_index]
                 till.sell(
@@ -351,7 +351,7 @@ async def replay_with_fault(
             for till in tills:
                 till.close_day(day, closing_at)
         if fault_task is None:
-            fault_task = asyncio.create_task(fault())
+            fault_task = asyncio.create_task(fault(replay))
         await fault_task
     except BaseException:
         if fault_task is not None and not fault_task.done():

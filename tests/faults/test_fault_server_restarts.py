@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from tests.faults.chaos import (
+    Replay,
     assert_recovered,
     replay_with_fault,
     restart_postgresql,
@@ -37,7 +38,7 @@ async def test_rabbitmq_restart_during_replay_loses_and_duplicates_nothing(  # t
 ) -> None:
     downtime: list[float] = []
 
-    async def restart() -> None:
+    async def restart(_replay: Replay) -> None:
         downtime.append(await restart_rabbitmq(fresh_env.settings.management_url))
 
     replay = await replay_with_fault(fresh_env, tmp_path / "tills", replay_csv, restart, seconds_per_ticket=0.02)
@@ -54,7 +55,7 @@ async def test_postgresql_restart_during_replay_loses_and_duplicates_nothing(  #
 ) -> None:
     downtime: list[float] = []
 
-    async def restart() -> None:
+    async def restart(_replay: Replay) -> None:
         downtime.append(await restart_postgresql())
 
     replay = await replay_with_fault(fresh_env, tmp_path / "tills", replay_csv, restart, seconds_per_ticket=0.02)
