@@ -19,11 +19,15 @@ from tests.support import Environment
 from tillsync.processes import SERVICES, ServiceProcess, service_env
 
 
-@pytest_asyncio.fixture
-async def services(fresh_env: Environment, tmp_path: Path) -> AsyncIterator[dict[str, ServiceProcess]]:
-    """The five services of ``fresh_env`` as running subprocesses (ready), stopped at the end."""
-    env = service_env(fresh_env.settings.amqp_url, fresh_env.settings.database_url, fresh_env.settings.management_url)
-    processes = {name: ServiceProcess(name, env, tmp_path / "logs") for name in SERVICES}
+@pytest_asyncio.fixture(scope="module")
+async def services(env: Environment, tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[dict[str, ServiceProcess]]:
+    """The five services of the module's ``env`` as running subprocesses (ready), stopped
+    at the end. The tests of a module share them (each with its own account and tills):
+    a service a test killed runs again when the test ends."""
+    settings = env.settings
+    variables = service_env(settings.amqp_url, settings.database_url, settings.management_url)
+    logs = tmp_path_factory.mktemp("service-logs")
+    processes = {name: ServiceProcess(name, variables, logs) for name in SERVICES}
     try:
         for process in processes.values():
             process.start()

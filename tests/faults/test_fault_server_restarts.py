@@ -34,34 +34,34 @@ def _local_servers(infra) -> None:  # type: ignore[no-untyped-def]
 
 
 async def test_rabbitmq_restart_during_replay_loses_and_duplicates_nothing(  # type: ignore[no-untyped-def]
-    fresh_env, services, replay_csv: Path, tmp_path: Path
+    env, services, replay_csv: Path, tmp_path: Path
 ) -> None:
     downtime: list[float] = []
 
     async def restart(_replay: Replay) -> None:
-        downtime.append(await restart_rabbitmq(fresh_env.settings.management_url))
+        downtime.append(await restart_rabbitmq(env.settings.management_url))
 
-    replay = await replay_with_fault(fresh_env, tmp_path / "tills", replay_csv, restart, seconds_per_ticket=0.02)
+    replay = await replay_with_fault(env, tmp_path / "tills", replay_csv, restart, seconds_per_ticket=0.02)
     context = f"RabbitMQ restarted during the replay ({downtime[0]:.1f} s, {replay.sold_during_fault} tickets sold meanwhile)"
     assert replay.sold_during_fault > 0, f"{context}: no ticket was sold while the broker restarted"
     for name, process in services.items():
         assert process.process is not None and process.process.poll() is None, f"{context}: {name} exited:\n{process.log_tail()}"
-    comparison = await assert_recovered(fresh_env, replay, context)
+    comparison = await assert_recovered(env, replay, context)
     print(f"{context}: {comparison.summary()}")
 
 
 async def test_postgresql_restart_during_replay_loses_and_duplicates_nothing(  # type: ignore[no-untyped-def]
-    fresh_env, services, replay_csv: Path, tmp_path: Path
+    env, services, replay_csv: Path, tmp_path: Path
 ) -> None:
     downtime: list[float] = []
 
     async def restart(_replay: Replay) -> None:
         downtime.append(await restart_postgresql())
 
-    replay = await replay_with_fault(fresh_env, tmp_path / "tills", replay_csv, restart, seconds_per_ticket=0.02)
+    replay = await replay_with_fault(env, tmp_path / "tills", replay_csv, restart, seconds_per_ticket=0.02)
     context = f"PostgreSQL restarted during the replay ({downtime[0]:.1f} s, {replay.sold_during_fault} tickets sold meanwhile)"
     assert replay.sold_during_fault > 0, f"{context}: no ticket was sold while the database restarted"
     for name, process in services.items():
         assert process.process is not None and process.process.poll() is None, f"{context}: {name} exited:\n{process.log_tail()}"
-    comparison = await assert_recovered(fresh_env, replay, context)
+    comparison = await assert_recovered(env, replay, context)
     print(f"{context}: {comparison.summary()}")

@@ -22,14 +22,14 @@ KILLS_PER_REPLAY = 4
 
 @pytest.mark.parametrize("service", list(SERVICES))
 async def test_service_killed_at_random_moments_loses_and_duplicates_nothing(  # type: ignore[no-untyped-def]
-    fresh_env, services, replay_csv: Path, service: str
+    env, services, replay_csv: Path, service: str
 ) -> None:
     rng = FaultRng()
     context = f"{service} SIGKILLed during the replay, {rng.replay_hint}"
     done = asyncio.Event()
-    chaos = asyncio.create_task(kill_repeatedly(fresh_env, services[service], rng, done, max_kills=KILLS_PER_REPLAY))
+    chaos = asyncio.create_task(kill_repeatedly(env, services[service], rng, done, max_kills=KILLS_PER_REPLAY))
     try:
-        report = await run_demo(fresh_env.settings, replay_csv, console=Console(file=io.StringIO()), start_services=False)
+        report = await run_demo(env.settings, replay_csv, console=Console(file=io.StringIO()), start_services=False)
     except Exception as exc:
         raise AssertionError(f"{context}: the replay failed: {exc!r}") from exc
     finally:
@@ -42,5 +42,5 @@ async def test_service_killed_at_random_moments_loses_and_duplicates_nothing(  #
     assert report.ok, f"{context}: the demo's checks failed: {report.as_json()}"
     assert report.missing == 0 and report.duplicates == 0, context
     run_dir = Path(report.run_dir)
-    comparison = await assert_archive_equals_recorded(fresh_env, [run_dir / "till-1", run_dir / "till-2"], context)
+    comparison = await assert_archive_equals_recorded(env, [run_dir / "till-1", run_dir / "till-2"], context)
     print(f"{context}: {kills.kills} kills at archive sizes {kills.archived_at_kill}; {comparison.summary()}")

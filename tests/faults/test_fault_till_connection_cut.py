@@ -18,7 +18,7 @@ CUTTING_SECONDS = 20.0  # ... within at most this time (the management API lists
 
 
 async def test_till_connection_cut_repeatedly_during_replay_loses_and_duplicates_nothing(  # type: ignore[no-untyped-def]
-    fresh_env, services, replay_csv: Path, tmp_path: Path
+    env, services, replay_csv: Path, tmp_path: Path
 ) -> None:
     rng = FaultRng()
     cuts: list[int] = []
@@ -32,13 +32,13 @@ async def test_till_connection_cut_repeatedly_during_replay_loses_and_duplicates
         until = loop.time() + CUTTING_SECONDS
         while sum(cuts) < CUTS and loop.time() < until:
             await asyncio.sleep(rng.uniform(0.1, 0.8))
-            cuts.append(await fresh_env.admin.close_connections_of(user, "fault suite: connection cut"))
+            cuts.append(await env.admin.close_connections_of(user, "fault suite: connection cut"))
 
-    replay = await replay_with_fault(fresh_env, tmp_path / "tills", replay_csv, cut_repeatedly, seconds_per_ticket=0.03)
+    replay = await replay_with_fault(env, tmp_path / "tills", replay_csv, cut_repeatedly, seconds_per_ticket=0.03)
     context = (
         f"till 2's connection cut {len(cuts)} times ({sum(cuts)} connections closed, {replay.sold_during_fault} "
         f"tickets sold meanwhile), {rng.replay_hint}"
     )
     assert sum(cuts) >= CUTS, f"{context}: the till's connection was not cut {CUTS} times"
-    comparison = await assert_recovered(fresh_env, replay, context)
+    comparison = await assert_recovered(env, replay, context)
     print(f"{context}: {comparison.summary()}")

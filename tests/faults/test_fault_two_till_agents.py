@@ -39,15 +39,15 @@ async def _tillsync(env_vars: dict[str, str], *args: str) -> tuple[int, str]:
 
 
 async def test_second_sync_process_is_refused_while_sales_from_other_processes_are_kept(  # type: ignore[no-untyped-def]
-    fresh_env, services, replay_csv: Path, tmp_path: Path
+    env, services, replay_csv: Path, tmp_path: Path
 ) -> None:
     export = read_export(replay_csv)
     article = sorted(export.articles.values(), key=lambda a: a.article_nr)[0]
-    till = await signed_in_till(fresh_env, tmp_path, new_account_name(), create=True)
+    till = await signed_in_till(env, tmp_path, new_account_name(), create=True)
     await till.set_sync_mode(True, SyncMode.ARCHIVE_MASTERDATA_RECEIPTS)
     till.save_entity(article, export.tickets[0].at)
     data_dir = till.store.data_dir
-    env_vars = {"TILLSYNC_CLOUD_AMQP_URL": fresh_env.signup_url}
+    env_vars = {"TILLSYNC_CLOUD_AMQP_URL": env.signup_url}
     sync = ("till", "sync", "--timeout", "90", "--data-dir", str(data_dir))
     sell_one = ("till", "sell", f"{article.article_nr}:1", "--data-dir", str(data_dir))
 
@@ -84,5 +84,5 @@ async def test_second_sync_process_is_refused_while_sales_from_other_processes_a
     assert final[0] == 0, final[1]
     assert not (data_dir / SYNC_LOCK_FILE).read_text(), "a finished sync left its note in the lock file"
 
-    comparison = await assert_archive_equals_recorded(fresh_env, [data_dir], "two till-agent processes over one store")
+    comparison = await assert_archive_equals_recorded(env, [data_dir], "two till-agent processes over one store")
     assert comparison.recorded == 1 + 200 + 3  # the article, the sales of this process and of the others
