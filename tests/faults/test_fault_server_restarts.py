@@ -20,6 +20,7 @@ from tests.faults.chaos import (
     restart_rabbitmq,
     servers_restartable,
 )
+from tillsync.processes import ServiceProcess
 
 pytestmark = pytest.mark.fault
 
@@ -54,6 +55,7 @@ async def test_postgresql_restart_during_replay_loses_and_duplicates_nothing(  #
     env, services, replay_csv: Path, tmp_path: Path
 ) -> None:
     downtime: list[float] = []
+    felt_before = _database_outages_logged(services)
 
     async def restart(_replay: Replay) -> None:
         downtime.append(await restart_postgresql())
@@ -64,4 +66,12 @@ async def test_postgresql_restart_during_replay_loses_and_duplicates_nothing(  #
     for name, process in services.items():
         assert process.process is not None and process.process.poll() is None, f"{context}: {name} exited:\n{process.log_tail()}"
     comparison = await assert_recovered(env, replay, context)
+    assert _database_outages_logged(services) > felt_before, f"{context}: no service noticed the restart"
     print(f"{context}: {comparison.summary()}")
+
+
+def _database_outages_logged(services: dict[str, ServiceProcess]) -> int:
+    """How often the services logged that the database was unavailable (``database_unavailable``)."""
+    return sum(
+        p.log_path.read_text(errors="replace").count('"database_unavailable"') for p in services.values() if p.log_path.exists()
+    )
