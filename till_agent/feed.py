@@ -134,8 +134,8 @@ class FeedClient:
         await self._ask(self._store.participating_categories())
         await self._ask_receipts()
         watcher = asyncio.create_task(self._watch(), name="feed-watch")
-        await queue.consume(inbox.put)
         try:
+            await queue.consume(inbox.put)  # inside: a failure here must stop the watcher too
             while True:
                 getting = asyncio.ensure_future(inbox.get())
                 await asyncio.wait({getting, watcher}, return_when=asyncio.FIRST_COMPLETED)
@@ -151,6 +151,7 @@ class FeedClient:
                 await self._handle_batch(batch)  # type: ignore[arg-type]
         finally:
             watcher.cancel()
+            await asyncio.gather(watcher, return_exceptions=True)  # never outlives this connection
 
     def _reset(self) -> None:
         self._catching_up.clear()

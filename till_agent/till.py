@@ -64,6 +64,7 @@ from till_agent.booking import SaleLine, closed_receipt, handover_line, z_report
 from till_agent.handover import Notice, ReceiptView
 from till_agent.relay import OutboxRelay, RelayStatus
 from till_agent.store import Difference, TillStore, TillStoreError
+from till_agent.sync_lock import SyncLock
 
 DEFAULT_SIGNUP_PASSWORD = "tillsync-signup"
 
@@ -104,6 +105,7 @@ class Till:
         self.relay = OutboxRelay(store, settings.cloud_amqp_url)
         self._relay_stop: asyncio.Event | None = None
         self._relay_task: asyncio.Task[None] | None = None
+        self._sync_lock = SyncLock(store.data_dir)
 
     # -- account requests ------------------------------------------------------
 
@@ -434,9 +436,13 @@ class Till:
     # -- sync --------------------------------------------------------------------
 
     def start_sync(self) -> None:
-        """Run the outbox relay in the background (no-op if running)."""
+        """Run the outbox relay in the background (no-op if running).
+
+        Takes the store's sync lock first (``till_agent.sync_lock``): raises
+        ``StoreInUse``, naming the other process, if another process syncs this till."""
         if self._relay_task is not None and not self._relay_task.done():
             return
+        self._sync_lock.acquire()
         self._relay_stop = asyncio.Event()
         self._relay_task = asyncio.create_task(self.relay.run(self._relay_stop), name="outbox-relay")
 
@@ -445,9 +451,12 @@ class Till:
         if self._relay_stop is not None:
             self._relay_stop.set()
         await self.relay.disconnect()
-        if self._relay_task is not None:
-            await self._relay_task
-        self._relay_task = None
+        try:
+            if self._relay_task is not None:
+                await self._relay_task
+        finally:
+            self._relay_task = None
+            self._sync_lock.release()
 
     @property
     def syncing(self) -> bool:
@@ -457,4 +466,5 @@ class Till:
         return self.relay.status()
 
     def close(self) -> None:
+        self._sync_lock.release()
         self.store.close()
