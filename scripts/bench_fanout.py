@@ -581,8 +581,9 @@ def _report(accounts: int, tills_per_account: int, rate: float, seconds: float, 
     return result
 
 
-def _shortfall(result: dict[str, Any]) -> str:
-    """Why the target was missed, from the figures of this run (see the module's report)."""
+def _missed(result: dict[str, Any]) -> list[str]:
+    """The first sentences of a shortfall: the p99 against the target, deliveries lost, and
+    how busy the machine and each process group were during the load."""
     cpu = result["cpu_cores_used"]
     parts = [
         f"p99 {result['latency_ms']['p99']} ms against a target under {TARGET_P99_MS:g} ms"
@@ -592,6 +593,12 @@ def _shortfall(result: dict[str, Any]) -> str:
     if busy is not None and cpu.get("cores"):
         parts.append(f"the machine was {busy / cpu['cores']:.0%} busy during the load ({busy:.2f} of {cpu['cores']} cores: "
                      + ", ".join(f"{k} {v:.2f}" for k, v in cpu.items() if k not in ("whole machine", "cores")) + ")")
+    return parts
+
+
+def _shortfall(result: dict[str, Any]) -> str:
+    """Why the target was missed, from the figures of this run (see the module's report)."""
+    parts = _missed(result)
     lag = result["schedule_lag_ms"]
     if lag and lag["p99"] > 50:
         parts.append(
@@ -953,15 +960,7 @@ async def _protocol_first_articles(tills: dict[tuple[int, int], _ProtocolTill], 
 
 def _cloud_shortfall(result: dict[str, Any]) -> str:
     """Why the cloud fan-out missed the target, from the figures of this run."""
-    cpu = result["cpu_cores_used"]
-    parts = [
-        f"p99 {result['latency_ms']['p99']} ms against a target under {TARGET_P99_MS:g} ms"
-        + (f", {result['lost']} deliveries lost" if result["lost"] else "")
-    ]
-    busy = cpu.get("whole machine")
-    if busy is not None and cpu.get("cores"):
-        parts.append(f"the machine was {busy / cpu['cores']:.0%} busy during the load ({busy:.2f} of {cpu['cores']} cores: "
-                     + ", ".join(f"{k} {v:.2f}" for k, v in cpu.items() if k not in ("whole machine", "cores")) + ")")
+    parts = _missed(result)
     lag = result["schedule_lag_ms"]
     if lag and lag["p99"] > 50:
         parts.append(f"the measuring process published changes up to {lag['max']:.0f} ms late (p99 {lag['p99']:.0f} ms): "

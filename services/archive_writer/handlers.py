@@ -28,7 +28,7 @@ from uuid import UUID
 import asyncpg
 import rfc8785
 
-from shared.chain import chain_hash
+from shared.chain import canonical_with_and_without_chain, chain_hash_of_canonical
 from shared.consumer import Delivery
 from shared.models import Download, RecordRefused, Upload
 from shared.topology import DOWNLOAD_EXCHANGE, till_direct_routing_key
@@ -90,8 +90,9 @@ async def archive_uploads(deliveries: list[Delivery[Upload]], conn: asyncpg.Conn
         u = d.body
         payload = u.model_dump(mode="json")
         try:
-            digest = content_sha256(u)
-            expected = chain_hash(u.prev_hash, payload)
+            whole, body = canonical_with_and_without_chain(payload)  # each member made canonical once
+            digest = hashlib.sha256(whole).digest()  # content_sha256(u)
+            expected = chain_hash_of_canonical(u.prev_hash, body)
         except rfc8785.CanonicalizationError as exc:  # a deterministic refusal, not worth a retry
             d.refuse(f"record has no canonical JSON form (RFC 8785): {exc}", outcome="invalid")
             continue
