@@ -34,6 +34,7 @@ import asyncio
 import datetime as dt
 import hashlib
 import json
+import math
 import os
 import platform
 import subprocess
@@ -77,6 +78,9 @@ RECORD_CHUNK = 1000  # receipts recorded on a till per SQLite transaction while 
 INGEST_TARGET_RATIO = 0.7  # archive ingest / raw consume-with-ack
 CATCHUP_TARGET_RATIO = 0.6  # offline catch-up / raw publish-with-confirm
 SERVICE_RSS_LIMIT_MIB = 300e6 / 2**20  # 300 MB
+# the measurements of the other modules, by their key in the result
+OTHER_MEASUREMENTS = {"fanout": "master-data fan-out (cloud)", "fanout_till_agents": "master-data fan-out (till agents)",
+                      "initial_download": "initial download"}
 TILL_RSS_FLAT_FACTOR = 1.10  # the till agent's peak with 10x the records: at most 10 % more
 FANOUT_P99_TARGET_MS = 250.0
 INITIAL_DOWNLOAD_TARGET_SECONDS = 20.0
@@ -479,10 +483,26 @@ async def _fanout(base: DatabaseAdminSettings, quick: bool, seconds: float, log_
 
     sizes = dict(accounts=2, tills_per_account=5, changes_per_second=10.0) if quick else \
         dict(accounts=20, tills_per_account=10, changes_per_second=100.0)
+    await _enough_broker_sockets(base, sizes["accounts"] * sizes["tills_per_account"])
     progress(f"fan-out (cloud, protocol-level tills): {sizes['accounts']} accounts x {sizes['tills_per_account']} tills, "
              f"{sizes['changes_per_second']:g} changes/s for {seconds:g} s")
     result = await measure_cloud_fanout(base, seconds=seconds, log_dir=log_dir / "fanout", **sizes)  # type: ignore[arg-type]
     return {**sizes, "seconds": seconds, **result}
+
+
+async def _enough_broker_sockets(base: DatabaseAdminSettings, tills: int) -> None:
+    """Raise ``RuntimeError`` if the broker cannot take a connection per till besides the
+    services' and the account requests' (RabbitMQ's ``sockets_total``, set by its open-files
+    limit: about 830 with the usual 1024; beyond it new connections hang in the handshake)."""
+    user, password = base.management_credentials
+    async with BrokerAdmin(base.management_url, user, password) as admin:
+        nodes = await admin.nodes()
+    available = min((n.get("sockets_total") or 0) - (n.get("sockets_used") or 0) for n in nodes)
+    needed = 2 * tills + 100
+    if available < needed:
+        raise RuntimeError(
+            f"the broker has {available} free sockets, {tills} tills need about {needed}: raise RabbitMQ's open-files "
+            "limit (`rabbitmqctl shutdown && (ulimit -n 65536; rabbitmq-server -detached)`; compose sets it)")
 
 
 async def _fanout_till_agents(base: DatabaseAdminSettings, quick: bool, seconds: float, log_dir: Path) -> dict[str, Any]:
@@ -574,9 +594,11 @@ def figures(result: dict[str, Any]) -> list[Figure]:
         small, large = catchup["runs"][0], catchup["runs"][-1]
         flat = large["till_agent_peak_rss_mib"] <= TILL_RSS_FLAT_FACTOR * small["till_agent_peak_rss_mib"]
         out.append(Figure(f"till agent peak RSS, {small['records']:,} unsent records", small["till_agent_peak_rss_mib"], "MiB"))
+        judged = large["records"] >= 10_000  # with fewer, the process's start-up dominates its peak
         out.append(Figure(f"till agent peak RSS, {large['records']:,} unsent records", large["till_agent_peak_rss_mib"],
                           "MiB", small["till_agent_peak_rss_mib"], f"peak with {small['records']:,}",
-                          f"flat (≤ {TILL_RSS_FLAT_FACTOR:g} × the smaller)", flat))
+                          f"flat (≤ {TILL_RSS_FLAT_FACTOR:g} × the smaller)" if judged else "flat (judged from 10,000 records)",
+                          flat if judged else None))
     for key, what, judged in (("fanout", "cloud, protocol-level tills", True), ("fanout_till_agents", "real till agents, end to end", False)):
         fanout = result.get(key) or {}
         if "latency_ms" in fanout:
@@ -615,8 +637,7 @@ def markdown_table(result: dict[str, Any]) -> str:
         value = _num(f.value, f.unit) + (f" ({f.note})" if f.note else "")
         ratio = f"{f.ratio:.2f}" if f.ratio is not None else ""
         lines.append(f"| {f.name} | {value} | {_num(f.limit) if f.limit else ''} | {ratio} | {f.target} | {met} |")
-    for key, name in (("fanout", "master-data fan-out (cloud)"), ("fanout_till_agents", "master-data fan-out (till agents)"),
-                      ("initial_download", "initial download")):
+    for key, name in OTHER_MEASUREMENTS.items():
         why = (result.get(key) or {}).get("not_measured")
         if why:
             lines.append(f"| {name} | not measured: {why} | | | | |")
@@ -630,8 +651,7 @@ def print_summary(result: dict[str, Any]) -> None:
         target = f"; target {f.target}: {'met' if f.met else 'NOT met'}" if f.met is not None else ""
         note = f" [{f.note}]" if f.note else ""
         print(f"  {f.name}: {_num(f.value, f.unit)}{ratio}{target}{note}")
-    for key, name in (("fanout", "master-data fan-out (cloud)"), ("fanout_till_agents", "master-data fan-out (till agents)"),
-                      ("initial_download", "initial download")):
+    for key, name in OTHER_MEASUREMENTS.items():
         why = (result.get(key) or {}).get("not_measured")
         if why:
             print(f"  {name}: not measured: {why}")
@@ -684,7 +704,7 @@ class RestartWatch:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="a small smoke run (about half a minute)")
+    parser.add_argument("--quick", action="store_true", help="a small smoke run (about a minute)")
     parser.add_argument("--uploads", type=int, help="messages of the raw limits and uploads of the ingest (default 20000; quick 1000)")
     parser.add_argument("--records", type=int, help="unsent records of the catch-up till; a tenth for the memory comparison "
                         "(default 100000; quick 1000)")
@@ -694,15 +714,26 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--log-dir", type=Path, help="service and till agent logs (default var/bench/<UTC timestamp>/)")
     args = parser.parse_args(argv)
     quick = args.quick
-    args.uploads = args.uploads or (1000 if quick else 20_000)
-    args.records = args.records or (1000 if quick else 100_000)
-    args.articles = args.articles or (500 if quick else 100_000)
-    args.fanout_seconds = args.fanout_seconds or (5.0 if quick else 30.0)
+    defaults = {"uploads": (1000, 20_000), "records": (1000, 100_000), "articles": (500, 100_000), "fanout_seconds": (5.0, 30.0)}
+    for name, (small, full) in defaults.items():
+        if getattr(args, name) is None:
+            setattr(args, name, small if quick else full)
     for name in ("uploads", "records", "articles"):
         if getattr(args, name) < 1:
             parser.error(f"--{name} must be at least 1")
     if args.records < 10:
         parser.error("--records must be at least 10 (a tenth of them is the memory comparison)")
+    if not (math.isfinite(args.fanout_seconds) and args.fanout_seconds > 0):
+        parser.error(f"--fanout-seconds must be a number of seconds above 0, not {args.fanout_seconds}")
+    for option, path in (("--json", args.json and args.json.parent), ("--log-dir", args.log_dir)):
+        if path is None:
+            continue
+        try:  # found out now, not after a run of many minutes
+            path.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            parser.error(f"{option}: cannot make the directory {path}: {exc.strerror or exc}")
+        if not os.access(path, os.W_OK):
+            parser.error(f"{option}: the directory {path} is not writable")
     return args
 
 
@@ -795,6 +826,13 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     print_summary(result)
     print(f"\nwritten to {path} (logs in {result['log_dir']}); run took {result['seconds']:.0f} s")
+    if result.get("repeated_phases"):
+        print("repeated because the shared servers were restarted meanwhile: "
+              + ", ".join(f"{phase} ({times}x)" for phase, times in result["repeated_phases"].items()))
+    unmeasured = [key for key in OTHER_MEASUREMENTS if "not_measured" in (result.get(key) or {})]
+    if unmeasured:
+        print(f"bench: not measured: {', '.join(OTHER_MEASUREMENTS[k] for k in unmeasured)} (see above)", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -53,6 +53,10 @@ class BrokerAdmin:
         """GET /api/overview (RabbitMQ version, cluster name, ...)."""
         return (await self._call("GET", "/overview")).json()
 
+    async def nodes(self) -> list[dict[str, Any]]:
+        """``GET /api/nodes``: each node's figures (``sockets_total``, ``sockets_used``, ``mem_used`` …)."""
+        return (await self._call("GET", "/nodes")).json()  # type: ignore[no-any-return]
+
     async def vhosts(self) -> list[dict[str, Any]]:
         """GET /api/vhosts: every vhost (``name`` ...)."""
         return (await self._call("GET", "/vhosts")).json()

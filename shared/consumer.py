@@ -223,7 +223,8 @@ class ConsumeAdapter(Generic[M]):
                 await self._refuse_invalid(
                     message,
                     f"message body of {size} bytes is over the limit of {self._max_body_bytes} bytes; not read "
-                    f"(the dead letter keeps its first {KEPT_BODY_BYTES} bytes)",
+                    + ("(the dead letter keeps none of it: it may hold secrets)" if self._redact
+                       else f"(the dead letter keeps its first {KEPT_BODY_BYTES} bytes)"),
                     oversize=True,
                 )
                 continue

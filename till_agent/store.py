@@ -118,6 +118,10 @@ create table if not exists outbox (
 create index if not exists outbox_unsent on outbox (till_seq) where sent_at is null;
 """ + HANDOVER_SCHEMA
 
+# Made after the added columns below exist: the rows still to be chained, found without
+# reading the chained ones (``_seal_through`` runs once per upload window).
+_INDEXES = "create index if not exists outbox_unchained on outbox (till_seq) where chain_hash is null;"
+
 # Columns added to stores made by earlier releases: (table, column, declaration).
 _ADDED_COLUMNS = (
     ("masterdata", "base_data", "text"),
@@ -237,6 +241,7 @@ class TillStore(HandoverStore):
             columns = {r["name"] for r in self._db.execute(f"pragma table_info({table})")}
             if column not in columns:
                 self._db.execute(f"alter table {table} add column {column} {declaration}")
+        self._db.executescript(_INDEXES)
 
     @staticmethod
     def _connect(path: Path) -> sqlite3.Connection:
@@ -263,6 +268,7 @@ class TillStore(HandoverStore):
         db = cls._connect(path)
         path.chmod(0o600)
         db.executescript(_SCHEMA)
+        db.executescript(_INDEXES)
         with _transaction(db):
             db.executemany(
                 "insert into settings (key, value) values (?, ?)",

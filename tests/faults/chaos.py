@@ -250,7 +250,8 @@ async def restart_rabbitmq(management_url: str, down_seconds: float = 0.0) -> fl
         assert stopped.returncode == 0, f"rabbitmqctl shutdown failed: {stopped.stderr or stopped.stdout}"
         await asyncio.sleep(down_seconds)
     finally:
-        await asyncio.to_thread(_run, "rabbitmq-server", "-detached")
+        # as scripts/infra.sh starts it: with room for many connections (open files)
+        await asyncio.to_thread(_run, "sh", "-c", 'ulimit -n 65536 2>/dev/null || ulimit -n "$(ulimit -Hn)"; exec rabbitmq-server -detached')
         try:
             await asyncio.to_thread(_run, "rabbitmqctl", "await_startup", "--timeout", "120", timeout=150)
             await _wait_for("the RabbitMQ management API", 120, lambda: _management_up(management_url))

@@ -483,3 +483,14 @@ def test_rows_are_chained_anew_for_another_till(store: TillStore) -> None:
     assert row.chain_hash != first
     upload = row.upload(other.account_id, other.till_id)
     assert upload.chain_hash == chain_hash(None, upload.model_dump(mode="json"))
+
+
+def test_chaining_finds_the_unchained_rows_without_reading_the_chained_ones(store: TillStore) -> None:
+    """``_seal_through`` runs once per upload window: with 100,000 rows waiting it must not
+    read every row chained before (a partial index on the unchained rows), also in a store
+    made by an earlier release (the index is made when the store is opened)."""
+    query = "explain query plan select till_seq from outbox where chain_hash is null and till_seq <= 5 order by till_seq limit 1000"
+    assert "USING INDEX outbox_unchained" in " ".join(str(tuple(r)) for r in store._db.execute(query))
+    store._db.execute("drop index outbox_unchained")  # as in a store of an earlier release
+    reopened = TillStore(store.data_dir)
+    assert "USING INDEX outbox_unchained" in " ".join(str(tuple(r)) for r in reopened._db.execute(query))
