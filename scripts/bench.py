@@ -502,7 +502,7 @@ async def _enough_broker_sockets(base: DatabaseAdminSettings, tills: int) -> Non
     if available < needed:
         raise RuntimeError(
             f"the broker has {available} free sockets, {tills} tills need about {needed}: raise RabbitMQ's open-files "
-            "limit (`rabbitmqctl shutdown && (ulimit -n 65536; rabbitmq-server -detached)`; compose sets it)")
+            "limit (`rabbitmqctl shutdown && scripts/start-rabbitmq.sh`; compose sets it)")
 
 
 async def _fanout_till_agents(base: DatabaseAdminSettings, quick: bool, seconds: float, log_dir: Path) -> dict[str, Any]:

@@ -30,10 +30,7 @@ wait_for "PostgreSQL on 127.0.0.1:5432" 60 pg_isready -h 127.0.0.1 -p 5432
 
 if ! rabbitmq-diagnostics -q ping >/dev/null 2>&1; then
   echo "infra: starting RabbitMQ"
-  # Every AMQP connection (each till, each service) takes a file descriptor; the default
-  # 1024 leaves RabbitMQ about 830 sockets. Raise it for the node (the benchmark's 200 tills).
-  ulimit -n 65536 2>/dev/null || ulimit -n "$(ulimit -Hn)" || true
-  rabbitmq-server -detached
+  scripts/start-rabbitmq.sh   # with room for many connections (open files)
 fi
 wait_for "RabbitMQ" 90 rabbitmq-diagnostics -q ping
 if ! rabbitmq-plugins list -e -m 2>/dev/null | grep -qx rabbitmq_management; then
@@ -41,9 +38,9 @@ if ! rabbitmq-plugins list -e -m 2>/dev/null | grep -qx rabbitmq_management; the
   rabbitmq-plugins enable rabbitmq_management >/dev/null
 fi
 wait_for "RabbitMQ management API on 127.0.0.1:15672" 90 curl -sf -u guest:guest http://127.0.0.1:15672/api/overview
-sockets=$(curl -sf -u guest:guest http://127.0.0.1:15672/api/nodes | python3 -c 'import json,sys; print(min(n.get("sockets_total") or 0 for n in json.load(sys.stdin)))' 2>/dev/null || echo "")
+sockets=$(curl -sf -u guest:guest http://127.0.0.1:15672/api/nodes | python3 -c 'import json,sys; v=[n["sockets_total"] for n in json.load(sys.stdin) if n.get("sockets_total")]; print(min(v) if v else "")' 2>/dev/null || echo "")
 if [ -n "$sockets" ] && [ "$sockets" -lt 2000 ]; then
   echo "infra: note: RabbitMQ allows only $sockets connections (its open-files limit); the benchmark's fan-out needs more:" \
-       "restart it with a higher limit: rabbitmqctl shutdown && (ulimit -n 65536; rabbitmq-server -detached)" >&2
+       "restart it with a higher limit: rabbitmqctl shutdown && scripts/start-rabbitmq.sh" >&2
 fi
 echo "infra: PostgreSQL and RabbitMQ (with management API) are up"

@@ -46,6 +46,7 @@ from tillsync.processes import ServiceProcess
 
 # Other developers' test runs share the servers: while this file exists, a failure of
 # theirs may come from a restart of ours (they re-run it).
+REPOSITORY = Path(__file__).resolve().parents[2]
 SERVERS_RESTARTING_FLAG = Path("/tmp/tillsync-servers-restarting")
 
 
@@ -251,7 +252,7 @@ async def restart_rabbitmq(management_url: str, down_seconds: float = 0.0) -> fl
         await asyncio.sleep(down_seconds)
     finally:
         # as scripts/infra.sh starts it: with room for many connections (open files)
-        await asyncio.to_thread(_run, "sh", "-c", 'ulimit -n 65536 2>/dev/null || ulimit -n "$(ulimit -Hn)"; exec rabbitmq-server -detached')
+        await asyncio.to_thread(_run, str(REPOSITORY / "scripts" / "start-rabbitmq.sh"))
         try:
             await asyncio.to_thread(_run, "rabbitmqctl", "await_startup", "--timeout", "120", timeout=150)
             await _wait_for("the RabbitMQ management API", 120, lambda: _management_up(management_url))
