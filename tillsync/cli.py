@@ -25,7 +25,7 @@ import typer
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from shared.amqp import REASON_HEADER, connect
+from shared.amqp import ORIGINAL_USER_HEADER, REASON_HEADER, connect
 from shared.broker_admin import BrokerAdmin
 from shared.fiscal import PaymentType, VatKey, line_amount
 from shared.logging import configure_logging
@@ -208,7 +208,8 @@ def dead_letters(
                             headers = message.get("properties", {}).get("headers", {})
                             reason = headers.get(REASON_HEADER) or _x_death_reason(headers)
                             message_id = message.get("properties", {}).get("message_id", "?")
-                            out.print(f"  - {message_id}: {reason}")
+                            sender = headers.get(ORIGINAL_USER_HEADER)
+                            out.print(f"  - {message_id}" + (f" from {sender}" if sender else "") + f": {reason}")
         finally:
             await connection.close()
 

@@ -861,3 +861,29 @@ async def test_an_upload_after_a_refused_one_at_the_same_position_is_archived(fr
         stop_writer.set()
         stop_accounts.set()
         await asyncio.gather(writer, accounts, return_exceptions=True)
+
+
+async def test_ops_dead_letters_counts_them_and_names_reason_and_sender(world: World) -> None:
+    """The on-call engineer's view: ``tillsync ops dead-letters <queue>`` shows how many
+    messages were refused, each with its reason and the broker user that sent it."""
+    from typer.testing import CliRunner
+
+    from tillsync.cli import app
+
+    env, sender = world.env, world.sender
+    for queue in SERVICE_QUEUES:
+        await take_dead_letters(env, queue)
+    await sender.publish(UPLOAD_EXCHANGE, sender.key("receipt"), b"{not json")
+
+    async def refused() -> bool:
+        return (await dead_letter_counts(env))[ARCHIVE_WRITER_QUEUE] == 1
+
+    await wait_until(refused, what="the malformed upload dead-lettered by the archive writer")
+    shown = await asyncio.to_thread(
+        CliRunner().invoke, app, ["ops", "dead-letters", ARCHIVE_WRITER_QUEUE],
+        env={"TILLSYNC_AMQP_URL": env.settings.amqp_url, "TILLSYNC_MANAGEMENT_URL": env.settings.management_url, "COLUMNS": "1000"},
+    )
+    assert shown.exit_code == 0, shown.output
+    assert f"{ARCHIVE_WRITER_QUEUE}.dead-letter: 1 message(s)" in shown.output, shown.output
+    [line] = [line for line in shown.output.splitlines() if line.strip().startswith("- ")]
+    assert f"from {sender.user_id}" in line and "invalid message" in line, shown.output
