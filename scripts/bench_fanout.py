@@ -262,6 +262,27 @@ async def _retrying(request: Callable[[], Awaitable[Any]], what: str, attempts: 
     raise AssertionError(f"unreachable: {what}")
 
 
+async def _create_account(data_dir: Path, settings: TillSettings, a: int, name: str, gentle: asyncio.Semaphore) -> None:
+    """Create account ``name`` from a founding till of its own (closed after), ``gentle``
+    limiting the account requests in flight."""
+    founder = Till(TillStore.create(data_dir / f"founder-{a}", f"SN-F{a:03d}", "founder"), settings)
+    try:
+        async with gentle:
+            await _retrying(lambda: founder.create_account(name, PASSWORD), f"creation of account {name}")
+    finally:
+        founder.close()
+
+
+async def _join(till: Till, name: str, gentle: asyncio.Semaphore) -> Any:
+    """Sign ``till`` in to account ``name`` and set it to mode ``archive_masterdata``;
+    returns the sign-in's ``SignedIn``."""
+    serial = till.store.identity().serial_number
+    async with gentle:
+        signed_in = await _retrying(lambda: till.sign_in(name, PASSWORD), f"sign-in of till {serial}")
+        await _retrying(lambda: till.set_sync_mode(True, SyncMode.ARCHIVE_MASTERDATA), f"sync mode of till {serial}")
+    return signed_in
+
+
 async def _worker_main(spec: _WorkerSpec, conn: Connection) -> None:
     loop = asyncio.get_running_loop()
     settings = TillSettings(cloud_amqp_url=spec.signup_url, request_timeout_seconds=120)
@@ -269,24 +290,14 @@ async def _worker_main(spec: _WorkerSpec, conn: Connection) -> None:
     tills: dict[tuple[int, int], Till] = {}
     data_dir = Path(spec.data_dir)
 
-    async def create_account(a: int, name: str) -> None:
-        founder = Till(TillStore.create(data_dir / f"founder-{a}", f"SN-F{a:03d}", "founder"), settings)
-        try:
-            async with gentle:
-                await _retrying(lambda: founder.create_account(name, PASSWORD), f"creation of account {name}")
-        finally:
-            founder.close()
-
     async def join(a: int, j: int, name: str) -> None:
         serial = f"SN-{a:03d}-{j:03d}"
         till = Till(_TimedStore.create(data_dir / serial, serial, f"Kasse {j + 1}"), settings)
         tills[(a, j)] = till
-        async with gentle:
-            await _retrying(lambda: till.sign_in(name, PASSWORD), f"sign-in of till {serial}")
-            await _retrying(lambda: till.set_sync_mode(True, SyncMode.ARCHIVE_MASTERDATA), f"sync mode of till {serial}")
+        await _join(till, name, gentle)
 
     try:
-        await asyncio.gather(*(create_account(a, name) for a, name in spec.accounts))
+        await asyncio.gather(*(_create_account(data_dir, settings, a, name, gentle) for a, name in spec.accounts))
         await asyncio.gather(*(join(a, j, name) for a, name in spec.accounts for j in range(spec.tills_per_account)))
         for till in tills.values():  # syncing starts once every till is signed in: a quieter sign-in phase
             till.start_sync()
@@ -761,26 +772,16 @@ async def _protocol_tills(settings: Any, names: list[tuple[int, str]], tills_per
     till_settings = TillSettings(cloud_amqp_url=signup_url, request_timeout_seconds=120)
     gentle = asyncio.Semaphore(PROTOCOL_SIGN_INS_AT_ONCE)
 
-    async def create_account(a: int, name: str) -> None:
-        founder = Till(TillStore.create(data_dir / f"founder-{a}", f"SN-F{a:03d}", "founder"), till_settings)
-        try:
-            async with gentle:
-                await _retrying(lambda: founder.create_account(name, PASSWORD), f"creation of account {name}")
-        finally:
-            founder.close()
-
     async def join(a: int, j: int, name: str) -> _ProtocolTill:
         serial = f"SN-{a:03d}-{j:03d}"
         till = Till(TillStore.create(data_dir / serial, serial, f"Kasse {j + 1}"), till_settings)
         try:
-            async with gentle:
-                signed_in = await _retrying(lambda: till.sign_in(name, PASSWORD), f"sign-in of till {serial}")
-                await _retrying(lambda: till.set_sync_mode(True, SyncMode.ARCHIVE_MASTERDATA), f"sync mode of till {serial}")
+            signed_in = await _join(till, name, gentle)
         finally:
             till.close()
         return _ProtocolTill(a, j, signed_in, settings.amqp_url)
 
-    await asyncio.gather(*(create_account(a, name) for a, name in names))
+    await asyncio.gather(*(_create_account(data_dir, till_settings, a, name, gentle) for a, name in names))
     return list(await asyncio.gather(*(join(a, j, name) for a, name in names for j in range(tills_per_account))))
 
 
