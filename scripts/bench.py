@@ -291,10 +291,7 @@ async def _wait(predicate: Callable[[], Awaitable[bool]], timeout_seconds: float
     next_report = time.monotonic() + 10
     while not await predicate():
         if peaks is not None:
-            peaks.sample()
-            for name, process in peaks.processes.items():
-                if process.process is not None and process.process.poll() is not None:
-                    raise RuntimeError(f"{name} exited during the benchmark:\n{process.log_tail()}")
+            peaks.check()
         if time.monotonic() > deadline:
             raise TimeoutError(f"timed out after {timeout_seconds:.0f} s waiting for {what}")
         if report is not None and time.monotonic() >= next_report:

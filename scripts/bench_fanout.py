@@ -457,13 +457,8 @@ async def _measure(base: DatabaseAdminSettings, accounts: int, tills_per_account
         names = [(a, f"fanout-{suffix}-{a:03d}@example.com") for a in range(accounts)]
         with tempfile.TemporaryDirectory(prefix="tillsync-bench-fanout-") as tmp:
             async with running_services(settings, log_dir, SERVICES_USED) as peaks:
-                services = {name: p.process.pid for name, p in peaks.processes.items() if p.process is not None}
-
-                def sample() -> None:
-                    peaks.sample()
-                    for name, process in peaks.processes.items():
-                        if process.process is None or process.process.poll() is not None:
-                            raise RuntimeError(f"service {name} exited:\n{process.log_tail()}")
+                services = peaks.pids
+                sample = peaks.check
 
                 specs = [
                     _WorkerSpec(w, signup_url, str(Path(tmp) / f"worker-{w}"), tuple(names[w::workers]), tills_per_account,
@@ -868,13 +863,8 @@ async def _measure_cloud(base: DatabaseAdminSettings, accounts: int, tills_per_a
         names = [(a, f"cloud-fanout-{suffix}-{a:03d}@example.com") for a in range(accounts)]
         with tempfile.TemporaryDirectory(prefix="tillsync-bench-cloud-fanout-") as tmp:
             async with running_services(settings, log_dir, SERVICES_USED) as peaks:
-                services = {name: p.process.pid for name, p in peaks.processes.items() if p.process is not None}
-
-                def sample() -> None:
-                    peaks.sample()
-                    for name, process in peaks.processes.items():
-                        if process.process is None or process.process.poll() is not None:
-                            raise RuntimeError(f"service {name} exited:\n{process.log_tail()}")
+                services = peaks.pids
+                sample = peaks.check
 
                 setup_started = time.monotonic()
                 signed_in = await _protocol_tills(settings, names, tills_per_account, Path(tmp))

@@ -117,10 +117,7 @@ class _Cloud:
 
     def check(self) -> None:
         """Record the services' peak RSS; raise if a service process exited."""
-        self.peaks.sample()
-        for name, process in self.peaks.processes.items():
-            if process.process is None or process.process.poll() is not None:
-                raise RuntimeError(f"service {name} exited:\n{process.log_tail()}")
+        self.peaks.check()
 
     async def head(self, account_id: uuid.UUID) -> int:
         """The account's last feed_seq of ``articles`` (0: none)."""

@@ -125,3 +125,16 @@ class ServicePeaks:
                 if value is not None:
                     self.peaks_mib[name] = max(value, self.peaks_mib.get(name, 0.0))
         return self.peaks_mib
+
+    def check(self) -> None:
+        """``sample()``, then raise ``RuntimeError`` (with its last log lines) if a service
+        process is not running: a benchmark of a cloud with a service missing means nothing."""
+        self.sample()
+        for name, process in self.processes.items():
+            if process.process is None or process.process.poll() is not None:
+                raise RuntimeError(f"service {name} exited during the benchmark:\n{process.log_tail()}")
+
+    @property
+    def pids(self) -> dict[str, int]:
+        """The process id of each started service, by name."""
+        return {name: p.process.pid for name, p in self.processes.items() if p.process is not None}

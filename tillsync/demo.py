@@ -515,14 +515,7 @@ async def _replay(export: BakeryExport, tills: list[Till], console: Console) -> 
                         f"{pending - pending_at_start} of them recorded while offline"
                     )
                 till = tills[ticket.till_index]
-                receipt = till.sell(
-                    [_sale_line(export, line) for line in ticket.lines],
-                    payment_type=ticket.payment_type,
-                    payment_name=PAYMENT_TYPES[ticket.payment_type].name,
-                    cashier=ticket.cashier,
-                    at=ticket.at.astimezone(dt.UTC),
-                    business_day=day,
-                )
+                receipt = sell_ticket(till, export, ticket, day)
                 receipts[ticket.ticket_number] = (ticket.till_index, receipt.receipt_id)
                 if till is offline and not offline.syncing:
                     offline_count += 1
@@ -536,6 +529,20 @@ async def _replay(export: BakeryExport, tills: list[Till], console: Console) -> 
     if not offline.syncing:
         offline.start_sync()
     return receipts, offline_count
+
+
+def sell_ticket(till: Till, export: BakeryExport, ticket: Ticket, day: dt.date) -> Any:
+    """Record ``ticket`` of the bakery file as a closed receipt on ``till`` (its lines by the
+    export's articles, its payment type, cashier and time; ``day``: its business day) and
+    return the receipt."""
+    return till.sell(
+        [_sale_line(export, line) for line in ticket.lines],
+        payment_type=ticket.payment_type,
+        payment_name=PAYMENT_TYPES[ticket.payment_type].name,
+        cashier=ticket.cashier,
+        at=ticket.at.astimezone(dt.UTC),
+        business_day=day,
+    )
 
 
 def _sale_line(export: BakeryExport, line: Any) -> SaleLine:

@@ -38,10 +38,10 @@ from shared.topology import (
     RECEIPT_ROUTER_QUEUE,
 )
 from tests.support import BAKERY_CSV, Environment, new_account_name, signed_in_till, wait_until
-from till_agent.booking import SaleLine
 from till_agent.store import TillStore
 from till_agent.till import Till
-from tillsync.bakery import PAYMENT_TYPES, BakeryExport, TicketLine, read_export
+from tillsync.bakery import BakeryExport, read_export
+from tillsync.demo import sell_ticket
 from tillsync.processes import ServiceProcess
 
 # Other developers' test runs share the servers: while this file exists, a failure of
@@ -337,15 +337,7 @@ async def replay_with_fault(
                 if fault_task is None and sold >= start_fault_at:
                     fault_task = asyncio.create_task(fault(replay))
                     await asyncio.sleep(0)  # the fault begins before the next sale
-                till = tills[ticket.till_index]
-                till.sell(
-                    [_sale_line(export, line) for line in ticket.lines],
-                    payment_type=ticket.payment_type,
-                    payment_name=PAYMENT_TYPES[ticket.payment_type].name,
-                    cashier=ticket.cashier,
-                    at=ticket.at.astimezone(dt.UTC),
-                    business_day=day,
-                )
+                sell_ticket(tills[ticket.till_index], export, ticket, day)
                 sold += 1
                 if fault_task is not None and not fault_task.done():
                     replay.sold_during_fault += 1
@@ -362,11 +354,6 @@ async def replay_with_fault(
         await stop_tills(tills)
         raise
     return replay
-
-
-def _sale_line(export: BakeryExport, line: TicketLine) -> SaleLine:
-    article = export.articles[line.article_name]
-    return SaleLine(article.article_nr, article.text, line.quantity, line.unit_price, article.vat_key)
 
 
 async def stop_tills(tills: Iterable[Till]) -> None:
